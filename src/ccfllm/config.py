@@ -25,6 +25,7 @@ class CFConfig:
     dim: int = _help("embedding dimension l of the user/item tables (paper: 128)", 128)
     lr: float = _help("Adam learning rate (paper: 1e-3 or 1e-2)", 1e-3)
     weight_decay: float = _help("L2 penalty on the embeddings of each batch's users and items", 1e-4)
+    bias_decay: float = _help("L2 penalty on the user and item biases of each batch", 1e-4)
     batch_size: int = _help("rows per step (paper: 1024)", 1024)
     max_epochs: int = _help("upper bound on epochs; early stopping usually ends sooner", 200)
     patience: int = _help("epochs without a better valid AUC before stopping", 5)
@@ -43,8 +44,8 @@ class CFConfig:
                 raise CCFLLMError(f"CFConfig.{name} must be positive, got {value}.")
         if self.patience < 1:
             raise CCFLLMError(f"CFConfig.patience must be at least 1, got {self.patience}.")
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise CCFLLMError("CFConfig.lr must be positive and weight_decay non-negative.")
+        if self.lr <= 0 or self.weight_decay < 0 or self.bias_decay < 0:
+            raise CCFLLMError("CFConfig.lr must be positive and weight_decay, bias_decay non-negative.")
         if not 0.0 <= self.dropout < 1.0:
             raise CCFLLMError(f"CFConfig.dropout must be in [0, 1), got {self.dropout}.")
         if self.model == "sasrec" and self.dim % self.n_heads:
@@ -67,7 +68,7 @@ def cf_config(model: str, **overrides: Any) -> CFConfig:
 
 
 def replace_checked(config: ConfigT, overrides: dict[str, Any]) -> ConfigT:
-    """dataclasses.replace that refuses unknown keys (with a suggestion) and coerces strings to the field type."""
+    """dataclasses.replace that refuses unknown keys (suggesting the closest) and coerces strings to type."""
     fields = {f.name: f for f in dataclasses.fields(config)}
     hints = typing.get_type_hints(type(config))
     clean = {}
@@ -75,7 +76,9 @@ def replace_checked(config: ConfigT, overrides: dict[str, Any]) -> ConfigT:
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise CCFLLMError(f"Unknown setting '{key}' for {type(config).__name__}.{hint} Known: {sorted(fields)}.")
+            raise CCFLLMError(
+                f"Unknown setting '{key}' for {type(config).__name__}.{hint} Known: {sorted(fields)}."
+            )
         clean[key] = _coerce(value, hints[key], key)
     return dataclasses.replace(config, **clean)
 

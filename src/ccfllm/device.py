@@ -21,7 +21,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     except RuntimeError as exc:
         raise CCFLLMError(f"Unknown device {name!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise CCFLLMError(f"Device {name!r} was asked for but this machine has no CUDA GPU; use --device cpu.")
+        raise CCFLLMError(
+            f"Device {name!r} was asked for but this machine has no CUDA GPU; use --device cpu."
+        )
     return device
 
 

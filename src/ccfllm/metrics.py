@@ -17,7 +17,9 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 def uauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float:
     """Unweighted mean of per-user AUCs over the users that have both labels (as CoLLM computes it)."""
-    frame = pd.DataFrame({"user": np.asarray(users), "label": np.asarray(labels), "score": np.asarray(scores)})
+    frame = pd.DataFrame(
+        {"user": np.asarray(users), "label": np.asarray(labels), "score": np.asarray(scores)}
+    )
     per_user = [
         roc_auc_score(group["label"], group["score"].astype(np.float64))
         for _, group in frame.groupby("user", sort=True)

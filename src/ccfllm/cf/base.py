@@ -46,11 +46,15 @@ class CFModel(nn.Module):
         """x_i^CF for a batch: (B,) or (B, H) ids -> (..., l)."""
         raise NotImplementedError
 
-    def encode(self, uid: torch.Tensor, iid: torch.Tensor, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self, uid: torch.Tensor, iid: torch.Tensor, history: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 1: (x_u^CF, x_i^CF) for a batch of rows. -> (B, l), (B, l)"""
         return self.user_embedding(uid, history), self.item_embedding(iid)
 
-    def score(self, users: torch.Tensor, items: torch.Tensor, uid: torch.Tensor, iid: torch.Tensor) -> torch.Tensor:
+    def score(
+        self, users: torch.Tensor, items: torch.Tensor, uid: torch.Tensor, iid: torch.Tensor
+    ) -> torch.Tensor:
         """INT: dot product plus biases. -> (B,) logits"""
         biases = self.global_bias + self.user_bias(uid).squeeze(-1) + self.item_bias(iid).squeeze(-1)
         return (users * items).sum(-1) + biases
@@ -59,7 +63,11 @@ class CFModel(nn.Module):
         """CTR logit for each row. -> (B,)"""
         return self.score(*self.encode(uid, iid, history), uid, iid)
 
-    def l2(self, users: torch.Tensor, items: torch.Tensor, uid: torch.Tensor, iid: torch.Tensor) -> torch.Tensor:
-        """Mean squared norm of the batch's own embeddings and biases (so unseen ids are not shrunk)."""
-        biases = self.user_bias(uid).squeeze(-1) ** 2 + self.item_bias(iid).squeeze(-1) ** 2
-        return ((users**2).sum(-1) + (items**2).sum(-1) + biases).mean()
+    def l2(
+        self, users: torch.Tensor, items: torch.Tensor, uid: torch.Tensor, iid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean squared norms of the batch's own embeddings and of its biases, kept apart because they
+        want different strengths; only the batch's rows are shrunk, so ids unseen in training stay at 0."""
+        embeddings = ((users**2).sum(-1) + (items**2).sum(-1)).mean()
+        biases = (self.user_bias(uid).squeeze(-1) ** 2 + self.item_bias(iid).squeeze(-1) ** 2).mean()
+        return embeddings, biases

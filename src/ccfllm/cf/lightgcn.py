@@ -18,7 +18,9 @@ from .base import CFModel
 class LightGCN(CFModel):
     name = "lightgcn"
 
-    def __init__(self, config: CFConfig, n_users: int, n_items: int, edges: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, config: CFConfig, n_users: int, n_items: int, edges: torch.Tensor | None = None
+    ) -> None:
         super().__init__(config, n_users, n_items)
         self.user_table = nn.Embedding(n_users, config.dim)
         self.item_table = nn.Embedding(n_items, config.dim)
@@ -45,10 +47,15 @@ class LightGCN(CFModel):
         rows = torch.cat([users, items])
         cols = torch.cat([items, users])
         n_nodes = self.n_users + self.n_items
-        degree = torch.zeros(n_nodes, device=rows.device).index_add_(0, rows, torch.ones_like(rows, dtype=torch.float))
+        degree = torch.zeros(n_nodes, device=rows.device).index_add_(
+            0, rows, torch.ones_like(rows, dtype=torch.float)
+        )
         inv_sqrt = degree.clamp(min=1).rsqrt()
         values = inv_sqrt[rows] * inv_sqrt[cols]
-        return torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (n_nodes, n_nodes)).coalesce()
+        adjacency = torch.sparse_coo_tensor(
+            torch.stack([rows, cols]), values, (n_nodes, n_nodes), check_invariants=False
+        )
+        return adjacency.coalesce()
 
     def propagate(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All users' and items' final embeddings; cached in eval mode, recomputed per step in training."""
@@ -69,7 +76,9 @@ class LightGCN(CFModel):
         self._propagated = None
         return super().train(mode)
 
-    def encode(self, uid: torch.Tensor, iid: torch.Tensor, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self, uid: torch.Tensor, iid: torch.Tensor, history: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         users, items = self.propagate()  # once per batch, not once per side
         return users[uid], items[iid]
 

@@ -45,14 +45,18 @@ class SASRec(CFModel):
     def user_embedding(self, uid: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
         width = history.shape[1]
         if width > self.config.max_history:
-            raise ValueError(f"history has {width} positions; this SASRec was built for {self.config.max_history}")
+            raise ValueError(
+                f"history has {width} positions; this SASRec was built for {self.config.max_history}"
+            )
         positions = self.positions.weight[-width:]  # histories are left-padded: align on the most recent
         hidden = self.item_table(history) * math.sqrt(self.config.dim) + positions  # (B, H, l)
         # Block future positions and padding keys, but let every position see itself, so that no
         # attention row is fully masked (that gives NaNs, which then leak through masked keys).
         blocked = self.causal_mask[:width, :width] | (history == PAD)[:, None, :]  # (B, H, H)
         blocked = blocked & ~torch.eye(width, dtype=torch.bool, device=history.device)
-        hidden = self.encoder(self.input_dropout(hidden), mask=blocked.repeat_interleave(self.config.n_heads, dim=0))
+        hidden = self.encoder(
+            self.input_dropout(hidden), mask=blocked.repeat_interleave(self.config.n_heads, dim=0)
+        )
         return self.final_norm(hidden[:, -1])  # (B, l)
 
     def item_embedding(self, iid: torch.Tensor) -> torch.Tensor:

@@ -67,12 +67,20 @@ def train_cf(config: CFConfig, dataset: CTRDataset, progress: bool = True) -> CF
     for epoch in bar:
         model.train()
         losses = []
-        for batch in torch.randperm(len(train), generator=order_generator).to(device).split(config.batch_size):
-            uid, iid, history, label = train.uid[batch], train.iid[batch], train.history[batch], train.label[batch]
+        for batch in (
+            torch.randperm(len(train), generator=order_generator).to(device).split(config.batch_size)
+        ):
+            uid, iid, history, label = (
+                train.uid[batch],
+                train.iid[batch],
+                train.history[batch],
+                train.label[batch],
+            )
             users, items = model.encode(uid, iid, history)
             logits = model.score(users, items, uid, iid)
             loss = F.binary_cross_entropy_with_logits(logits, label)
-            loss = loss + config.weight_decay * model.l2(users, items, uid, iid)
+            embedding_l2, bias_l2 = model.l2(users, items, uid, iid)
+            loss = loss + config.weight_decay * embedding_l2 + config.bias_decay * bias_l2
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()

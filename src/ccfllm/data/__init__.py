@@ -3,6 +3,7 @@
 from .collm import liked_histories, load_collm_split, write_collm_split
 from .dataset import PAD, SPLITS, CTRDataset, Split
 from .paths import DATA_ENV, resolve_data_dir
+from .raw import convert_amazon, convert_movielens
 
 __all__ = [
     "CTRDataset",
@@ -10,6 +11,8 @@ __all__ = [
     "PAD",
     "SPLITS",
     "Split",
+    "convert_amazon",
+    "convert_movielens",
     "liked_histories",
     "load_collm_split",
     "resolve_data_dir",

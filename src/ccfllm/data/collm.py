@@ -108,7 +108,9 @@ def liked_histories(rows: pd.DataFrame) -> list[list[int]]:
     """
     liked_so_far: dict[int, list[int]] = {}
     histories = []
-    for uid, iid, label in zip(rows["uid"].tolist(), rows["iid"].tolist(), rows["label"].tolist(), strict=True):
+    for uid, iid, label in zip(
+        rows["uid"].tolist(), rows["iid"].tolist(), rows["label"].tolist(), strict=True
+    ):
         liked = liked_so_far.setdefault(uid, [])
         histories.append([PAD, *liked])
         if label == 1:
@@ -121,7 +123,9 @@ def liked_histories(rows: pd.DataFrame) -> list[list[int]]:
 
 def _read_split_file(path: Path) -> pd.DataFrame:
     if not path.is_file():
-        raise DataError(f"Missing split file {path}: a dataset folder needs train.parquet, valid.parquet, test.parquet.")
+        raise DataError(
+            f"Missing split file {path}: a dataset folder needs train.parquet, valid.parquet, test.parquet."
+        )
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:
@@ -135,7 +139,9 @@ def _read_split_file(path: Path) -> pd.DataFrame:
             raise DataError(f"Column '{column}' of {path} must hold integers without missing values.")
     bad_labels = sorted(set(frame["label"].unique().tolist()) - {0, 1})
     if bad_labels:
-        raise DataError(f"Column 'label' of {path} must be 0 or 1; found {bad_labels[:5]}. Binarise ratings first.")
+        raise DataError(
+            f"Column 'label' of {path} must be 0 or 1; found {bad_labels[:5]}. Binarise ratings first."
+        )
     if (frame["uid"] <= PAD).any() or (frame["iid"] <= PAD).any():
         raise DataError(f"{path}: uid and iid must be >= 1 (0 is the padding id).")
     return frame
@@ -167,9 +173,13 @@ def _item_titles(folder: Path, frames: dict[str, pd.DataFrame]) -> tuple[np.ndar
         try:
             items = pq.read_table(items_path).to_pandas()
         except (pa.ArrowException, OSError) as exc:
-            raise DataError(f"Cannot read {items_path} as Parquet ({exc}); the file is corrupt or truncated.") from exc
+            raise DataError(
+                f"Cannot read {items_path} as Parquet ({exc}); the file is corrupt or truncated."
+            ) from exc
         if list(items.columns) != ["iid", "title"]:
-            raise DataError(f"{items_path} must have exactly the columns ['iid', 'title'], not {list(items.columns)}.")
+            raise DataError(
+                f"{items_path} must have exactly the columns ['iid', 'title'], not {list(items.columns)}."
+            )
         pairs = zip(items["iid"].tolist(), items["title"].tolist(), strict=True)
     else:
         pairs = _title_pairs(frames)
@@ -184,7 +194,9 @@ def _item_titles(folder: Path, frames: dict[str, pd.DataFrame]) -> tuple[np.ndar
         {int(i) for frame in frames.values() for i in np.unique(frame["iid"].to_numpy())} - set(titles)
     )
     if unknown:
-        raise DataError(f"Items {unknown[:5]} of {folder} have no title in {ITEMS_FILE}; every item needs one.")
+        raise DataError(
+            f"Items {unknown[:5]} of {folder} have no title in {ITEMS_FILE}; every item needs one."
+        )
     table = np.full(max(titles) + 1, "", dtype=object)
     known = np.zeros(max(titles) + 1, dtype=bool)
     for iid, title in titles.items():

@@ -1,0 +1,186 @@
+"""The `ccfllm` command line. Each command is a thin shell over a library function."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+import pandas as pd
+
+from .config import CFConfig, cf_config, parse_overrides, to_dict
+from .data import DATA_ENV, convert_amazon, convert_movielens, load_collm_split, resolve_data_dir
+from .errors import CCFLLMError
+
+DATA_OPTION_HELP = f"CoLLM-format dataset folder (default: ${DATA_ENV}, else ../shared/data/ml-1m-collm)."
+
+
+class FriendlyGroup(click.Group):
+    """Turns a CCFLLMError anywhere below into one line on stderr and exit status 2, not a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except CCFLLMError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ccfllm")
+def main() -> None:
+    """ccfllm: recommendation with LLMs that fuse collaborative-filtering signals with text."""
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+
+@main.group()
+def data() -> None:
+    """Inspect a dataset or build one from raw MovieLens / Amazon files."""
+
+
+@data.command("inspect")
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), help=DATA_OPTION_HELP)
+@click.option("--max-history", default=10, show_default=True, help="Liked items kept per row.")
+def data_inspect(data_dir: str | None, max_history: int) -> None:
+    """Counts per split: rows, users, items, label balance, cold items and users, history length."""
+    dataset = load_collm_split(resolve_data_dir(data_dir), max_history=max_history)
+    click.echo(f"dataset {dataset.name} ({dataset.domain}) at {dataset.source}")
+    click.echo(f"{dataset.n_users - 1} users, {dataset.n_items - 1} items (ids from 1; 0 is padding)")
+    with pd.option_context(
+        "display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4f}".format
+    ):
+        click.echo(dataset.summary().to_string())
+
+
+@data.command("convert-movielens")
+@click.argument("raw_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
+def data_convert_movielens(raw_dir: str, out_dir: str, overwrite: bool) -> None:
+    """Build CoLLM's ML-1M split from RAW_DIR (ratings.dat, movies.dat) into OUT_DIR."""
+    _report_conversion(convert_movielens(raw_dir, out_dir, overwrite=overwrite))
+
+
+@data.command("convert-amazon")
+@click.argument("reviews", type=click.Path(exists=True, dir_okay=False))
+@click.argument("meta", type=click.Path(exists=True, dir_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
+def data_convert_amazon(reviews: str, meta: str, out_dir: str, overwrite: bool) -> None:
+    """Build CoLLM's Amazon-Book split from REVIEWS (Books_5.json[.gz]) and META (meta_Books.json[.gz])."""
+    _report_conversion(convert_amazon(reviews, meta, out_dir, overwrite=overwrite))
+
+
+def _report_conversion(out_dir: Path) -> None:
+    dataset = load_collm_split(out_dir)
+    click.echo(f"wrote {out_dir}")
+    click.echo(dataset.summary()[["rows", "users", "items", "positive_rate"]].to_string())
+
+
+# -- cf ------------------------------------------------------------------------------------------
+
+
+def _settings_epilog() -> str:
+    lines = ["\b", "Settings for --set KEY=VALUE (defaults: the backbone's preset):"]
+    for field in dataclasses.fields(CFConfig):
+        lines.append(f"  {field.name:<13} {field.metadata['help']}")
+    return "\n".join(lines)
+
+
+@main.group()
+def cf() -> None:
+    """Train and evaluate the collaborative-filtering backbones (MF, LightGCN, SASRec)."""
+
+
+@cf.command("train", epilog=_settings_epilog())
+@click.option("--model", type=click.Choice(["mf", "lightgcn", "sasrec"]), required=True, help="Backbone.")
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), help=DATA_OPTION_HELP)
+@click.option("--out", type=click.Path(file_okay=False), help="Run folder (default: runs/cf/MODEL-seedSEED).")
+@click.option("--seed", type=int, default=None, help="Seed for initialisation and data order (default 0).")
+@click.option(
+    "--set", "settings", multiple=True, metavar="KEY=VALUE", help="Override a setting (repeatable)."
+)
+@click.option("--overwrite", is_flag=True, help="Replace the run folder if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def cf_train(model, data_dir, out, seed, settings, overwrite, quiet) -> None:
+    """Train a backbone on train, early-stop on valid AUC, evaluate, save weights and embeddings."""
+    from .cf.checkpoint import save_cf
+    from .cf.train import evaluate_cf, train_cf
+
+    overrides = parse_overrides(settings)
+    if seed is not None:
+        overrides["seed"] = seed
+    config = cf_config(model, **overrides)
+    out = Path(out or f"runs/cf/{model}-seed{config.seed}")
+    if out.exists() and not overwrite:
+        raise CCFLLMError(f"{out} already exists; choose another --out or pass --overwrite.")
+    dataset = load_collm_split(resolve_data_dir(data_dir), max_history=config.max_history)
+    result = train_cf(config, dataset, progress=not quiet)
+    metrics = evaluate_cf(result.model, dataset)
+    record = {
+        **metrics,
+        "best_epoch": result.best_epoch,
+        "epochs": result.epochs,
+        "seconds": round(result.seconds, 2),
+        "config": to_dict(config),
+    }
+    save_cf(result.model, dataset, out, record, overwrite=overwrite)
+    click.echo(f"{model}: best epoch {result.best_epoch}, {result.seconds:.1f} s; saved {out}")
+    _echo_metrics(metrics)
+
+
+@cf.command("evaluate")
+@click.option(
+    "--checkpoint", type=click.Path(exists=True, file_okay=False), required=True, help="Run folder."
+)
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), help=DATA_OPTION_HELP)
+@click.option(
+    "--split",
+    "splits",
+    multiple=True,
+    type=click.Choice(["train", "valid", "test"]),
+    help="Split(s) to score (default: valid and test).",
+)
+@click.option(
+    "--predictions",
+    type=click.Path(dir_okay=False),
+    help="Also write uid, iid, label, score of the last split to this Parquet file.",
+)
+def cf_evaluate(checkpoint, data_dir, splits, predictions) -> None:
+    """Reload a saved backbone and report AUC / UAUC on the dataset it was trained on."""
+    from .cf.checkpoint import load_cf, read_metadata
+    from .cf.train import predict_split
+    from .io import atomic_path
+    from .metrics import split_metrics
+
+    config = json.loads(read_metadata(checkpoint)["config"])
+    dataset = load_collm_split(resolve_data_dir(data_dir), max_history=config["max_history"])
+    model = load_cf(checkpoint, dataset=dataset, device=config["device"])
+    metrics = {}
+    started = time.perf_counter()
+    for name in splits or ("valid", "test"):
+        split = dataset.splits[name]
+        scores = predict_split(model, split)
+        metrics[name] = split_metrics(split.uid, split.label, scores)
+    click.echo(f"{config['model']} from {checkpoint} ({time.perf_counter() - started:.1f} s)")
+    _echo_metrics(metrics)
+    if predictions:
+        frame = pd.DataFrame({"uid": split.uid, "iid": split.iid, "label": split.label, "score": scores})
+        with atomic_path(predictions) as tmp:
+            frame.to_parquet(tmp, index=False)
+        click.echo(f"wrote {len(frame)} predictions of {name} to {predictions}")
+
+
+def _echo_metrics(metrics: dict) -> None:
+    click.echo(f"{'split':<6} {'AUC':>7} {'UAUC':>7}")
+    for name, values in metrics.items():
+        click.echo(f"{name:<6} {values['auc']:>7.4f} {values['uauc']:>7.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""The command line end to end on tiny data, and its one-line errors."""
+
+from __future__ import annotations
+
+import calendar
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from ccfllm.cli import main
+
+COMMANDS = [
+    [],
+    ["data"],
+    ["data", "inspect"],
+    ["data", "convert-movielens"],
+    ["data", "convert-amazon"],
+    ["cf"],
+    ["cf", "train"],
+    ["cf", "evaluate"],
+]
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_has_help(runner, command):
+    result = runner.invoke(main, [*command, "--help"])
+    assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_inspect_train_evaluate_end_to_end(runner, tiny_dir, tmp_path):
+    inspected = runner.invoke(main, ["data", "inspect", "--data", str(tiny_dir)])
+    assert inspected.exit_code == 0, inspected.output
+    assert "positive_rate" in inspected.output and "cold_item_rows" in inspected.output
+
+    out = tmp_path / "run"
+    settings = ["--set", "dim=8", "--set", "max_epochs=3", "--set", "lr=0.01", "--set", "max_history=5"]
+    trained = runner.invoke(
+        main,
+        [
+            "cf",
+            "train",
+            "--model",
+            "sasrec",
+            "--data",
+            str(tiny_dir),
+            "--out",
+            str(out),
+            "--seed",
+            "1",
+            "--quiet",
+            *settings,
+        ],
+    )
+    assert trained.exit_code == 0, trained.output
+    assert (out / "model.safetensors").is_file() and (out / "embeddings.safetensors").is_file()
+    test_line = next(line for line in trained.output.splitlines() if line.startswith("test"))
+
+    predictions = tmp_path / "scores.parquet"
+    evaluated = runner.invoke(
+        main,
+        [
+            "cf",
+            "evaluate",
+            "--checkpoint",
+            str(out),
+            "--data",
+            str(tiny_dir),
+            "--predictions",
+            str(predictions),
+        ],
+    )
+    assert evaluated.exit_code == 0, evaluated.output
+    assert test_line in evaluated.output.splitlines()  # the reloaded model scores exactly as trained
+    frame = pd.read_parquet(predictions)
+    assert list(frame.columns) == ["uid", "iid", "label", "score"] and frame["score"].between(0, 1).all()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (
+            ["cf", "train", "--model", "mf", "--set", "dimm=8"],
+            "Unknown setting 'dimm' for CFConfig. Did you mean 'dim'?",
+        ),
+        (["cf", "train", "--model", "mf", "--set", "dim=-1"], "CFConfig.dim must be positive"),
+        (["cf", "train", "--model", "mf", "--data", "/no/such/dir"], "No dataset folder found"),
+    ],
+)
+def test_bad_input_is_one_line_with_exit_status_2(runner, tiny_dir, arguments, message):
+    result = runner.invoke(main, arguments)
+    assert result.exit_code == 2
+    assert result.output.startswith("error: ") and message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_an_existing_run_folder_is_not_overwritten(runner, tiny_dir, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("mine")
+    result = runner.invoke(
+        main, ["cf", "train", "--model", "mf", "--data", str(tiny_dir), "--out", str(tmp_path / "run")]
+    )
+    assert result.exit_code == 2 and "already exists" in result.output
+    assert (tmp_path / "run" / "keep.txt").read_text() == "mine"
+
+
+def _unix(month_index: int, user: int) -> int:
+    year, month = divmod(3 + month_index, 12)  # month 0 is April 2000, as in ML-1M
+    return calendar.timegm((2000 + year, month + 1, 10, user, 0, 0))
+
+
+def test_convert_movielens_from_the_command_line(runner, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    ratings = [
+        f"{user}::{movie}::{5 if (user + movie) % 2 else 2}::{_unix(month, user)}\n"
+        for month in range(35)
+        for user in range(1, 5)
+        for movie in (month % 6 + 1, month % 6 + 7)
+    ]
+    (raw / "ratings.dat").write_text("".join(ratings))
+    (raw / "movies.dat").write_bytes(
+        "".join(f"{m}::Film {m} (1999)::Drama\n" for m in range(1, 13)).encode("latin-1")
+    )
+    result = runner.invoke(main, ["data", "convert-movielens", str(raw), str(tmp_path / "split")])
+    assert result.exit_code == 0, result.output
+    # 4 users x 2 ratings in each of months 14-23 / 24-28 / 29-33
+    assert [line.split()[:2] for line in result.output.splitlines()[-3:]] == [
+        ["train", "80"],
+        ["valid", "40"],
+        ["test", "40"],
+    ]
+    again = runner.invoke(main, ["data", "convert-movielens", str(raw), str(tmp_path / "split")])
+    assert again.exit_code == 2 and "already exists" in again.output
