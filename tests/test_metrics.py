@@ -39,3 +39,24 @@ def test_rela_impr_matches_the_papers_definition():
     assert rela_impr(0.7427, 0.5959) == pytest.approx(153.08, abs=0.005)
     with pytest.raises(ValueError):
         rela_impr(0.7, 0.5)
+
+
+def test_reference_smooths_user_and_item_means_toward_the_global_mean(tiny_dataset):
+    from ccfllm.cf.reference import reference_scores, smoothed_means
+
+    # id 1: labels 1, 1, 0; id 2: label 0; global mean 0.5; k = 2 -> (2 + 1) / 5 and (0 + 1) / 3
+    ids, labels = np.array([1, 1, 1, 2, 2, 2]), np.array([1.0, 1.0, 0.0, 0.0, 1.0, 0.0])
+    np.testing.assert_allclose(smoothed_means(ids[:4], labels[:4], 4, k=2.0), [0.5, 0.6, 1 / 3, 0.5])
+    # on the tiny data, the same by pandas: per-user and per-item smoothed means, combined in logit space
+    train = tiny_dataset.train.frame()
+    g = train["label"].mean()
+    user = train.groupby("uid")["label"].agg(lambda s: (s.sum() + 5 * g) / (len(s) + 5))
+    item = train.groupby("iid")["label"].agg(lambda s: (s.sum() + 5 * g) / (len(s) + 5))
+    test = tiny_dataset.test.frame()
+    item_means = test["iid"].map(item).fillna(g).to_numpy()
+    expected = logit(user[test["uid"]].to_numpy()) + logit(item_means) - logit(g)
+    np.testing.assert_allclose(reference_scores(tiny_dataset, tiny_dataset.test, k=5.0), expected)
+
+
+def logit(p):
+    return np.log(p / (1 - p))

@@ -29,6 +29,7 @@ class LightGCN(CFModel):
         # (2, E) user ids and item ids of the training positives
         self.register_buffer("edges", edges if edges is not None else torch.zeros(2, 0, dtype=torch.long))
         self._propagated: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._adjacency: tuple[tuple, torch.Tensor] | None = None  # (which edges it was built from, matrix)
 
     @classmethod
     def build(cls, config: CFConfig, dataset: CTRDataset) -> LightGCN:
@@ -42,7 +43,13 @@ class LightGCN(CFModel):
             self.edges = torch.zeros_like(state["edges"], device=self.edges.device)
 
     def normalised_adjacency(self) -> torch.Tensor:
-        """Symmetric-normalised (U+I, U+I) sparse adjacency of the bipartite graph."""
+        """Symmetric-normalised (U+I, U+I) sparse adjacency of the bipartite graph, built once per graph."""
+        key = (self.edges.data_ptr(), self.edges.device, self.edges.shape)
+        if self._adjacency is None or self._adjacency[0] != key:
+            self._adjacency = (key, self._build_adjacency())
+        return self._adjacency[1]
+
+    def _build_adjacency(self) -> torch.Tensor:
         users, items = self.edges[0], self.edges[1] + self.n_users
         rows = torch.cat([users, items])
         cols = torch.cat([items, users])
