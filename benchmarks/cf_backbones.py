@@ -34,10 +34,18 @@ def run_backbones(dataset, models: list[str], seeds: list[int]) -> dict[str, lis
             result = train_cf(config, dataset, progress=True)
             metrics = evaluate_cf(result.model, dataset)
             runs[model].append(
-                {**metrics, "seed": seed, "seconds": result.seconds, "best_epoch": result.best_epoch,
-                 "config": to_dict(config)}
+                {
+                    **metrics,
+                    "seed": seed,
+                    "seconds": result.seconds,
+                    "best_epoch": result.best_epoch,
+                    "config": to_dict(config),
+                }
             )
-            print(f"{model} seed {seed}: test AUC {metrics['test']['auc']:.4f}, {result.seconds:.1f} s", flush=True)
+            print(
+                f"{model} seed {seed}: test AUC {metrics['test']['auc']:.4f}, {result.seconds:.1f} s",
+                flush=True,
+            )
     return runs
 
 
@@ -45,8 +53,10 @@ def run_reference(dataset) -> dict:
     """The reference with its smoothing k picked by valid AUC."""
     started = time.perf_counter()
     by_k = {
-        k: {name: split_metrics(s.uid, s.label, reference_scores(dataset, s, k)) for name, s in
-            (("valid", dataset.valid), ("test", dataset.test))}
+        k: {
+            name: split_metrics(s.uid, s.label, reference_scores(dataset, s, k))
+            for name, s in (("valid", dataset.valid), ("test", dataset.test))
+        }
         for k in REFERENCE_K_GRID
     }
     best_k = max(by_k, key=lambda k: by_k[k]["valid"]["auc"])
@@ -54,7 +64,9 @@ def run_reference(dataset) -> dict:
 
 
 def table(runs: dict[str, list[dict]], reference: dict) -> str:
-    header = "| backbone | seeds | valid AUC | valid UAUC | test AUC | test UAUC | paper test AUC | s per run |"
+    header = (
+        "| backbone | seeds | valid AUC | valid UAUC | test AUC | test UAUC | paper test AUC | s per run |"
+    )
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for model, model_runs in runs.items():
         cells = [_mean_std([run[split][metric] for run in model_runs]) for split, metric in COLUMNS]
@@ -63,7 +75,9 @@ def table(runs: dict[str, list[dict]], reference: dict) -> str:
             f"| {model} | {len(model_runs)} | {' | '.join(cells)} | {PAPER_TEST_AUC[model]:.4f} | {seconds:.0f} |"
         )
     cells = [f"{reference[split][metric]:.4f}" for split, metric in COLUMNS]
-    lines.append(f"| reference (k={reference['k']}) | - | {' | '.join(cells)} | - | {reference['seconds']:.1f} |")
+    lines.append(
+        f"| reference (k={reference['k']}) | - | {' | '.join(cells)} | - | {reference['seconds']:.1f} |"
+    )
     return "\n".join(lines)
 
 
@@ -72,7 +86,9 @@ def _mean_std(values: list[float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--models", nargs="+", default=list(PAPER_TEST_AUC), choices=list(PAPER_TEST_AUC))
     parser.add_argument("--data", help="dataset folder (default: the shipped ML-1M split)")
@@ -86,8 +102,10 @@ def main() -> None:
     total = time.perf_counter() - started
     print()
     print(table(runs, reference))
-    print(f"\n{dataset.name}; {len(args.seeds)} seeds; total {total / 60:.1f} min; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(
+        f"\n{dataset.name}; {len(args.seeds)} seeds; total {total / 60:.1f} min; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    )
     if args.json:
         write_json(args.json, {"runs": runs, "reference": reference, "seconds": total})
 

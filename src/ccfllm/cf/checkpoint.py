@@ -2,7 +2,8 @@
 
 A run folder holds
   model.safetensors       the state dict; its metadata names the format, backbone, config and dataset
-  embeddings.safetensors  `user` (n_users, l) and `item` (n_items, l) tables for the LLM models, plus
+  embeddings.safetensors  `user` (n_users, l) and `item` (n_items, l) tables for the LLM models, their
+                          `user_bias` / `item_bias` / `global_bias` (the score is user·item + the three),
                           `user_in_train` / `item_in_train` masks; rows of ids absent from train are zero
   metrics.json            valid/test AUC and UAUC, best epoch, per-epoch curve, wall time
 The folder is written beside its final place and renamed into it, so a failed save leaves nothing.
@@ -76,6 +77,9 @@ def export_embeddings(model: CFModel, dataset: CTRDataset) -> dict[str, torch.Te
     return {
         "user": users,
         "item": items.contiguous(),
+        "user_bias": model.user_bias.weight.detach().float().cpu().squeeze(-1) * user_in_train,
+        "item_bias": model.item_bias.weight.detach().float().cpu().squeeze(-1) * item_in_train,
+        "global_bias": model.global_bias.detach().float().cpu().reshape(1),
         "user_in_train": user_in_train,
         "item_in_train": item_in_train,
     }
