@@ -71,9 +71,8 @@ def table(runs: dict[str, list[dict]], reference: dict) -> str:
     for model, model_runs in runs.items():
         cells = [_mean_std([run[split][metric] for run in model_runs]) for split, metric in COLUMNS]
         seconds = np.mean([run["seconds"] for run in model_runs])
-        lines.append(
-            f"| {model} | {len(model_runs)} | {' | '.join(cells)} | {PAPER_TEST_AUC[model]:.4f} | {seconds:.0f} |"
-        )
+        paper = PAPER_TEST_AUC[model]
+        lines.append(f"| {model} | {len(model_runs)} | {' | '.join(cells)} | {paper:.4f} | {seconds:.0f} |")
     cells = [f"{reference[split][metric]:.4f}" for split, metric in COLUMNS]
     lines.append(
         f"| reference (k={reference['k']}) | - | {' | '.join(cells)} | - | {reference['seconds']:.1f} |"

@@ -18,7 +18,17 @@ BACKBONES = ("mf", "lightgcn", "sasrec")
 
 
 def tiny_config(model: str, **overrides):
-    settings = dict(dim=16, lr=1e-2, batch_size=128, max_epochs=12, patience=12, max_history=5, dropout=0.1)
+    settings = dict(
+        dim=16,
+        lr=1e-2,
+        batch_size=128,
+        max_epochs=12,
+        patience=12,
+        max_history=5,
+        dropout=0.1,
+        weight_decay=1e-4,
+        bias_decay=1e-4,
+    )  # the tiny data is all interaction, no biases
     return cf_config(model, **{**settings, **overrides})
 
 
@@ -82,9 +92,8 @@ def test_checkpoint_round_trip_and_embedding_export(model, tiny_dataset, trained
     torch.testing.assert_close(tables["item"][tables["item_in_train"]], exported)
     # the exported tables and biases give back the model's own logits for warm rows
     test = tiny_dataset.test
-    rows = torch.from_numpy(np.flatnonzero(test.warm))
-    uid, iid = torch.from_numpy(test.uid)[rows], torch.from_numpy(test.iid)[rows]
-    history = torch.from_numpy(test.history)[rows]
+    rows = np.flatnonzero(test.warm)
+    uid, iid, history = (torch.tensor(column[rows]) for column in (test.uid, test.iid, test.history))
     if model != "sasrec":  # SASRec's user vector depends on the row's own history, not on the user alone
         logits = (tables["user"][uid] * tables["item"][iid]).sum(-1)
         logits += tables["user_bias"][uid] + tables["item_bias"][iid] + tables["global_bias"]
