@@ -1,0 +1,262 @@
+"""CCF-LLM from a dataset to a saved, evaluated run: the CF backbone, the LLM with LoRA, the stages
+that the strategy names, test scores after each, and a run folder that reloads to the same scores.
+
+A run folder holds
+  cf/                     the CF backbone (when the run trained it; otherwise config.json names it)
+  adapter/                the LoRA adapter, in PEFT's format (adapter_model.safetensors)
+  fusion.safetensors      ALG and GATE (and the backbone's weights, if it was tuned)
+  config.json             the CCFConfig, the LLM's fingerprint, the CF checkpoint, the dataset
+  metrics.json            valid/test AUC and UAUC after each stage, the training curves, timings
+  predictions.parquet     uid, iid, label, score on the test split, from the final model
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from .cf.base import CFModel
+from .cf.checkpoint import load_cf, save_cf
+from .cf.reference import reference_scores
+from .cf.train import evaluate_cf, predict_split, train_cf
+from .config import CCFConfig, cf_config, replace_checked, to_dict
+from .data.dataset import CTRDataset
+from .device import seed_everything
+from .errors import CheckpointError
+from .io import atomic_path
+from .llm import LoadedLLM, add_lora, load_llm
+from .methods.ccf_llm import CCFLLM, CFFeatures
+from .metrics import split_metrics
+from .prompt import PromptBuilder
+from .train import Stage, StageResult, score_rows, train_stage
+
+RUN_FORMAT = "ccfllm-run/1"
+
+
+@dataclass
+class Recommender:
+    """A built CCF-LLM with the two prompt builders it reads."""
+
+    model: CCFLLM
+    text_prompts: PromptBuilder  # TALLRec-style, no CF positions
+    hybrid_prompts: PromptBuilder  # section 3.2
+    config: CCFConfig
+    llm: LoadedLLM
+
+    def prompts_for(self, stage: Stage) -> PromptBuilder:
+        """What a stage reads: stage 1 the prompt `stage1_prompt` names, the others the hybrid prompt."""
+        text_first = stage == Stage.LORA and self.config.stage1_prompt == "text"
+        return self.text_prompts if text_first else self.hybrid_prompts
+
+
+@dataclass
+class RunResult:
+    folder: Path
+    table: list[dict]  # one row per model: name, test AUC, test UAUC, valid AUC
+    stages: list[StageResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def build_recommender(
+    config: CCFConfig, dataset: CTRDataset, backbone: CFModel, llm: LoadedLLM
+) -> Recommender:
+    """Wrap the LLM with LoRA, attach the frozen backbone's features and fresh ALG + GATE."""
+    seed_everything(config.seed)
+    train = dataset.train
+    known_users = torch.zeros(dataset.n_users, dtype=torch.bool)
+    known_users[np.unique(train.uid)] = True
+    known_items = torch.zeros(dataset.n_items, dtype=torch.bool)
+    known_items[np.unique(train.iid)] = True
+    device = llm.model.device
+    backbone = backbone.to(device).eval().requires_grad_(False)
+    features = CFFeatures(
+        backbone, known_users, known_items, with_bias=config.cf_features == "embedding+bias"
+    )
+    peft_model = add_lora(llm.model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
+    model = CCFLLM(peft_model, features, config, llm.yes_id, llm.no_id).to(device)
+    builders = [
+        PromptBuilder(
+            llm.tokenizer,
+            dataset.item_titles,
+            dataset.domain,
+            max_tokens=config.max_tokens,
+            with_cf=with_cf,
+            max_history=config.max_history,
+        )
+        for with_cf in (False, True)
+    ]
+    return Recommender(model, *builders, config=config, llm=llm)
+
+
+def run_ccf_llm(
+    config: CCFConfig, dataset: CTRDataset, out: str | Path, overwrite: bool = False, progress: bool = True
+) -> RunResult:
+    """The whole method: backbone, stages per `config.strategy`, test after each, saved run."""
+    started = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite.")
+    with atomic_path(out) as folder:
+        folder.mkdir()
+        backbone, cf_reference = _backbone(config, dataset, folder, progress)
+        table = [
+            {
+                "model": f"{config.cf_model} (CF backbone alone)",
+                **_metrics(dataset, predict_split(backbone, dataset.test)),
+            },
+            {
+                "model": "mean-label reference (k=5)",
+                **_metrics(dataset, reference_scores(dataset, dataset.test, 5.0)),
+            },
+        ]
+        recommender = build_recommender(config, dataset, backbone, load_llm(**_llm_arguments(config)))
+        stages = []
+        for stage in _stages(config.strategy):
+            prompts = recommender.prompts_for(stage)
+            result = train_stage(
+                recommender.model, stage, prompts, dataset.train, dataset.valid, config, progress
+            )
+            stages.append(result)
+            scores = score_rows(
+                recommender.model, prompts, dataset.test, None, config.eval_batch_size, progress
+            )
+            table.append({"model": f"CCF-LLM after stage {stage.value}", **_metrics(dataset, scores)})
+        _save_run(recommender, dataset, folder, cf_reference, table, stages, scores)
+    return RunResult(out, table, stages, time.perf_counter() - started)
+
+
+def load_run(folder: str | Path, dataset: CTRDataset, device: str = "auto") -> Recommender:
+    """Rebuild a saved run; refuse a missing part, another LLM, another backbone or another dataset."""
+    folder = Path(folder)
+    record = _read_run_config(folder)
+    config = replace_checked(CCFConfig(), {**record["config"], "device": device})
+    if record["dataset"] != dataset.fingerprint():
+        raise CheckpointError(f"{folder} was trained on {record['dataset']}, not on {dataset.fingerprint()}.")
+    cf_folder = _resolve_cf(folder, record["cf_checkpoint"])
+    backbone = load_cf(cf_folder, dataset=dataset, expect_model=config.cf_model, device="cpu")
+    llm = load_llm(**_llm_arguments(config))
+    if llm.fingerprint != record["llm"]:
+        raise CheckpointError(
+            f"{folder} was trained with the LLM {record['llm']}, but {config.llm} loads as {llm.fingerprint}."
+        )
+    recommender = build_recommender(config, dataset, backbone, llm)
+    adapter = _require(folder / "adapter" / "adapter_model.safetensors")
+    set_peft_model_state_dict(recommender.model.llm, load_file(adapter, device=str(llm.model.device)))
+    fusion = load_file(_require(folder / "fusion.safetensors"), device=str(llm.model.device))
+    _, unexpected = recommender.model.load_state_dict(fusion, strict=False)
+    missing = sorted(
+        {k for k in recommender.model.state_dict() if k.startswith(_fusion_prefixes(config))} - set(fusion)
+    )
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{folder}/fusion.safetensors does not fit this model: "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}."
+        )
+    recommender.model.eval()
+    return recommender
+
+
+# -- pieces -----------------------------------------------------------------------------------------
+
+
+def _stages(strategy: str) -> list[Stage]:
+    return {"two-stage": [Stage.LORA, Stage.FUSION], "stage1-only": [Stage.LORA], "end-to-end": [Stage.ALL]}[
+        strategy
+    ]
+
+
+def _llm_arguments(config: CCFConfig) -> dict:
+    return {
+        "name": config.llm,
+        "device": config.device,
+        "dtype": config.dtype,
+        "allow_download": config.allow_download,
+    }
+
+
+def _backbone(config: CCFConfig, dataset: CTRDataset, folder: Path, progress: bool) -> tuple[CFModel, str]:
+    """The named CF checkpoint, or a backbone trained now with its preset and saved under cf/."""
+    if config.cf_checkpoint:
+        return load_cf(
+            config.cf_checkpoint, dataset=dataset, expect_model=config.cf_model, device="cpu"
+        ), str(Path(config.cf_checkpoint).resolve())
+    cf = cf_config(config.cf_model, seed=config.seed, device="cpu", max_history=max(config.max_history, 1))
+    result = train_cf(cf, dataset, progress=progress)
+    save_cf(
+        result.model,
+        dataset,
+        folder / "cf",
+        {**evaluate_cf(result.model, dataset), "best_epoch": result.best_epoch},
+    )
+    return result.model, "cf"
+
+
+def _metrics(dataset: CTRDataset, scores: np.ndarray) -> dict:
+    values = split_metrics(dataset.test.uid, dataset.test.label, scores)
+    return {"test_auc": values["auc"], "test_uauc": values["uauc"]}
+
+
+def _fusion_prefixes(config: CCFConfig) -> tuple[str, ...]:
+    return ("alignment.", "gate.", "cf.backbone.") if config.tune_cf else ("alignment.", "gate.")
+
+
+def _save_run(recommender, dataset, folder, cf_reference, table, stages, scores) -> None:
+    model, config = recommender.model, recommender.config
+    model.llm.save_pretrained(folder / "adapter")
+    state = {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if k.startswith(_fusion_prefixes(config))
+    }
+    save_file(state, folder / "fusion.safetensors", metadata={"format": RUN_FORMAT})
+    record = {
+        "format": RUN_FORMAT,
+        "config": to_dict(config),
+        "llm": recommender.llm.fingerprint,
+        "cf_checkpoint": cf_reference,
+        "dataset": dataset.fingerprint(),
+    }
+    (folder / "config.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    metrics = {"table": table, "stages": [vars(s) for s in stages]}
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    test = dataset.test
+    frame = pd.DataFrame({"uid": test.uid, "iid": test.iid, "label": test.label, "score": scores})
+    frame.to_parquet(folder / "predictions.parquet", index=False)
+
+
+def _read_run_config(folder: Path) -> dict:
+    path = _require(folder / "config.json")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}).") from exc
+    if record.get("format") != RUN_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a ccfllm run (format {record.get('format')!r}, expected {RUN_FORMAT})."
+        )
+    return record
+
+
+def _resolve_cf(folder: Path, reference: str) -> Path:
+    path = Path(reference) if Path(reference).is_absolute() else folder / reference
+    if not path.is_dir():
+        raise CheckpointError(
+            f"The CF checkpoint of {folder} is missing: {path}. Restore it or retrain the run."
+        )
+    return path
+
+
+def _require(path: Path) -> Path:
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} is missing: the run folder is incomplete. Retrain the run or restore the file."
+        )
+    return path

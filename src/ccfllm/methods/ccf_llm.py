@@ -1,0 +1,177 @@
+"""CCF-LLM (Collaborative Cross-modal Fusion with LLMs, CIKM 2024), sections 3.2-3.4.
+
+A hybrid prompt (prompt.py) marks where CF embeddings go. Text tokens keep the LLM's input embeddings;
+the [User_u] position becomes ALG(x_u^CF) (Eq. 2); every title token t of an item i becomes
+x_i^SM[t] + alpha ⊙ ALG(x_i^CF) with alpha = MLP(ALG(x_i^CF)) + MLP(x_i^SM[t]) (Eqs. 3-4). The LLM,
+tuned with LoRA, answers "Yes" or "No"; p_yes / (p_yes + p_no) is the click score.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cf.base import CFModel
+from ..config import CCFConfig
+from ..prompt import ITEM, USER, PromptBatch
+
+
+class CFFeatures(nn.Module):
+    """x^CF from a trained backbone (Eq. 1). With `with_bias`, the backbone's biases are appended so
+    that x_u · x_i is the backbone's whole logit: x_u = [u, b_u, 1], x_i = [i, 1, b_i]. Users and items
+    absent from the backbone's training rows get zero vectors: no collaborative signal, text only."""
+
+    def __init__(
+        self, backbone: CFModel, known_users: torch.Tensor, known_items: torch.Tensor, with_bias: bool
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.with_bias = with_bias
+        self.register_buffer("known_users", known_users.bool(), persistent=False)  # (n_users,)
+        self.register_buffer("known_items", known_items.bool(), persistent=False)  # (n_items,)
+
+    @property
+    def dim(self) -> int:
+        return self.backbone.config.dim + (2 if self.with_bias else 0)
+
+    def users(self, uid: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        """(B,) ids, (B, H) histories -> (B, l)"""
+        known = self._known(self.known_users, uid)
+        safe_uid = torch.where(known, uid, torch.zeros_like(uid))
+        vectors = self.backbone.user_embedding(safe_uid, history[:, -self.backbone.config.max_history :])
+        if self.with_bias:
+            bias = self.backbone.user_bias(safe_uid)  # (B, 1)
+            vectors = torch.cat([vectors, bias, torch.ones_like(bias)], dim=-1)
+        return vectors * known[:, None]
+
+    def items(self, iid: torch.Tensor) -> torch.Tensor:
+        """(N,) ids -> (N, l)"""
+        known = self._known(self.known_items, iid)
+        safe_iid = torch.where(known, iid, torch.zeros_like(iid))
+        vectors = self.backbone.item_embedding(safe_iid)
+        if self.with_bias:
+            bias = self.backbone.item_bias(safe_iid)
+            vectors = torch.cat([vectors, torch.ones_like(bias), bias], dim=-1)
+        return vectors * known[:, None]
+
+    @staticmethod
+    def _known(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        in_range = (ids >= 0) & (ids < len(table))
+        return in_range & table[ids.clamp(0, len(table) - 1)]
+
+
+class Alignment(nn.Module):
+    """ALG: R^l -> R^d, an MLP (Eq. 2)."""
+
+    def __init__(self, cf_dim: int, hidden: int, llm_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(cf_dim, hidden), nn.GELU(), nn.Linear(hidden, llm_dim))
+
+    def forward(self, cf: torch.Tensor) -> torch.Tensor:
+        return self.net(cf)
+
+
+class Gate(nn.Module):
+    """GATE (Eq. 3): alpha = MLP_G1(aligned CF) + MLP_G2(title token embedding), dimension-wise.
+
+    `mode` gives the ablations of Figure 3a: 'alpha-one' fixes alpha = 1, 'alpha-scalar' makes it one
+    number per token. The output layers start at zero, so at initialisation the fused token equals the
+    title token (Eq. 4 with alpha = 0) and stage 2 starts from exactly the stage-1 model.
+    """
+
+    def __init__(self, llm_dim: int, hidden: int, mode: str = "gate"):
+        super().__init__()
+        self.mode = mode
+        out_dim = 1 if mode == "alpha-scalar" else llm_dim
+        self.from_cf = nn.Sequential(nn.Linear(llm_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+        self.from_text = nn.Sequential(nn.Linear(llm_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+        for mlp in (self.from_cf, self.from_text):
+            nn.init.zeros_(mlp[-1].weight)
+            nn.init.zeros_(mlp[-1].bias)
+
+    def forward(self, aligned_cf: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        """(N, d), (N, d) -> alpha (N, d) or (N, 1)"""
+        if self.mode == "alpha-one":
+            return torch.ones_like(token[:, :1])
+        return self.from_cf(aligned_cf) + self.from_text(token)
+
+
+def fuse(token: torch.Tensor, aligned_cf: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Eq. 4: x~_i[t] = x_i^SM[t] + alpha ⊙ ALG(x_i^CF)."""
+    return token + alpha * aligned_cf
+
+
+class CCFLLM(nn.Module):
+    """The LLM (with LoRA), the CF features, ALG and GATE; answers p_yes / p_no for a prompt batch."""
+
+    def __init__(self, llm: nn.Module, cf: CFFeatures, config: CCFConfig, yes_id: int, no_id: int):
+        super().__init__()
+        self.llm = llm
+        self.cf = cf
+        llm_dim = llm.get_input_embeddings().embedding_dim
+        self.alignment = Alignment(cf.dim, config.alg_hidden, llm_dim)
+        self.gate = Gate(llm_dim, config.gate_hidden, config.fusion)
+        self.yes_id, self.no_id = yes_id, no_id
+
+    def fusion_modules(self) -> list[nn.Module]:
+        """What stage 2 trains (Θ_A and Θ_G)."""
+        return [self.alignment, self.gate]
+
+    def input_embeddings(self, batch: PromptBatch) -> torch.Tensor:
+        """Section 3.3: the embedding sequence fed to the LLM. -> (B, T, d)"""
+        embeddings = self.llm.get_input_embeddings()(batch.input_ids)  # text and title tokens: x^SM
+        is_user, is_item = batch.kind == USER, batch.kind == ITEM
+        if not (is_user.any() or is_item.any()):
+            return embeddings  # a text-only prompt
+        # ALG and GATE compute in float32 (float32 weights update stably), the LLM in its own dtype.
+        dtype = embeddings.dtype
+        embeddings = embeddings.clone()
+        if is_user.any():
+            users = self.alignment(self.cf.users(batch.uid, batch.history).float())  # (B, d), Eq. 2
+            embeddings[is_user] = users[is_user.nonzero()[:, 0]].to(dtype)
+        if is_item.any():
+            titles = embeddings[is_item].float()  # (N, d): x_i^SM[t] of every title token in the batch
+            aligned = self.alignment(self.cf.items(batch.item[is_item]).float())  # (N, d), Eq. 2
+            alpha = self.gate(aligned, titles)  # Eq. 3
+            embeddings[is_item] = fuse(titles, aligned, alpha).to(dtype)  # Eq. 4
+        return embeddings
+
+    def forward(self, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p_yes, log p_no under the full-vocabulary softmax at the answer position. -> (B,), (B,)"""
+        # Left padding: count positions from each row's first real token, so that a prompt gets the
+        # same positions (and the same score) whatever batch it is in.
+        positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        output = self.llm(
+            inputs_embeds=self.input_embeddings(batch),
+            attention_mask=batch.attention_mask,
+            position_ids=positions,
+            logits_to_keep=1,
+            use_cache=False,
+        )
+        log_probs = F.log_softmax(output.logits[:, -1].float(), dim=-1)  # (B, V)
+        return log_probs[:, self.yes_id], log_probs[:, self.no_id]
+
+
+def click_score(log_p_yes: torch.Tensor, log_p_no: torch.Tensor) -> torch.Tensor:
+    """Section 4.1: the normalised p_yes, p_yes / (p_yes + p_no)."""
+    return torch.sigmoid(log_p_yes - log_p_no)
+
+
+def ccf_loss(log_p_yes: torch.Tensor, log_p_no: torch.Tensor, label: torch.Tensor, k: float) -> torch.Tensor:
+    """Eq. 5: BCE(p_yes, y) + BCE(p_no, 1 - y) + k · BPR(p_yes, p_no, y), averaged over the batch.
+
+    BCE is on the probabilities themselves (computed from log-probabilities for stability); BPR asks
+    p_yes > p_no for a positive row and the reverse for a negative: -log sigmoid(±(p_yes - p_no)).
+    """
+    bce_yes = -(label * log_p_yes + (1 - label) * _log1m_exp(log_p_yes))
+    bce_no = -((1 - label) * log_p_no + label * _log1m_exp(log_p_no))
+    sign = 2 * label - 1
+    bpr = -F.logsigmoid(sign * (log_p_yes.exp() - log_p_no.exp()))
+    return (bce_yes + bce_no + k * bpr).mean()
+
+
+def _log1m_exp(log_p: torch.Tensor) -> torch.Tensor:
+    """log(1 - p) from log p, stable for p near 0 and near 1."""
+    log_p = log_p.clamp(max=-1e-7)
+    return torch.where(log_p > -0.693, torch.log(-torch.expm1(log_p)), torch.log1p(-log_p.exp()))

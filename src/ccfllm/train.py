@@ -1,0 +1,172 @@
+"""One training loop for the LLM recommenders: the stage decides what trains (section 3.4).
+
+Stage 1 (LORA) updates only the LoRA weights Θ_L; stage 2 (FUSION) only ALG and GATE (Θ_A, Θ_G, and the
+CF backbone Θ_E if asked) with the LLM frozen; ALL trains everything at once (the end-to-end row of
+Table 4). Each stage is early-stopped on valid AUC and ends holding its best weights; the starting point
+counts as a candidate, so a stage never ends worse on valid than it began.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import CCFConfig
+from .data.dataset import Split
+from .methods.ccf_llm import CCFLLM, ccf_loss, click_score
+from .metrics import auc
+from .prompt import PromptBuilder
+
+
+class Stage(enum.Enum):
+    LORA = "lora"
+    FUSION = "fusion"
+    ALL = "all"
+
+
+@dataclass
+class StageResult:
+    stage: str
+    best_valid_auc: float
+    best_step: int
+    steps: int
+    seconds: float
+    curve: list[dict] = field(
+        default_factory=list
+    )  # per validation: step, train loss since the last, valid AUC
+
+
+def trainable_parameters(model: CCFLLM, stage: Stage, tune_cf: bool) -> list[torch.nn.Parameter]:
+    """Freeze everything, then unfreeze what `stage` trains; return those parameters."""
+    model.requires_grad_(False)
+    chosen: list[torch.nn.Module] = []
+    if stage in (Stage.LORA, Stage.ALL):
+        lora = [p for name, p in model.llm.named_parameters() if "lora_" in name]
+        for parameter in lora:
+            parameter.requires_grad_(True)
+    if stage in (Stage.FUSION, Stage.ALL):
+        chosen = model.fusion_modules() + ([model.cf.backbone] if tune_cf else [])
+        for module in chosen:
+            module.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def train_stage(
+    model: CCFLLM,
+    stage: Stage,
+    builder: PromptBuilder,
+    train: Split,
+    valid: Split,
+    config: CCFConfig,
+    progress: bool = True,
+) -> StageResult:
+    """Train the parameters of `stage` on sampled train rows; validate every `eval_every` steps."""
+    started = time.perf_counter()
+    lr = config.lr_lora if stage == Stage.LORA else config.lr_fusion
+    parameters = trainable_parameters(model, stage, config.tune_cf)
+    optimiser = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    generator = np.random.default_rng(config.seed)
+    train_rows = sample_rows(len(train), config.train_rows, generator)
+    valid_rows = sample_rows(len(valid), config.valid_rows, np.random.default_rng(config.seed + 1))
+    steps_per_epoch = -(-len(train_rows) // config.batch_size)
+    eval_every = config.eval_every or steps_per_epoch
+    total_steps = steps_per_epoch * config.epochs
+
+    def validate() -> float:
+        return auc(
+            valid.label[valid_rows], score_rows(model, builder, valid, valid_rows, config.eval_batch_size)
+        )
+
+    best_auc, best_step, best_state = validate(), 0, _snapshot(parameters)
+    curve = [{"step": 0, "train_loss": None, "valid_auc": best_auc}]
+    bad_validations, step, losses = 0, 0, []
+    bar = tqdm(total=total_steps, desc=f"stage {stage.value}", unit="step", disable=not progress)
+    bar.set_postfix(valid_auc=f"{best_auc:.4f}")
+    device = next(model.parameters()).device
+    batches = [
+        rows
+        for _ in range(config.epochs)
+        for rows in np.array_split(generator.permutation(train_rows), steps_per_epoch)
+    ]
+    for rows in batches:
+        model.train()
+        model.cf.train(
+            config.tune_cf and stage != Stage.LORA
+        )  # a frozen backbone keeps eval mode (no dropout)
+        batch = builder.batch(train.uid[rows], train.iid[rows], train.history[rows], train.label[rows]).to(
+            device
+        )
+        log_p_yes, log_p_no = model(batch)
+        loss = ccf_loss(log_p_yes, log_p_no, batch.label, config.loss_k)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+        step += 1
+        bar.update()
+        if step % eval_every and step != total_steps:
+            continue
+        valid_auc = validate()
+        curve.append({"step": step, "train_loss": float(np.mean(losses)), "valid_auc": valid_auc})
+        losses = []
+        if valid_auc > best_auc:
+            best_auc, best_step, best_state, bad_validations = valid_auc, step, _snapshot(parameters), 0
+        else:
+            bad_validations += 1
+        bar.set_postfix(
+            loss=f"{curve[-1]['train_loss']:.4f}", valid_auc=f"{valid_auc:.4f}", best=f"{best_auc:.4f}"
+        )
+        if bad_validations >= config.patience:
+            break
+    bar.close()
+    _restore(parameters, best_state)
+    model.eval()
+    return StageResult(stage.value, best_auc, best_step, step, time.perf_counter() - started, curve)
+
+
+@torch.no_grad()
+def score_rows(
+    model: CCFLLM,
+    builder: PromptBuilder,
+    split: Split,
+    rows: np.ndarray | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> np.ndarray:
+    """Click scores p_yes / (p_yes + p_no) for `rows` of `split` (all rows if None). -> (len(rows),)
+
+    Rows are scored in order of history length, so each batch pads little, and returned in input order.
+    """
+    model.eval()
+    rows = np.arange(len(split)) if rows is None else np.asarray(rows)
+    order = np.argsort(split.history_length[rows], kind="stable")
+    scores = np.empty(len(rows), dtype=np.float64)
+    device = next(model.parameters()).device
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    for positions in tqdm(batches, desc=f"score {split.name}", unit="batch", disable=not progress):
+        chosen = rows[positions]
+        batch = builder.batch(split.uid[chosen], split.iid[chosen], split.history[chosen]).to(device)
+        scores[positions] = click_score(*model(batch)).double().cpu().numpy()
+    return scores
+
+
+def sample_rows(n_rows: int, wanted: int, generator: np.random.Generator) -> np.ndarray:
+    """`wanted` row indices drawn without replacement (all rows, in order, if wanted is 0 or too many)."""
+    if wanted == 0 or wanted >= n_rows:
+        return np.arange(n_rows)
+    return np.sort(generator.choice(n_rows, size=wanted, replace=False))
+
+
+def _snapshot(parameters: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in parameters]
+
+
+def _restore(parameters: list[torch.nn.Parameter], state: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for parameter, saved in zip(parameters, state, strict=True):
+            parameter.copy_(saved)
