@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import pandas as pd
 
-from .config import CFConfig, cf_config, parse_overrides, to_dict
+from .config import CCF_PRESETS, CCFConfig, CFConfig, ccf_config, cf_config, parse_overrides, to_dict
 from .data import DATA_ENV, convert_amazon, convert_movielens, load_collm_split, resolve_data_dir
 from .errors import CCFLLMError
 
@@ -85,10 +85,10 @@ def _report_conversion(out_dir: Path) -> None:
 # -- cf ------------------------------------------------------------------------------------------
 
 
-def _settings_epilog() -> str:
-    lines = ["\b", "Settings for --set KEY=VALUE (defaults: the backbone's preset):"]
-    for field in dataclasses.fields(CFConfig):
-        lines.append(f"  {field.name:<13} {field.metadata['help']}")
+def _settings_epilog(config_class: type, defaults: str) -> str:
+    lines = ["\b", f"Settings for --set KEY=VALUE (defaults: {defaults}):"]
+    for field in dataclasses.fields(config_class):
+        lines.append(f"  {field.name:<15} {field.metadata['help']}")
     return "\n".join(lines)
 
 
@@ -97,7 +97,7 @@ def cf() -> None:
     """Train and evaluate the collaborative-filtering backbones (MF, LightGCN, SASRec)."""
 
 
-@cf.command("train", epilog=_settings_epilog())
+@cf.command("train", epilog=_settings_epilog(CFConfig, "the backbone's preset"))
 @click.option("--model", type=click.Choice(["mf", "lightgcn", "sasrec"]), required=True, help="Backbone.")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), help=DATA_OPTION_HELP)
 @click.option("--out", type=click.Path(file_okay=False), help="Run folder (default: runs/cf/MODEL-seedSEED).")
@@ -174,6 +174,115 @@ def cf_evaluate(checkpoint, data_dir, splits, predictions) -> None:
         with atomic_path(predictions) as tmp:
             frame.to_parquet(tmp, index=False)
         click.echo(f"wrote {len(frame)} predictions of {name} to {predictions}")
+
+
+# -- CCF-LLM -------------------------------------------------------------------------------------
+
+CF_HISTORY = 10  # rows are loaded with CoLLM's 10 most recent likes; prompts may show fewer
+
+
+@main.command("train", epilog=_settings_epilog(CCFConfig, "the preset"))
+@click.option(
+    "--preset",
+    type=click.Choice(sorted(CCF_PRESETS)),
+    default="cpu",
+    show_default=True,
+    help="cpu: fits 45 minutes on 2 cores with the embedded LLM; paper: section 4.1's settings.",
+)
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), help=DATA_OPTION_HELP)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    help="Run folder (default: runs/ccf-llm/BACKBONE-PRESET-seedSEED).",
+)
+@click.option(
+    "--seed", type=int, default=None, help="Seed for sampling, initialisation and data order (default 0)."
+)
+@click.option(
+    "--set", "settings", multiple=True, metavar="KEY=VALUE", help="Override a setting (repeatable)."
+)
+@click.option("--overwrite", is_flag=True, help="Replace the run folder if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def ccf_train(preset, data_dir, out, seed, settings, overwrite, quiet) -> None:
+    """Train CCF-LLM end to end: CF backbone, stage 1 (LoRA), stage 2 (ALG + GATE); test after each."""
+    from .experiment import run_ccf_llm
+
+    overrides = parse_overrides(settings)
+    if seed is not None:
+        overrides["seed"] = seed
+    config = ccf_config(preset, **overrides)
+    out = Path(out or f"runs/ccf-llm/{config.cf_model}-{preset}-seed{config.seed}")
+    if out.exists() and not overwrite:
+        raise CCFLLMError(f"{out} already exists; choose another --out or pass --overwrite.")
+    dataset = load_collm_split(resolve_data_dir(data_dir), max_history=CF_HISTORY)
+    result = run_ccf_llm(config, dataset, out, overwrite=overwrite, progress=not quiet)
+    minutes = result.seconds / 60
+    click.echo(f"\nCCF-LLM ({config.cf_model}, preset {preset}) on {dataset.name}: {minutes:.1f} min; saved {out}")
+    click.echo("| model | test AUC | test UAUC |\n|---|---|---|")
+    for row in result.table:
+        click.echo(f"| {row['model']} | {row['test_auc']:.4f} | {row['test_uauc']:.4f} |")
+
+
+@main.command("evaluate")
+@click.option(
+    "--run", "run_dir", type=click.Path(exists=True, file_okay=False), required=True, help="Run folder."
+)
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), help=DATA_OPTION_HELP)
+@click.option(
+    "--split",
+    "splits",
+    multiple=True,
+    type=click.Choice(["train", "valid", "test"]),
+    help="Split(s) to score (default: valid and test).",
+)
+@click.option("--device", default="auto", show_default=True, help="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+def ccf_evaluate(run_dir, data_dir, splits, device) -> None:
+    """Reload a saved CCF-LLM run and report AUC / UAUC."""
+    from .experiment import evaluate_run, load_run
+
+    dataset = load_collm_split(resolve_data_dir(data_dir), max_history=CF_HISTORY)
+    recommender = load_run(run_dir, dataset, device=device)
+    _echo_metrics(evaluate_run(recommender, dataset, splits or ("valid", "test")))
+
+
+@main.command("predict")
+@click.option(
+    "--run", "run_dir", type=click.Path(exists=True, file_okay=False), required=True, help="Run folder."
+)
+@click.option(
+    "--input",
+    "input_path",
+    type=click.Path(exists=True, dir_okay=False),
+    required=True,
+    help="Parquet or CSV with uid, iid; optional history (list of item ids) and title (for new items).",
+)
+@click.option(
+    "--output", type=click.Path(dir_okay=False), required=True, help="Parquet file for uid, iid, score, cf."
+)
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), help=DATA_OPTION_HELP)
+@click.option("--device", default="auto", show_default=True, help="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+def ccf_predict(run_dir, input_path, output, data_dir, device) -> None:
+    """Score (user, item) rows with a saved run. Users or items unseen by the CF backbone are scored
+    from text alone; the `cf` column says which side had a CF embedding."""
+    from .experiment import load_run, predict_rows
+    from .io import atomic_path
+
+    rows = _read_rows(Path(input_path))
+    dataset = load_collm_split(resolve_data_dir(data_dir), max_history=CF_HISTORY)
+    scored = predict_rows(load_run(run_dir, dataset, device=device), dataset, rows)
+    with atomic_path(output) as tmp:
+        scored.to_parquet(tmp, index=False)
+    counts = scored["cf"].value_counts().to_dict()
+    click.echo(f"wrote {len(scored)} scores to {output}; CF embedding available for: {counts}")
+
+
+def _read_rows(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
+    except (OSError, ValueError) as exc:
+        raise CCFLLMError(
+            f"Cannot read {path} as {'CSV' if path.suffix.lower() == '.csv' else 'Parquet'}: {exc}"
+        ) from exc
 
 
 def _echo_metrics(metrics: dict) -> None:

@@ -28,9 +28,9 @@ from .cf.checkpoint import load_cf, save_cf
 from .cf.reference import reference_scores
 from .cf.train import evaluate_cf, predict_split, train_cf
 from .config import CCFConfig, cf_config, replace_checked, to_dict
-from .data.dataset import CTRDataset
+from .data.dataset import PAD, CTRDataset, Split, pad_histories
 from .device import seed_everything
-from .errors import CheckpointError
+from .errors import CCFLLMError, CheckpointError
 from .io import atomic_path
 from .llm import LoadedLLM, add_lora, load_llm
 from .methods.ccf_llm import CCFLLM, CFFeatures
@@ -83,17 +83,22 @@ def build_recommender(
     peft_model = add_lora(llm.model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
     model = CCFLLM(peft_model, features, config, llm.yes_id, llm.no_id).to(device)
     builders = [
-        PromptBuilder(
-            llm.tokenizer,
-            dataset.item_titles,
-            dataset.domain,
-            max_tokens=config.max_tokens,
-            with_cf=with_cf,
-            max_history=config.max_history,
-        )
-        for with_cf in (False, True)
+        make_prompts(llm, dataset.item_titles, dataset.domain, config, with_cf) for with_cf in (False, True)
     ]
     return Recommender(model, *builders, config=config, llm=llm)
+
+
+def make_prompts(
+    llm: LoadedLLM, titles: np.ndarray, domain: str, config: CCFConfig, with_cf: bool
+) -> PromptBuilder:
+    return PromptBuilder(
+        llm.tokenizer,
+        titles,
+        domain,
+        max_tokens=config.max_tokens,
+        with_cf=with_cf,
+        max_history=config.max_history,
+    )
 
 
 def run_ccf_llm(
@@ -162,6 +167,55 @@ def load_run(folder: str | Path, dataset: CTRDataset, device: str = "auto") -> R
         )
     recommender.model.eval()
     return recommender
+
+
+def evaluate_run(
+    recommender: Recommender, dataset: CTRDataset, splits=("valid", "test"), progress=True
+) -> dict:
+    """{split: {"auc", "uauc"}} of a loaded run, scored with the prompt its final stage read."""
+    prompts = recommender.prompts_for(_stages(recommender.config.strategy)[-1])
+    results = {}
+    for name in splits:
+        split = dataset.splits[name]
+        scores = score_rows(
+            recommender.model, prompts, split, None, recommender.config.eval_batch_size, progress
+        )
+        results[name] = split_metrics(split.uid, split.label, scores)
+    return results
+
+
+def predict_rows(recommender: Recommender, dataset: CTRDataset, rows: pd.DataFrame) -> pd.DataFrame:
+    """Scores for arbitrary (uid, iid) rows, with the cold-start policy of the README.
+
+    A row's history is its `history` column if given, else the user's most recent liked items in the
+    dataset. A user or item that the CF backbone never saw in training has no CF embedding: its positions
+    carry text only (the title tokens unfused; the user token gets ALG of a zero vector), and the `cf`
+    column says which side had one. A new item needs a `title` column.
+    """
+    frame = _checked_prediction_rows(rows, dataset)
+    titles = _titles_with_new_items(dataset, frame)
+    histories = _prediction_histories(dataset, frame, recommender.config.max_history)
+    split = Split(
+        name="predict",
+        uid=frame["uid"].to_numpy(np.int64),
+        iid=frame["iid"].to_numpy(np.int64),
+        label=np.zeros(len(frame), dtype=np.int64),
+        timestamp=np.zeros(len(frame), dtype=np.int64),
+        history=histories,
+        warm=np.zeros(len(frame), dtype=bool),
+    )
+    prompts = recommender.prompts_for(_stages(recommender.config.strategy)[-1])
+    if len(titles) != len(dataset.item_titles):
+        prompts = make_prompts(recommender.llm, titles, dataset.domain, recommender.config, prompts.with_cf)
+    scores = score_rows(recommender.model, prompts, split, None, recommender.config.eval_batch_size)
+    known_users = recommender.model.cf.known_users.cpu().numpy()
+    known_items = recommender.model.cf.known_items.cpu().numpy()
+    user_known = np.array([0 <= u < len(known_users) and known_users[u] for u in split.uid])
+    item_known = np.array([0 <= i < len(known_items) and known_items[i] for i in split.iid])
+    cf = np.select(
+        [user_known & item_known, user_known, item_known], ["user+item", "user only", "item only"], "none"
+    )
+    return pd.DataFrame({"uid": split.uid, "iid": split.iid, "score": scores, "cf": cf})
 
 
 # -- pieces -----------------------------------------------------------------------------------------
@@ -260,3 +314,44 @@ def _require(path: Path) -> Path:
             f"{path} is missing: the run folder is incomplete. Retrain the run or restore the file."
         )
     return path
+
+
+def _checked_prediction_rows(rows: pd.DataFrame, dataset: CTRDataset) -> pd.DataFrame:
+    missing = [c for c in ("uid", "iid") if c not in rows.columns]
+    if missing:
+        raise CCFLLMError(f"Rows to score need columns uid and iid; missing {missing}.")
+    for column in ("uid", "iid"):
+        if rows[column].isna().any() or not pd.api.types.is_integer_dtype(rows[column]):
+            raise CCFLLMError(f"Column {column!r} of the rows to score must hold integers without gaps.")
+    new_items = rows["iid"][(rows["iid"] <= PAD) | (rows["iid"] >= dataset.n_items)]
+    if len(new_items) and "title" not in rows.columns:
+        raise CCFLLMError(
+            f"Items {sorted(set(new_items.tolist()))[:5]} are not in {dataset.name}: add a `title` column "
+            "so that they can be scored from their text."
+        )
+    return rows.reset_index(drop=True)
+
+
+def _titles_with_new_items(dataset: CTRDataset, frame: pd.DataFrame) -> np.ndarray:
+    new = frame[frame["iid"] >= dataset.n_items]
+    if new.empty:
+        return dataset.item_titles
+    titles = np.concatenate(
+        [dataset.item_titles, np.full(int(new["iid"].max()) + 1 - dataset.n_items, "", object)]
+    )
+    titles[new["iid"].to_numpy()] = new["title"].astype(str).to_numpy()
+    return titles
+
+
+def _prediction_histories(dataset: CTRDataset, frame: pd.DataFrame, max_history: int) -> np.ndarray:
+    if "history" in frame.columns:
+        return pad_histories([[int(i) for i in h if i != PAD] for h in frame["history"]], max_history)
+    latest: dict[int, list[int]] = {}
+    for split in dataset.splits.values():  # the user's most recent liked items, over all splits
+        for uid, iid, label, timestamp in zip(
+            split.uid, split.iid, split.label, split.timestamp, strict=True
+        ):
+            if label == 1:
+                latest.setdefault(int(uid), []).append((int(timestamp), int(iid)))
+    liked = {uid: [iid for _, iid in sorted(pairs)] for uid, pairs in latest.items()}
+    return pad_histories([liked.get(int(uid), []) for uid in frame["uid"]], max_history)
