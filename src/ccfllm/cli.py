@@ -217,7 +217,7 @@ def ccf_train(preset, data_dir, out, seed, settings, overwrite, quiet) -> None:
     dataset = load_collm_split(resolve_data_dir(data_dir), max_history=CF_HISTORY)
     result = run_ccf_llm(config, dataset, out, overwrite=overwrite, progress=not quiet)
     minutes = result.seconds / 60
-    click.echo(f"\nCCF-LLM ({config.cf_model}, preset {preset}) on {dataset.name}: {minutes:.1f} min; saved {out}")
+    click.echo(f"\nCCF-LLM ({config.cf_model}, {preset} preset) on {dataset.name}: {minutes:.1f} min; {out}")
     click.echo("| model | test AUC | test UAUC |\n|---|---|---|")
     for row in result.table:
         click.echo(f"| {row['model']} | {row['test_auc']:.4f} | {row['test_uauc']:.4f} |")

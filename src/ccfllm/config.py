@@ -105,6 +105,7 @@ class CCFConfig:
     epochs: int = _help("passes over the training rows per stage", 5)
     train_rows: int = _help("training rows sampled (with the seed) per stage; 0 = all", 0)
     valid_rows: int = _help("valid rows used for early stopping; 0 = all", 0)
+    test_rows: int = _help("test rows scored (a seeded sample, for quick runs); 0 = all", 0)
     eval_every: int = _help("steps between validations; 0 = once per epoch", 0)
     patience: int = _help("validations without a better valid AUC before a stage stops", 2)
     max_tokens: int = _help("longest prompt; the oldest history items are dropped first (paper: 700)", 700)
@@ -137,7 +138,7 @@ class CCFConfig:
         ):
             if getattr(self, name) <= 0:
                 raise CCFLLMError(f"CCFConfig.{name} must be positive, got {getattr(self, name)}.")
-        for name in ("train_rows", "valid_rows", "eval_every", "max_history"):
+        for name in ("train_rows", "valid_rows", "test_rows", "eval_every", "max_history"):
             if getattr(self, name) < 0:
                 raise CCFLLMError(f"CCFConfig.{name} must be >= 0, got {getattr(self, name)}.")
         if self.lr_lora <= 0 or self.lr_fusion <= 0 or self.loss_k < 0 or not 0 <= self.lora_dropout < 1:
@@ -151,12 +152,13 @@ class CCFConfig:
 CCF_PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
         "batch_size": 8,
+        "eval_batch_size": 8,
         "lr_lora": 5e-4,
         "lr_fusion": 1e-3,
         "epochs": 1,
-        "train_rows": 2048,
-        "valid_rows": 512,
-        "eval_every": 64,
+        "train_rows": 1024,
+        "valid_rows": 384,
+        "eval_every": 32,
         "max_history": 5,
         "max_tokens": 700,
     },

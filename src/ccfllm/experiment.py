@@ -36,7 +36,7 @@ from .llm import LoadedLLM, add_lora, load_llm
 from .methods.ccf_llm import CCFLLM, CFFeatures
 from .metrics import split_metrics
 from .prompt import PromptBuilder
-from .train import Stage, StageResult, score_rows, train_stage
+from .train import Stage, StageResult, sample_rows, score_rows, train_stage
 
 RUN_FORMAT = "ccfllm-run/1"
 
@@ -109,32 +109,27 @@ def run_ccf_llm(
     out = Path(out)
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite.")
+    test = test_split(dataset, config)
     with atomic_path(out) as folder:
         folder.mkdir()
         backbone, cf_reference = _backbone(config, dataset, folder, progress)
         table = [
             {
                 "model": f"{config.cf_model} (CF backbone alone)",
-                **_metrics(dataset, predict_split(backbone, dataset.test)),
+                **_metrics(test, predict_split(backbone, test)),
             },
-            {
-                "model": "mean-label reference (k=5)",
-                **_metrics(dataset, reference_scores(dataset, dataset.test, 5.0)),
-            },
+            {"model": "mean-label reference (k=5)", **_metrics(test, reference_scores(dataset, test, 5.0))},
         ]
         recommender = build_recommender(config, dataset, backbone, load_llm(**_llm_arguments(config)))
         stages = []
         for stage in _stages(config.strategy):
             prompts = recommender.prompts_for(stage)
-            result = train_stage(
-                recommender.model, stage, prompts, dataset.train, dataset.valid, config, progress
+            stages.append(
+                train_stage(recommender.model, stage, prompts, dataset.train, dataset.valid, config, progress)
             )
-            stages.append(result)
-            scores = score_rows(
-                recommender.model, prompts, dataset.test, None, config.eval_batch_size, progress
-            )
-            table.append({"model": f"CCF-LLM after stage {stage.value}", **_metrics(dataset, scores)})
-        _save_run(recommender, dataset, folder, cf_reference, table, stages, scores)
+            scores = score_rows(recommender.model, prompts, test, None, config.eval_batch_size, progress)
+            table.append({"model": f"CCF-LLM after stage {stage.value}", **_metrics(test, scores)})
+        _save_run(recommender, dataset, folder, cf_reference, table, stages, test, scores)
     return RunResult(out, table, stages, time.perf_counter() - started)
 
 
@@ -253,8 +248,14 @@ def _backbone(config: CCFConfig, dataset: CTRDataset, folder: Path, progress: bo
     return result.model, "cf"
 
 
-def _metrics(dataset: CTRDataset, scores: np.ndarray) -> dict:
-    values = split_metrics(dataset.test.uid, dataset.test.label, scores)
+def test_split(dataset: CTRDataset, config: CCFConfig) -> Split:
+    """The test rows a run scores: all, or a seeded sample of `test_rows` for quick runs."""
+    rows = sample_rows(len(dataset.test), config.test_rows, np.random.default_rng(config.seed + 2))
+    return dataset.test.take(rows)
+
+
+def _metrics(test: Split, scores: np.ndarray) -> dict:
+    values = split_metrics(test.uid, test.label, scores)
     return {"test_auc": values["auc"], "test_uauc": values["uauc"]}
 
 
@@ -262,7 +263,7 @@ def _fusion_prefixes(config: CCFConfig) -> tuple[str, ...]:
     return ("alignment.", "gate.", "cf.backbone.") if config.tune_cf else ("alignment.", "gate.")
 
 
-def _save_run(recommender, dataset, folder, cf_reference, table, stages, scores) -> None:
+def _save_run(recommender, dataset, folder, cf_reference, table, stages, test, scores) -> None:
     model, config = recommender.model, recommender.config
     model.llm.save_pretrained(folder / "adapter")
     state = {
@@ -281,7 +282,6 @@ def _save_run(recommender, dataset, folder, cf_reference, table, stages, scores)
     (folder / "config.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     metrics = {"table": table, "stages": [vars(s) for s in stages]}
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    test = dataset.test
     frame = pd.DataFrame({"uid": test.uid, "iid": test.iid, "label": test.label, "score": scores})
     frame.to_parquet(folder / "predictions.parquet", index=False)
 

@@ -32,6 +32,13 @@ class Split:
     def __len__(self) -> int:
         return len(self.uid)
 
+    def take(self, rows: np.ndarray) -> Split:
+        """The split restricted to `rows` (indices), in that order."""
+        return Split(
+            self.name,
+            *(getattr(self, f)[rows] for f in ("uid", "iid", "label", "timestamp", "history", "warm")),
+        )
+
     @property
     def history_length(self) -> np.ndarray:
         return (self.history != PAD).sum(axis=1)

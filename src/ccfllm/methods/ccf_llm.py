@@ -142,14 +142,18 @@ class CCFLLM(nn.Module):
         # Left padding: count positions from each row's first real token, so that a prompt gets the
         # same positions (and the same score) whatever batch it is in.
         positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-        output = self.llm(
+        # Run the decoder, then the output layer on the answer position only, as one (B, d) @ (d, V)
+        # matmul: the LM's own head on a (B, 1, d) slice pays for a copy of the whole (V, d) matrix per row.
+        causal_lm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        decoder = getattr(causal_lm, causal_lm.base_model_prefix)
+        hidden = decoder(
             inputs_embeds=self.input_embeddings(batch),
             attention_mask=batch.attention_mask,
             position_ids=positions,
-            logits_to_keep=1,
             use_cache=False,
-        )
-        log_probs = F.log_softmax(output.logits[:, -1].float(), dim=-1)  # (B, V)
+        ).last_hidden_state
+        logits = causal_lm.get_output_embeddings()(hidden[:, -1])  # (B, V)
+        log_probs = F.log_softmax(logits.float(), dim=-1)  # (B, V)
         return log_probs[:, self.yes_id], log_probs[:, self.no_id]
 
 
