@@ -50,3 +50,55 @@ def tiny_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dataset(tiny_dir):
     return load_collm_split(tiny_dir, max_history=5)
+
+
+# -- a tiny tokenizer and a tiny randomly initialised Llama, built in code ----------------------------
+
+TEMPLATE_WORDS = (
+    '#Question: A user has given high ratings to the following movies books: "," . Additionally, we have '
+    "information about the user's preferences encoded in the feature Using all available make a prediction "
+    'whether would enjoy movie book Answer with "Yes" or "No" #Answer'
+)
+
+
+def tiny_tokenizer(extra_text: str = ""):
+    """A word-level tokenizer that splits on spaces and on every punctuation mark (BERT's pre-tokeniser),
+    so a prompt tokenised piece by piece equals the whole string tokenised at once."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pre = pre_tokenizers.BertPreTokenizer()
+    words = {w for w, _ in pre.pre_tokenize_str(TEMPLATE_WORDS + " " + extra_text)}
+    specials = ["[PAD]", "[UNK]", "[EOS]"]
+    vocab = {token: i for i, token in enumerate(specials + sorted(words))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]"
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory, tiny_dataset) -> Path:
+    """A saved Llama with hidden size 32 and 2 layers, and its tokenizer, in a local folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer(" ".join(tiny_dataset.item_titles[1:]))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("llm") / "tiny-llama"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -63,7 +63,9 @@ def test_loss_eq_5_on_known_probabilities(label, expected):
     log_yes, log_no = torch.log(torch.tensor([0.6])), torch.log(torch.tensor([0.3]))
     loss = ccf_loss(log_yes, log_no, torch.tensor([label]), k=2.0)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
-    assert expected == pytest.approx(1.976211 if label else 3.828974, rel=1e-6)  # worked out with a calculator
+    assert expected == pytest.approx(
+        1.976211 if label else 3.828974, rel=1e-6
+    )  # worked out with a calculator
 
 
 def test_loss_is_stable_at_extreme_probabilities_and_score_is_normalised_p_yes():

@@ -110,7 +110,7 @@ def answer_token_ids(
             _continuation(tokenizer, after, " " + answer),
             tokenizer.encode(answer, add_special_tokens=False),
         ]
-        single = next((c[0] for c in candidates if len(c) == 1), None)
+        single = next((c[0] for c in candidates if len(c) == 1 and c[0] != tokenizer.unk_token_id), None)
         if single is None:
             raise CCFLLMError(
                 f"The tokenizer {type(tokenizer).__name__} gives no single token for the answer {answer!r} "
@@ -212,9 +212,12 @@ def _check_causal(folder: Path | str, local: bool) -> None:
         raise CCFLLMError(f"{folder} has a config.json that transformers cannot read: {exc}") from exc
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    architectures = getattr(config, "architectures", None) or []
+    named_causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (architectures and not named_causal):
         raise CCFLLMError(
-            f"{folder} holds a {config.model_type!r} model, which is not a causal language model; "
+            f"{folder} holds a {config.model_type!r} model ({', '.join(architectures) or 'no architecture named'}), "
+            "which is not a causal language model; "
             "CCF-LLM needs one (e.g. Llama, Mistral, Qwen, GPT-2)."
         )
 

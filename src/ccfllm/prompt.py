@@ -163,8 +163,8 @@ class PromptBuilder:
             attention_mask=torch.from_numpy(mask),
             kind=torch.from_numpy(kind),
             item=torch.from_numpy(item),
-            uid=torch.as_tensor(np.asarray(uid, dtype=np.int64)),
-            iid=torch.as_tensor(np.asarray(iid, dtype=np.int64)),
+            uid=torch.as_tensor(np.array(uid, dtype=np.int64)),
+            iid=torch.as_tensor(np.array(iid, dtype=np.int64)),
             history=torch.as_tensor(history.astype(np.int64)),
             label=None if label is None else torch.as_tensor(np.asarray(label, dtype=np.float32)),
         )

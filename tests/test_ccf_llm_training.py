@@ -1,0 +1,171 @@
+"""CCF-LLM trained for a few steps on the tiny data with a tiny Llama: what each stage trains, that the
+loss falls, that a saved run reloads to the same scores, and the cold-start policy at predict time."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ccfllm.cf.train import train_cf
+from ccfllm.config import ccf_config, cf_config
+from ccfllm.errors import CCFLLMError, CheckpointError
+from ccfllm.experiment import build_recommender, evaluate_run, load_run, predict_rows, run_ccf_llm
+from ccfllm.llm import load_llm
+from ccfllm.methods.ccf_llm import ccf_loss, click_score
+from ccfllm.metrics import auc
+from ccfllm.train import Stage, score_rows, trainable_parameters
+
+
+def tiny_ccf_config(llm_dir, **overrides):
+    settings = dict(
+        llm=str(llm_dir),
+        device="cpu",
+        dtype="float32",
+        alg_hidden=16,
+        gate_hidden=8,
+        batch_size=8,
+        eval_batch_size=8,
+        train_rows=64,
+        valid_rows=64,
+        eval_every=4,
+        epochs=1,
+        lr_lora=5e-3,
+        lr_fusion=5e-3,
+        max_history=3,
+    )
+    return ccf_config("cpu", **{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny_dataset):
+    settings = dict(dim=8, lr=1e-2, weight_decay=1e-4, bias_decay=1e-4, max_epochs=5, device="cpu")
+    return train_cf(cf_config("mf", **settings), tiny_dataset, progress=False).model
+
+
+@pytest.fixture
+def recommender(tiny_llm_dir, tiny_dataset, backbone):
+    torch.manual_seed(0)
+    config = tiny_ccf_config(tiny_llm_dir)
+    return build_recommender(
+        config, tiny_dataset, backbone, load_llm(str(tiny_llm_dir), device="cpu", dtype="float32")
+    )
+
+
+def train_batch(recommender, dataset, rows=slice(0, 32), with_cf=True):
+    train = dataset.train
+    prompts = recommender.hybrid_prompts if with_cf else recommender.text_prompts
+    return prompts.batch(train.uid[rows], train.iid[rows], train.history[rows], train.label[rows])
+
+
+def names(parameters_of, model) -> set[str]:
+    chosen = {id(p) for p in parameters_of}
+    return {
+        name.split(".")[0] + ("/lora" if "lora_" in name else "")
+        for name, p in model.named_parameters()
+        if id(p) in chosen
+    }
+
+
+def test_each_stage_trains_only_its_parameters(recommender):
+    model = recommender.model
+    assert names(trainable_parameters(model, Stage.LORA, tune_cf=False), model) == {"llm/lora"}
+    assert names(trainable_parameters(model, Stage.FUSION, tune_cf=False), model) == {"alignment", "gate"}
+    assert names(trainable_parameters(model, Stage.FUSION, tune_cf=True), model) == {
+        "alignment",
+        "gate",
+        "cf",
+    }
+    assert names(trainable_parameters(model, Stage.ALL, tune_cf=False), model) == {
+        "alignment",
+        "gate",
+        "llm/lora",
+    }
+
+
+@pytest.mark.parametrize("stage", [Stage.LORA, Stage.FUSION])
+def test_a_few_steps_lower_the_loss_and_touch_nothing_else(recommender, tiny_dataset, stage):
+    model, batch = recommender.model, train_batch(recommender, tiny_dataset)
+    parameters = trainable_parameters(model, stage, tune_cf=False)
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    optimiser = torch.optim.AdamW(parameters, lr=5e-2)
+    losses, aucs = [], []
+    for _ in range(25):
+        log_p_yes, log_p_no = model(batch)
+        loss = ccf_loss(log_p_yes, log_p_no, batch.label, k=2.0)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+        aucs.append(auc(batch.label.numpy(), click_score(log_p_yes, log_p_no).detach().numpy()))
+    # the batch's labels follow taste groups that both the titles and the CF embeddings reveal
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]), losses
+    assert aucs[-1] > 0.6 and aucs[-1] > aucs[0] + 0.2, aucs
+    assert all(torch.equal(p, frozen[name]) for name, p in model.named_parameters() if name in frozen)
+
+
+def test_scores_do_not_depend_on_batch_composition(recommender, tiny_dataset):
+    test = tiny_dataset.test
+    one_by_one = score_rows(recommender.model, recommender.hybrid_prompts, test, np.arange(24), batch_size=1)
+    batched = score_rows(recommender.model, recommender.hybrid_prompts, test, np.arange(24), batch_size=8)
+    np.testing.assert_allclose(one_by_one, batched, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory, tiny_llm_dir, tiny_dataset):
+    folder = tmp_path_factory.mktemp("runs") / "ccf"
+    config = tiny_ccf_config(tiny_llm_dir, cf_model="mf")
+    return run_ccf_llm(config, tiny_dataset, folder, progress=False)
+
+
+def test_a_run_reports_every_stage_and_reloads_to_the_same_scores(saved_run, tiny_dataset):
+    models = [row["model"] for row in saved_run.table]
+    assert models == [
+        "mf (CF backbone alone)",
+        "mean-label reference (k=5)",
+        "CCF-LLM after stage lora",
+        "CCF-LLM after stage fusion",
+    ]
+    assert sorted(p.name for p in saved_run.folder.iterdir()) == [
+        "adapter",
+        "cf",
+        "config.json",
+        "fusion.safetensors",
+        "metrics.json",
+        "predictions.parquet",
+    ]
+    reloaded = load_run(saved_run.folder, tiny_dataset, device="cpu")
+    test_metrics = evaluate_run(reloaded, tiny_dataset, ("test",), progress=False)["test"]
+    assert test_metrics["auc"] == saved_run.table[-1]["test_auc"]  # exactly
+    assert test_metrics["uauc"] == saved_run.table[-1]["test_uauc"]
+
+
+def test_a_broken_or_foreign_run_is_refused(saved_run, tiny_dataset, tmp_path):
+    import shutil
+
+    broken = shutil.copytree(saved_run.folder, tmp_path / "broken")
+    (broken / "fusion.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="fusion.safetensors is missing"):
+        load_run(broken, tiny_dataset, device="cpu")
+    foreign = shutil.copytree(saved_run.folder, tmp_path / "foreign")
+    record = json.loads((foreign / "config.json").read_text())
+    record["llm"]["hidden_size"] = 4096
+    (foreign / "config.json").write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match="was trained with the LLM"):
+        load_run(foreign, tiny_dataset, device="cpu")
+    other = type(tiny_dataset)(**{**tiny_dataset.__dict__, "name": "other"})
+    with pytest.raises(CheckpointError, match="was trained on"):
+        load_run(saved_run.folder, other, device="cpu")
+
+
+def test_predict_scores_unknown_users_and_new_items_from_text(saved_run, tiny_dataset):
+    recommender = load_run(saved_run.folder, tiny_dataset, device="cpu")
+    rows = pd.DataFrame({"uid": [1, 999, 1], "iid": [3, 3, 50], "title": ["", "", "Movie 3 (1983)"]})
+    scored = predict_rows(recommender, tiny_dataset, rows)
+    assert scored["cf"].tolist() == ["user+item", "item only", "user only"]
+    assert scored["score"].between(0, 1).all()
+    with pytest.raises(CCFLLMError, match=r"Items \[50\] are not in tiny: add a `title` column"):
+        predict_rows(recommender, tiny_dataset, rows.drop(columns=["title"]))
