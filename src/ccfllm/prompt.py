@@ -1,14 +1,34 @@
-"""Hybrid prompt translation (section 3.2), tokenised once per piece and once per item title.
+"""Hybrid prompt translation (section 3.2): token ids, and the positions where CF embeddings go.
 
-The paper's template, per domain. [User] is one position that will carry ALG(x_u^CF); every token of
-an item's title (the target [Item] and each liked item of {history}) is a position that carries the
-title token's own embedding x_i^SM[t] and the item id, for fusion with ALG(x_i^CF) (Eqs. 3-4). Titles
-are quoted, as in CoLLM's prompts. Too long a prompt loses its oldest history items first; the question
-and the target item are never dropped.
+A row (u, i, history) becomes the paper's template with the history and the target item written as
+their titles. Positions are of three kinds:
 
-A prompt's tokens are the concatenation of the pieces' tokens (template text, quotes and separators,
-titles), each tokenised on its own. For a BPE tokenizer this can differ at piece boundaries from
-tokenising the whole string at once; it is the same for every row, in training and in scoring.
+- TEXT: an ordinary token of the question;
+- USER: the [User] placeholder, ONE position whose embedding will be ALG(x_u^CF) (Eq. 2);
+- ITEM: every token of an item's title, carrying the title token's own id (its embedding is
+  x_i^SM[t]) and the item id, so that the title tokens are fused with ALG(x_i^CF) (Eqs. 3-4): the
+  paper's "single token represents the two modalities for each item".
+
+How the text is written. Titles are quoted and separated by ", ", as CoLLM writes them
+(`"Heat (1995)", "Big (1988)"`; the target too: `enjoy the movie "Up (2009)".`): ML-1M titles contain
+commas ("Sting, The (1973)"), which the quotes delimit. An empty history is an empty quote, `""`. Titles
+are stripped of surrounding spaces; a history item with an empty title is left out (CoLLM does the
+same), a target item without one is an error.
+
+How it is tokenised, fast. The prompt is cut into pieces at spaces, each tokenised once: the fixed
+text of the template, and per item ` "Title",` or ` "Title".` (its quotes and the punctuation that
+follows it, cached per item). Cutting where a space starts a word is where byte-level BPE
+pre-tokenisers (GPT-2, SmolLM2, Llama 3) split the text anyway, so the concatenated ids equal those
+of tokenising the whole prompt string at once; carrying the quotes and the comma or full stop in the
+item's piece keeps the merges that cross the end of a title (`)",` is one SmolLM2 token). A token is
+an ITEM position when its characters overlap the title's. Each piece but the first is tokenised
+after a "\\n" marker that is then removed, so that tokenizers which prepend a space to every input
+(sentencepiece) do not add one inside the prompt. The [User] placeholder with its leading space is
+replaced by the USER position: the ids without that position equal the tokens of the prompt string
+without " [User]". The tokenizer's BOS starts the prompt when the tokenizer adds one to its inputs
+(Llama's sentencepiece does, SmolLM2 does not); no EOS is added.
+
+Too long a prompt loses its oldest history items first; the question and the target are never dropped.
 """
 
 from __future__ import annotations
@@ -24,41 +44,46 @@ from .errors import CCFLLMError
 
 TEXT, USER, ITEM = 0, 1, 2  # what a prompt position holds
 
+_NOUNS = {"movies": ("movies", "movie"), "books": ("books", "book")}  # domain -> (plural, singular)
 _QUESTION = "#Question: A user has given high ratings to the following {items}: {{history}}."
-_USER_FEATURE = (
+_USER_SENTENCE = (
     " Additionally, we have information about the user's preferences encoded in the feature [User]."
 )
 _ASK = (
-    " Using all available information, make a prediction about whether the user would enjoy"
-    ' the {item} [Item]. Answer with "Yes" or "No". #Answer:'
+    " Using all available information, make a prediction about whether the user would enjoy the {item}"
+    ' [Item]. Answer with "Yes" or "No". #Answer:'
 )
-_NOUNS = {"movies": ("movies", "movie"), "books": ("books", "book")}
-# Section 3.2's template; the text-only one (TALLRec, and CoLLM's first step) drops the user-feature sentence.
-TEMPLATES = {d: (_QUESTION + _USER_FEATURE + _ASK).format(items=p, item=s) for d, (p, s) in _NOUNS.items()}
+# Section 3.2's template, per domain.
+TEMPLATES = {d: (_QUESTION + _USER_SENTENCE + _ASK).format(items=p, item=s) for d, (p, s) in _NOUNS.items()}
+# The text-only prompt (TALLRec; CoLLM's first stage): the same words without the user-feature sentence,
+# so that what the text-only stage learns reads the same question in the hybrid stage.
 TEXT_TEMPLATES = {d: (_QUESTION + _ASK).format(items=p, item=s) for d, (p, s) in _NOUNS.items()}
-HISTORY_OPEN, HISTORY_SEPARATOR, HISTORY_CLOSE = '"', '", "', '"'
-TARGET_OPEN, TARGET_CLOSE = '"', '"'
+
+QUOTE, SEPARATOR = '"', ","
+EMPTY_HISTORY = QUOTE + QUOTE  # what a row without liked items shows: `the following movies: "".`
+_MARKER = "\n"  # tokenised before a piece and removed, so that no prefix space lands inside the prompt
 
 
 @dataclass
 class EncodedPrompt:
-    input_ids: np.ndarray  # (T,) token ids; at the USER position a filler id, replaced by ALG(x_u^CF)
-    kind: np.ndarray  # (T,) TEXT, USER or ITEM
-    item: np.ndarray  # (T,) item id at ITEM positions, 0 elsewhere
+    input_ids: np.ndarray  # (T,) int64; title ids at ITEM positions, a filler id at the USER position
+    kind: np.ndarray  # (T,) int8: TEXT, USER or ITEM
+    item: np.ndarray  # (T,) int64: item id at ITEM positions, 0 elsewhere
     n_history: int  # history items the prompt shows
+    history: np.ndarray  # (n_history,) int64: the item ids it shows, oldest first
 
 
 @dataclass
 class PromptBatch:
     """Prompts left-padded into one batch: the last column is every row's answer position."""
 
-    input_ids: torch.Tensor  # (B, T)
-    attention_mask: torch.Tensor  # (B, T), 0 on padding
-    kind: torch.Tensor  # (B, T), TEXT on padding
-    item: torch.Tensor  # (B, T), 0 outside ITEM positions
-    uid: torch.Tensor  # (B,)
-    iid: torch.Tensor  # (B,)
-    history: torch.Tensor  # (B, H) the rows' liked histories, left-padded (what sequential CF models read)
+    input_ids: torch.Tensor  # (B, T) long, pad id on padding
+    attention_mask: torch.Tensor  # (B, T) long, 0 on padding
+    kind: torch.Tensor  # (B, T) long, TEXT on padding
+    item: torch.Tensor  # (B, T) long, 0 outside ITEM positions
+    uid: torch.Tensor  # (B,) long
+    iid: torch.Tensor  # (B,) long
+    history: torch.Tensor  # (B, H) long: the history each prompt shows, left-padded with PAD
     label: torch.Tensor | None = None  # (B,) float
 
     def to(self, device: torch.device | str) -> PromptBatch:
@@ -66,7 +91,21 @@ class PromptBatch:
         return PromptBatch(**{k: v.to(device) if v is not None else None for k, v in moved.items()})
 
 
+@dataclass(frozen=True)
+class _Piece:
+    """A run of prompt positions, tokenised once and reused in every prompt that contains it."""
+
+    ids: np.ndarray  # (n,) int64
+    kind: np.ndarray  # (n,) int8
+    item: np.ndarray  # (n,) int64
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
 class PromptBuilder:
+    """Encodes rows into hybrid prompts (`with_cf=True`) or text-only ones, at most `max_tokens` long."""
+
     def __init__(
         self,
         tokenizer,
@@ -78,86 +117,85 @@ class PromptBuilder:
     ) -> None:
         if domain not in TEMPLATES:
             raise CCFLLMError(f"No prompt template for domain {domain!r}; known: {sorted(TEMPLATES)}.")
+        if max_history is not None and max_history < 0:
+            raise CCFLLMError(f"max_history must be >= 0 or None, got {max_history}.")
         self.tokenizer, self.item_titles, self.domain = tokenizer, item_titles, domain
         self.max_tokens, self.with_cf, self.max_history = max_tokens, with_cf, max_history
-        template = (TEMPLATES if with_cf else TEXT_TEMPLATES)[domain]
-        before_history, after_history = template.split("{history}")
-        before_target, after_target = after_history.split("[Item]")
-        self.filler_id = next(
-            i
-            for i in (tokenizer.unk_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id, 0)
-            if i is not None
+        self.filler_id = _filler_id(tokenizer)
+        self.pad_id = next(
+            i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, self.filler_id) if i is not None
         )
-        bos = tokenizer.bos_token_id
-        self.bos = [bos] if bos is not None and tokenizer("a").input_ids[:1] == [bos] else []
-        self.head = self.bos + self._tokens(before_history + HISTORY_OPEN)
-        self.separator = self._tokens(HISTORY_SEPARATOR)
-        middle = HISTORY_CLOSE + before_target + TARGET_OPEN
-        if with_cf:
-            before_user, after_user = middle.split("[User]")
-            self.before_user, self.after_user = self._tokens(before_user), self._tokens(after_user)
-        else:
-            self.before_user, self.after_user = self._tokens(middle), []
-        self.tail = self._tokens(TARGET_CLOSE + after_target)
-        self._titles: dict[int, list[int]] = {}
-
-    def fixed_length(self, iid: int) -> int:
-        """Tokens of the prompt for target `iid` with an empty history: the part never dropped."""
-        fixed = len(self.head) + len(self.before_user) + len(self.after_user) + len(self.tail)
-        return fixed + int(self.with_cf) + len(self.title_tokens(iid, target=True))
-
-    def title_tokens(self, iid: int, target: bool = False) -> list[int]:
-        if iid not in self._titles:
-            title = self.item_titles[iid] if 0 < iid < len(self.item_titles) else None
-            self._titles[iid] = self._tokens(str(title)) if title else []
-        if target and not self._titles[iid]:
+        self._marker_ids = tokenizer.encode(_MARKER, add_special_tokens=False)
+        self._with_offsets = bool(getattr(tokenizer, "is_fast", False))
+        self._items: dict[tuple[int, str], _Piece] = {}
+        self._cut_template((TEMPLATES if with_cf else TEXT_TEMPLATES)[domain])
+        if self.fixed_length() >= max_tokens:
             raise CCFLLMError(
-                f"Item {iid} has no title: a target item needs one (add it to the items table)."
+                f"max_tokens={max_tokens} is too small: the fixed part of the prompt needs "
+                f"{self.fixed_length()} tokens before the target item's title."
             )
-        return self._titles[iid]
+
+    def _cut_template(self, template: str) -> None:
+        """The template's text pieces, cut at the spaces before the history, the [User] and the [Item]."""
+        before_history, after_history = template.split("{history}")
+        between, after_target = after_history.split("[Item]")
+        # The punctuation right after a placeholder goes into the item's piece (see the module docstring).
+        self.history_close, self.target_close = after_history[0], after_target[0]
+        bos = self.tokenizer.bos_token_id
+        adds_bos = bos is not None and self.tokenizer("a")["input_ids"][:1] == [bos]
+        head_ids = ([bos] if adds_bos else []) + self.tokenizer.encode(
+            before_history.rstrip(" "), add_special_tokens=False
+        )
+        self.head = _text_piece(head_ids)
+        between = between[1:].rstrip(" ")
+        if self.with_cf:
+            before_user, after_user = between.split(" [User]")
+            self.middle = [self._text(before_user), _user_piece(self.filler_id), self._text(after_user)]
+        else:
+            self.middle = [self._text(between)]
+        self.tail = self._text(after_target[1:])
+        self.empty_history = self._text(f" {EMPTY_HISTORY}{self.history_close}")
+
+    def fixed_length(self, iid: int | None = None) -> int:
+        """Tokens of the prompt for target `iid` with an empty history: the part never dropped.
+        Without `iid`, the tokens of that prompt outside the target's piece (its quoted title)."""
+        fixed = len(self.head) + len(self.empty_history) + sum(map(len, self.middle)) + len(self.tail)
+        return fixed if iid is None else fixed + len(self._target_piece(iid))
 
     def encode(self, iid: int, history: Sequence[int]) -> EncodedPrompt:
-        """One row's prompt; `history` is liked item ids, oldest first (PAD and untitled items skipped)."""
-        budget = self.max_tokens - self.fixed_length(iid)
-        if budget < 0:
-            raise CCFLLMError(
-                f"max_tokens={self.max_tokens} is too small: the question and target item {iid} alone need "
-                f"{self.fixed_length(iid)} tokens."
-            )
-        shown = self._history_that_fits(
-            [int(i) for i in history if i != PAD and self.title_tokens(int(i))], budget
+        """One row's prompt; `history` holds liked item ids, oldest first (PAD entries ignored)."""
+        target, shown = self._target_piece(iid), self._shown_history(iid, history)
+        pieces = [self.head, *self._history_pieces(shown), *self.middle, target, self.tail]
+        return EncodedPrompt(
+            input_ids=np.concatenate([p.ids for p in pieces]),
+            kind=np.concatenate([p.kind for p in pieces]),
+            item=np.concatenate([p.item for p in pieces]),
+            n_history=len(shown),
+            history=np.asarray(shown, dtype=np.int64),
         )
-        segments = [(self.head, TEXT, 0)]
-        for position, liked in enumerate(shown):
-            if position:
-                segments.append((self.separator, TEXT, 0))
-            segments.append((self.title_tokens(liked), ITEM if self.with_cf else TEXT, liked))
-        segments.append((self.before_user, TEXT, 0))
-        if self.with_cf:
-            segments += [([self.filler_id], USER, 0), (self.after_user, TEXT, 0)]
-        segments += [
-            (self.title_tokens(iid, target=True), ITEM if self.with_cf else TEXT, iid),
-            (self.tail, TEXT, 0),
-        ]
-        ids = np.concatenate([np.asarray(tokens, dtype=np.int64) for tokens, _, _ in segments])
-        kind = np.concatenate([np.full(len(tokens), k, dtype=np.int8) for tokens, k, _ in segments])
-        item = np.concatenate(
-            [np.full(len(tokens), i if k == ITEM else 0, dtype=np.int64) for tokens, k, i in segments]
-        )
-        return EncodedPrompt(ids, kind, item, len(shown))
+
+    def render(self, iid: int, history: Sequence[int]) -> str:
+        """The prompt `encode` gives, as text, without the BOS; "[User]" marks the USER position."""
+        shown = self._shown_history(iid, history)
+        titles = ", ".join(f"{QUOTE}{self._title(i)}{QUOTE}" for i in shown) or EMPTY_HISTORY
+        target = f"{QUOTE}{self._title(int(iid))}{QUOTE}"
+        template = (TEMPLATES if self.with_cf else TEXT_TEMPLATES)[self.domain]
+        return template.replace("{history}", titles).replace("[Item]", target)
 
     def batch(self, uid, iid, history, label=None) -> PromptBatch:
         """Encode rows and left-pad them into one batch; `history` is the (B, H) left-padded matrix."""
-        history = np.asarray(history)
+        history = np.asarray(history, dtype=np.int64)
         prompts = [self.encode(int(i), row) for i, row in zip(iid, history, strict=True)]
-        width = max(len(p.input_ids) for p in prompts)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.filler_id
-        input_ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
-        mask, kind, item = (np.zeros((len(prompts), width), dtype=np.int64) for _ in range(3))
+        rows, width = len(prompts), max(len(p.input_ids) for p in prompts)
+        input_ids = np.full((rows, width), self.pad_id, dtype=np.int64)
+        mask, kind, item = (np.zeros((rows, width), dtype=np.int64) for _ in range(3))
+        shown = np.full(history.shape, PAD, dtype=np.int64)
         for row, prompt in enumerate(prompts):
             start = width - len(prompt.input_ids)
             input_ids[row, start:], mask[row, start:] = prompt.input_ids, 1
             kind[row, start:], item[row, start:] = prompt.kind, prompt.item
+            if prompt.n_history:
+                shown[row, -prompt.n_history :] = prompt.history
         return PromptBatch(
             input_ids=torch.from_numpy(input_ids),
             attention_mask=torch.from_numpy(mask),
@@ -165,22 +203,127 @@ class PromptBuilder:
             item=torch.from_numpy(item),
             uid=torch.as_tensor(np.array(uid, dtype=np.int64)),
             iid=torch.as_tensor(np.array(iid, dtype=np.int64)),
-            history=torch.as_tensor(history.astype(np.int64)),
-            label=None if label is None else torch.as_tensor(np.asarray(label, dtype=np.float32)),
+            history=torch.from_numpy(shown),
+            label=None if label is None else torch.as_tensor(np.array(label, dtype=np.float32)),
         )
 
-    def _history_that_fits(self, history: list[int], budget: int) -> list[int]:
-        """The most recent items (at most max_history) whose titles and separators fit in `budget`."""
+    # -- the history ------------------------------------------------------------------------------
+
+    def _shown_history(self, iid: int, history: Sequence[int]) -> list[int]:
+        """The most recent titled items (at most max_history) whose pieces fit beside the fixed part."""
+        fixed = self.fixed_length(int(iid))
+        if fixed > self.max_tokens:
+            raise CCFLLMError(
+                f"max_tokens={self.max_tokens} is too small: the fixed part of the prompt for target item "
+                f"{iid} (question and target title) needs {fixed} tokens."
+            )
+        titled = [i for i in (int(i) for i in history if i != PAD) if self._title(i)]
         if self.max_history is not None:
-            history = history[-self.max_history :] if self.max_history else []
+            titled = titled[-self.max_history :] if self.max_history else []
+        budget = self.max_tokens - (fixed - len(self.empty_history))
         shown: list[int] = []
-        for liked in reversed(history):
-            cost = len(self.title_tokens(liked)) + (len(self.separator) if shown else 0)
+        for liked in reversed(titled):  # most recent first: it is the one that ends the list
+            cost = len(self._item_piece(liked, self.history_close if not shown else SEPARATOR))
             if cost > budget:
                 break
             budget -= cost
             shown.append(liked)
         return shown[::-1]
 
-    def _tokens(self, text: str) -> list[int]:
+    def _history_pieces(self, shown: list[int]) -> list[_Piece]:
+        if not shown:
+            return [self.empty_history]
+        return [self._item_piece(i, SEPARATOR) for i in shown[:-1]] + [
+            self._item_piece(shown[-1], self.history_close)
+        ]
+
+    # -- items --------------------------------------------------------------------------------------
+
+    def _title(self, iid: int) -> str:
+        """The item's title, stripped; "" when it has none. An id outside the table is an error."""
+        if not 0 < iid < len(self.item_titles):
+            raise CCFLLMError(
+                f"Item id {iid} is outside the items table (ids 1..{len(self.item_titles) - 1}): "
+                "the rows and the titles come from different datasets."
+            )
+        title = self.item_titles[iid]
+        return title.strip() if isinstance(title, str) else ""
+
+    def _target_piece(self, iid: int) -> _Piece:
+        if not self._title(int(iid)):
+            raise CCFLLMError(
+                f"Target item {iid} has no title; a prompt needs one (add it to the items table)."
+            )
+        return self._item_piece(int(iid), self.target_close)
+
+    def _item_piece(self, iid: int, close: str) -> _Piece:
+        """` "Title"` and the punctuation after it, tokenised once per (item, punctuation)."""
+        key = (iid, close)
+        if key not in self._items:
+            title = self._title(iid)
+            start = len(f" {QUOTE}")
+            text = f" {QUOTE}{title}{QUOTE}{close}"
+            ids, in_title = self._tokens_in_span(text, start, start + len(title))
+            is_item = in_title & self.with_cf
+            self._items[key] = _Piece(
+                ids=ids,
+                kind=np.where(is_item, ITEM, TEXT).astype(np.int8),
+                item=np.where(is_item, iid, 0).astype(np.int64),
+            )
+        return self._items[key]
+
+    # -- tokenising pieces ------------------------------------------------------------------------
+
+    def _text(self, text: str) -> _Piece:
+        return _text_piece(self._tokens_in_span(text, 0, 0)[0])
+
+    def _tokens_in_span(self, text: str, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """Ids of `text` as it reads inside a prompt, and which of them overlap characters [start, end)."""
+        if not self._with_offsets:
+            # No offsets (a Python tokenizer): tokenise the span and its surroundings apart.
+            parts = [
+                self._piece_ids(text[:start]),
+                self._piece_ids(text[start:end]),
+                self._piece_ids(text[end:]),
+            ]
+            in_span = np.concatenate([np.full(len(p), k == 1) for k, p in enumerate(parts)]).astype(bool)
+            return np.asarray(sum(parts, []), dtype=np.int64), in_span
+        encoding = self.tokenizer(_MARKER + text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, spans, shift = encoding["input_ids"], encoding["offset_mapping"], len(_MARKER)
+        marked = len(self._marker_ids)
+        if ids[:marked] != self._marker_ids:  # the marker merged with the text: tokenise it bare
+            encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids, spans, shift, marked = encoding["input_ids"], encoding["offset_mapping"], 0, 0
+        in_span = [a - shift < end and b - shift > start for a, b in spans[marked:]]
+        return np.asarray(ids[marked:], dtype=np.int64), np.asarray(in_span, dtype=bool)
+
+    def _piece_ids(self, text: str) -> list[int]:
+        if not text:
+            return []
+        ids = self.tokenizer.encode(_MARKER + text, add_special_tokens=False)
+        if ids[: len(self._marker_ids)] == self._marker_ids:
+            return ids[len(self._marker_ids) :]
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+
+def _text_piece(ids) -> _Piece:
+    ids = np.asarray(ids, dtype=np.int64)
+    return _Piece(
+        ids=ids, kind=np.full(len(ids), TEXT, dtype=np.int8), item=np.zeros(len(ids), dtype=np.int64)
+    )
+
+
+def _user_piece(filler_id: int) -> _Piece:
+    return _Piece(
+        ids=np.array([filler_id], dtype=np.int64),
+        kind=np.array([USER], dtype=np.int8),
+        item=np.zeros(1, dtype=np.int64),
+    )
+
+
+def _filler_id(tokenizer) -> int:
+    """The id at the USER position (its embedding is replaced): unk, as CoLLM does, else pad or eos."""
+    for candidate in (tokenizer.unk_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return candidate
+    raise CCFLLMError("The tokenizer has no unk, pad or end-of-sequence token to hold the [User] position.")
