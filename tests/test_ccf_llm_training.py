@@ -30,6 +30,7 @@ def tiny_ccf_config(llm_dir, **overrides):
         batch_size=8,
         eval_batch_size=8,
         train_rows=64,
+        fusion_rows=64,
         valid_rows=64,
         eval_every=4,
         epochs=1,

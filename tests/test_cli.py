@@ -149,6 +149,7 @@ def test_ccf_llm_train_evaluate_predict_end_to_end(runner, tiny_dir, tiny_llm_di
         "device=cpu",
         "dtype=float32",
         "train_rows=16",
+        "fusion_rows=16",
         "valid_rows=32",
         "eval_every=2",
         "batch_size=8",

@@ -103,7 +103,8 @@ class CCFConfig:
     batch_size: int = _help("training rows per step (paper: 3)", 3)
     eval_batch_size: int = _help("rows per scoring batch", 32)
     epochs: int = _help("passes over the training rows per stage", 5)
-    train_rows: int = _help("training rows sampled (with the seed) per stage; 0 = all", 0)
+    train_rows: int = _help("training rows sampled (with the seed) for stage 1 (LoRA); 0 = all", 0)
+    fusion_rows: int = _help("training rows for the ALG + GATE and end-to-end stages; 0 = all", 0)
     valid_rows: int = _help("valid rows used for early stopping; 0 = all", 0)
     test_rows: int = _help("test rows scored (a seeded sample, for quick runs); 0 = all", 0)
     eval_every: int = _help("steps between validations; 0 = once per epoch", 0)
@@ -138,7 +139,7 @@ class CCFConfig:
         ):
             if getattr(self, name) <= 0:
                 raise CCFLLMError(f"CCFConfig.{name} must be positive, got {getattr(self, name)}.")
-        for name in ("train_rows", "valid_rows", "test_rows", "eval_every", "max_history"):
+        for name in ("train_rows", "fusion_rows", "valid_rows", "test_rows", "eval_every", "max_history"):
             if getattr(self, name) < 0:
                 raise CCFLLMError(f"CCFConfig.{name} must be >= 0, got {getattr(self, name)}.")
         if self.lr_lora <= 0 or self.lr_fusion <= 0 or self.loss_k < 0 or not 0 <= self.lora_dropout < 1:
@@ -156,9 +157,11 @@ CCF_PRESETS: dict[str, dict[str, Any]] = {
         "lr_lora": 5e-4,
         "lr_fusion": 1e-3,
         "epochs": 1,
-        "train_rows": 1024,
+        "train_rows": 512,
+        "fusion_rows": 2048,
         "valid_rows": 384,
         "eval_every": 32,
+        "patience": 3,
         "max_history": 5,
         "max_tokens": 700,
     },
@@ -168,6 +171,7 @@ CCF_PRESETS: dict[str, dict[str, Any]] = {
         "lr_fusion": 1e-4,
         "epochs": 5,
         "train_rows": 0,
+        "fusion_rows": 0,
         "valid_rows": 0,
         "eval_every": 0,
         "max_history": 10,

@@ -143,7 +143,9 @@ def load_run(folder: str | Path, dataset: CTRDataset, device: str = "auto") -> R
     cf_folder = _resolve_cf(folder, record["cf_checkpoint"])
     backbone = load_cf(cf_folder, dataset=dataset, expect_model=config.cf_model, device="cpu")
     llm = load_llm(**_llm_arguments(config))
-    if llm.fingerprint != record["llm"]:
+    if _without_name(llm.fingerprint) != _without_name(
+        record["llm"]
+    ):  # the same model by another path is fine
         raise CheckpointError(
             f"{folder} was trained with the LLM {record['llm']}, but {config.llm} loads as {llm.fingerprint}."
         )
@@ -284,6 +286,10 @@ def _save_run(recommender, dataset, folder, cf_reference, table, stages, test, s
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     frame = pd.DataFrame({"uid": test.uid, "iid": test.iid, "label": test.label, "score": scores})
     frame.to_parquet(folder / "predictions.parquet", index=False)
+
+
+def _without_name(fingerprint: dict) -> dict:
+    return {key: value for key, value in fingerprint.items() if key != "name"}
 
 
 def _read_run_config(folder: Path) -> dict:

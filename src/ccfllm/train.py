@@ -71,7 +71,8 @@ def train_stage(
     parameters = trainable_parameters(model, stage, config.tune_cf)
     optimiser = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     generator = np.random.default_rng(config.seed)
-    train_rows = sample_rows(len(train), config.train_rows, generator)
+    wanted = config.train_rows if stage == Stage.LORA else config.fusion_rows
+    train_rows = sample_rows(len(train), wanted, generator)
     valid_rows = sample_rows(len(valid), config.valid_rows, np.random.default_rng(config.seed + 1))
     steps_per_epoch = -(-len(train_rows) // config.batch_size)
     eval_every = config.eval_every or steps_per_epoch
