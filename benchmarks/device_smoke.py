@@ -16,11 +16,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import tiny_tokenizer, write_tiny_split  # noqa: E402  (the tiny data and tokenizer of the tests)
-
 from ccfllm.config import ccf_config  # noqa: E402
 from ccfllm.data import load_collm_split  # noqa: E402
 from ccfllm.experiment import evaluate_run, load_run, run_ccf_llm  # noqa: E402
+from conftest import tiny_tokenizer, write_tiny_split  # noqa: E402  (the tiny data and tokenizer of the tests)
 
 
 def tiny_llama_folder(folder: Path, titles) -> Path:
