@@ -74,9 +74,8 @@ def main() -> None:
         print(f"device {parameter.device}, LLM dtype {parameter.dtype}, torch {torch.__version__}")
         for row in result.table:
             print(f"{row['model']:<28} test AUC {row['test_auc']:.4f}")
-        print(
-            f"trained in {trained:.1f} s; reloaded test AUC {again:.4f} (same: {again == result.table[-1]['test_auc']})"
-        )
+        same = again == result.table[-1]["test_auc"]
+        print(f"trained in {trained:.1f} s; reloaded test AUC {again:.4f} (identical: {same})")
 
 
 if __name__ == "__main__":
