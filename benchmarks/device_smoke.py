@@ -19,28 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from ccfllm.config import ccf_config  # noqa: E402
 from ccfllm.data import load_collm_split  # noqa: E402
 from ccfllm.experiment import evaluate_run, load_run, run_ccf_llm  # noqa: E402
-from conftest import tiny_tokenizer, write_tiny_split  # noqa: E402  (the tiny data and tokenizer of the tests)
-
-
-def tiny_llama_folder(folder: Path, titles) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = tiny_tokenizer(" ".join(titles[1:]))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+from conftest import save_tiny_llama, write_tiny_split  # noqa: E402  (the tiny data and tokenizer of the tests)
 
 
 def main() -> None:
@@ -52,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         dataset = load_collm_split(write_tiny_split(Path(tmp) / "tiny"), max_history=5)
-        llm = tiny_llama_folder(Path(tmp) / "llm", dataset.item_titles)
+        llm = save_tiny_llama(Path(tmp) / "llm", dataset.item_titles, hidden_size=64, kv_heads=2)
         config = ccf_config(
             "cpu",
             llm=str(llm),

@@ -78,27 +78,31 @@ def tiny_tokenizer(extra_text: str = ""):
     )
 
 
-@pytest.fixture(scope="session")
-def tiny_llm_dir(tmp_path_factory, tiny_dataset) -> Path:
-    """A saved Llama with hidden size 32 and 2 layers, and its tokenizer, in a local folder."""
+def save_tiny_llama(folder: Path, titles, hidden_size: int = 32, kv_heads: int = 4) -> Path:
+    """A randomly initialised 2-layer Llama and a tokenizer that knows `titles`, saved in `folder`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = tiny_tokenizer(" ".join(tiny_dataset.item_titles[1:]))
+    tokenizer = tiny_tokenizer(" ".join(titles[1:]))
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=4,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=512,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("llm") / "tiny-llama"
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory, tiny_dataset) -> Path:
+    """A saved Llama with hidden size 32 and 2 layers, and its tokenizer, in a local folder."""
+    return save_tiny_llama(tmp_path_factory.mktemp("llm") / "tiny-llama", tiny_dataset.item_titles)

@@ -112,13 +112,8 @@ def cf_train(model, data_dir, out, seed, settings, overwrite, quiet) -> None:
     from .cf.checkpoint import save_cf
     from .cf.train import evaluate_cf, train_cf
 
-    overrides = parse_overrides(settings)
-    if seed is not None:
-        overrides["seed"] = seed
-    config = cf_config(model, **overrides)
-    out = Path(out or f"runs/cf/{model}-seed{config.seed}")
-    if out.exists() and not overwrite:
-        raise CCFLLMError(f"{out} already exists; choose another --out or pass --overwrite.")
+    config = cf_config(model, **_overrides(settings, seed))
+    out = _unused_run_folder(out or f"runs/cf/{model}-seed{config.seed}", overwrite)
     dataset = load_collm_split(resolve_data_dir(data_dir), max_history=config.max_history)
     result = train_cf(config, dataset, progress=not quiet)
     metrics = evaluate_cf(result.model, dataset)
@@ -207,13 +202,8 @@ def ccf_train(preset, data_dir, out, seed, settings, overwrite, quiet) -> None:
     """Train CCF-LLM end to end: CF backbone, stage 1 (LoRA), stage 2 (ALG + GATE); test after each."""
     from .experiment import run_ccf_llm
 
-    overrides = parse_overrides(settings)
-    if seed is not None:
-        overrides["seed"] = seed
-    config = ccf_config(preset, **overrides)
-    out = Path(out or f"runs/ccf-llm/{config.cf_model}-{preset}-seed{config.seed}")
-    if out.exists() and not overwrite:
-        raise CCFLLMError(f"{out} already exists; choose another --out or pass --overwrite.")
+    config = ccf_config(preset, **_overrides(settings, seed))
+    out = _unused_run_folder(out or f"runs/ccf-llm/{config.cf_model}-{preset}-seed{config.seed}", overwrite)
     dataset = load_collm_split(resolve_data_dir(data_dir), max_history=CF_HISTORY)
     result = run_ccf_llm(config, dataset, out, overwrite=overwrite, progress=not quiet)
     minutes = result.seconds / 60
@@ -283,6 +273,22 @@ def _read_rows(path: Path) -> pd.DataFrame:
         raise CCFLLMError(
             f"Cannot read {path} as {'CSV' if path.suffix.lower() == '.csv' else 'Parquet'}: {exc}"
         ) from exc
+
+
+def _overrides(settings: tuple[str, ...], seed: int | None) -> dict:
+    """--set KEY=VALUE pairs, with --seed on top when given."""
+    overrides = parse_overrides(settings)
+    if seed is not None:
+        overrides["seed"] = seed
+    return overrides
+
+
+def _unused_run_folder(out: str | Path, overwrite: bool) -> Path:
+    """Checked before any training, so a long run never ends by refusing to save."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CCFLLMError(f"{out} already exists; choose another --out or pass --overwrite.")
+    return out
 
 
 def _echo_metrics(metrics: dict) -> None:
