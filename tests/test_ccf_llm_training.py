@@ -12,12 +12,13 @@ import torch
 
 from ccfllm.cf.train import train_cf
 from ccfllm.config import ccf_config, cf_config
+from ccfllm.engine import score_rows
 from ccfllm.errors import CCFLLMError, CheckpointError
 from ccfllm.experiment import build_recommender, evaluate_run, load_run, predict_rows, run_ccf_llm
 from ccfllm.llm import load_llm
 from ccfllm.methods.ccf_llm import ccf_loss, click_score
 from ccfllm.metrics import auc
-from ccfllm.train import Stage, score_rows, trainable_parameters
+from ccfllm.train import Stage, trainable_parameters
 
 
 def tiny_ccf_config(llm_dir, **overrides):

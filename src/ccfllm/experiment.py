@@ -30,13 +30,14 @@ from .cf.train import evaluate_cf, predict_split, train_cf
 from .config import CCFConfig, cf_config, replace_checked, to_dict
 from .data.dataset import PAD, CTRDataset, Split, pad_histories
 from .device import seed_everything
+from .engine import score_rows
 from .errors import CCFLLMError, CheckpointError
 from .io import atomic_path
 from .llm import LoadedLLM, add_lora, load_llm
 from .methods.ccf_llm import CCFLLM, CFFeatures
 from .metrics import split_metrics
 from .prompt import PromptBuilder
-from .train import Stage, StageResult, sample_rows, score_rows, train_stage
+from .train import Stage, StageResult, sample_rows, train_stage
 
 RUN_FORMAT = "ccfllm-run/1"
 
@@ -133,11 +134,16 @@ def run_ccf_llm(
     return RunResult(out, table, stages, time.perf_counter() - started)
 
 
-def load_run(folder: str | Path, dataset: CTRDataset, device: str = "auto") -> Recommender:
-    """Rebuild a saved run; refuse a missing part, another LLM, another backbone or another dataset."""
+def load_run(
+    folder: str | Path, dataset: CTRDataset, device: str = "auto", dtype: str | None = None
+) -> Recommender:
+    """Rebuild a saved run; refuse a missing part, another LLM, another backbone or another dataset.
+    `dtype` overrides the dtype the run was trained in (the speed benchmark's float32 oracle uses it)."""
     folder = Path(folder)
     record = _read_run_config(folder)
-    config = replace_checked(CCFConfig(), {**record["config"], "device": device})
+    config = replace_checked(
+        CCFConfig(), {**record["config"], "device": device, "dtype": dtype or record["config"]["dtype"]}
+    )
     if record["dataset"] != dataset.fingerprint():
         raise CheckpointError(f"{folder} was trained on {record['dataset']}, not on {dataset.fingerprint()}.")
     cf_folder = _resolve_cf(folder, record["cf_checkpoint"])

@@ -71,6 +71,20 @@ class EncodedPrompt:
     item: np.ndarray  # (T,) int64: item id at ITEM positions, 0 elsewhere
     n_history: int  # history items the prompt shows
     history: np.ndarray  # (n_history,) int64: the item ids it shows, oldest first
+    prefix_length: int = 0  # tokens before the target item's piece: the part that depends on (u, history)
+
+    def prefix(self) -> EncodedPrompt:
+        """Everything before the target item: rows of one user with one shown history share it."""
+        return self._cut(slice(0, self.prefix_length))
+
+    def suffix(self) -> EncodedPrompt:
+        """The target item's quoted title and the answer tail, to run on top of the prefix's cache."""
+        return self._cut(slice(self.prefix_length, None))
+
+    def _cut(self, span: slice) -> EncodedPrompt:
+        return EncodedPrompt(
+            self.input_ids[span], self.kind[span], self.item[span], self.n_history, self.history, 0
+        )
 
 
 @dataclass
@@ -166,12 +180,14 @@ class PromptBuilder:
         """One row's prompt; `history` holds liked item ids, oldest first (PAD entries ignored)."""
         target, shown = self._target_piece(iid), self._shown_history(iid, history)
         pieces = [self.head, *self._history_pieces(shown), *self.middle, target, self.tail]
+        ids = np.concatenate([p.ids for p in pieces])
         return EncodedPrompt(
-            input_ids=np.concatenate([p.ids for p in pieces]),
+            input_ids=ids,
             kind=np.concatenate([p.kind for p in pieces]),
             item=np.concatenate([p.item for p in pieces]),
             n_history=len(shown),
             history=np.asarray(shown, dtype=np.int64),
+            prefix_length=len(ids) - len(target) - len(self.tail),
         )
 
     def render(self, iid: int, history: Sequence[int]) -> str:
@@ -186,26 +202,7 @@ class PromptBuilder:
         """Encode rows and left-pad them into one batch; `history` is the (B, H) left-padded matrix."""
         history = np.asarray(history, dtype=np.int64)
         prompts = [self.encode(int(i), row) for i, row in zip(iid, history, strict=True)]
-        rows, width = len(prompts), max(len(p.input_ids) for p in prompts)
-        input_ids = np.full((rows, width), self.pad_id, dtype=np.int64)
-        mask, kind, item = (np.zeros((rows, width), dtype=np.int64) for _ in range(3))
-        shown = np.full(history.shape, PAD, dtype=np.int64)
-        for row, prompt in enumerate(prompts):
-            start = width - len(prompt.input_ids)
-            input_ids[row, start:], mask[row, start:] = prompt.input_ids, 1
-            kind[row, start:], item[row, start:] = prompt.kind, prompt.item
-            if prompt.n_history:
-                shown[row, -prompt.n_history :] = prompt.history
-        return PromptBatch(
-            input_ids=torch.from_numpy(input_ids),
-            attention_mask=torch.from_numpy(mask),
-            kind=torch.from_numpy(kind),
-            item=torch.from_numpy(item),
-            uid=torch.as_tensor(np.array(uid, dtype=np.int64)),
-            iid=torch.as_tensor(np.array(iid, dtype=np.int64)),
-            history=torch.from_numpy(shown),
-            label=None if label is None else torch.as_tensor(np.array(label, dtype=np.float32)),
-        )
+        return collate(prompts, uid, iid, self.pad_id, history.shape[1], label)
 
     # -- the history ------------------------------------------------------------------------------
 
@@ -304,6 +301,32 @@ class PromptBuilder:
         if ids[: len(self._marker_ids)] == self._marker_ids:
             return ids[len(self._marker_ids) :]
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+
+def collate(
+    prompts: Sequence[EncodedPrompt], uid, iid, pad_id: int, history_width: int, label=None
+) -> PromptBatch:
+    """Left-pad encoded prompts (or their prefixes or suffixes) into one batch."""
+    rows, width = len(prompts), max(len(p.input_ids) for p in prompts)
+    input_ids = np.full((rows, width), pad_id, dtype=np.int64)
+    mask, kind, item = (np.zeros((rows, width), dtype=np.int64) for _ in range(3))
+    shown = np.full((rows, history_width), PAD, dtype=np.int64)
+    for row, prompt in enumerate(prompts):
+        start = width - len(prompt.input_ids)
+        input_ids[row, start:], mask[row, start:] = prompt.input_ids, 1
+        kind[row, start:], item[row, start:] = prompt.kind, prompt.item
+        if prompt.n_history:
+            shown[row, -prompt.n_history :] = prompt.history
+    return PromptBatch(
+        input_ids=torch.from_numpy(input_ids),
+        attention_mask=torch.from_numpy(mask),
+        kind=torch.from_numpy(kind),
+        item=torch.from_numpy(item),
+        uid=torch.as_tensor(np.array(uid, dtype=np.int64)),
+        iid=torch.as_tensor(np.array(iid, dtype=np.int64)),
+        history=torch.from_numpy(shown),
+        label=None if label is None else torch.as_tensor(np.array(label, dtype=np.float32)),
+    )
 
 
 def _text_piece(ids) -> _Piece:

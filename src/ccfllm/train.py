@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,9 +19,10 @@ from tqdm.auto import tqdm
 
 from .config import CCFConfig
 from .data.dataset import Split
-from .methods.ccf_llm import CCFLLM, ccf_loss, click_score
+from .engine import score_rows
+from .methods.ccf_llm import CCFLLM, ccf_loss
 from .metrics import auc
-from .prompt import PromptBuilder
+from .prompt import PromptBatch, PromptBuilder
 
 
 class Stage(enum.Enum):
@@ -102,12 +104,7 @@ def train_stage(
         batch = builder.batch(train.uid[rows], train.iid[rows], train.history[rows], train.label[rows]).to(
             device
         )
-        log_p_yes, log_p_no = model(batch)
-        loss = ccf_loss(log_p_yes, log_p_no, batch.label, config.loss_k)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
+        losses.append(training_step(model, batch, optimiser, config.loss_k))
         step += 1
         bar.update()
         if step % eval_every and step != total_steps:
@@ -130,30 +127,20 @@ def train_stage(
     return StageResult(stage.value, best_auc, best_step, step, time.perf_counter() - started, curve)
 
 
-@torch.no_grad()
-def score_rows(
+def training_step(
     model: CCFLLM,
-    builder: PromptBuilder,
-    split: Split,
-    rows: np.ndarray | None = None,
-    batch_size: int = 32,
-    progress: bool = False,
-) -> np.ndarray:
-    """Click scores p_yes / (p_yes + p_no) for `rows` of `split` (all rows if None). -> (len(rows),)
-
-    Rows are scored in order of history length, so each batch pads little, and returned in input order.
-    """
-    model.eval()
-    rows = np.arange(len(split)) if rows is None else np.asarray(rows)
-    order = np.argsort(split.history_length[rows], kind="stable")
-    scores = np.empty(len(rows), dtype=np.float64)
-    device = next(model.parameters()).device
-    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-    for positions in tqdm(batches, desc=f"score {split.name}", unit="batch", disable=not progress):
-        chosen = rows[positions]
-        batch = builder.batch(split.uid[chosen], split.iid[chosen], split.history[chosen]).to(device)
-        scores[positions] = click_score(*model(batch)).double().cpu().numpy()
-    return scores
+    batch: PromptBatch,
+    optimiser: torch.optim.Optimizer,
+    loss_k: float,
+    log_probs: Callable[[CCFLLM, PromptBatch], tuple[torch.Tensor, torch.Tensor]] = CCFLLM.forward,
+) -> float:
+    """One update on Eq. 5's loss; `log_probs` is the forward that gives log p_yes, log p_no."""
+    log_p_yes, log_p_no = log_probs(model, batch)
+    loss = ccf_loss(log_p_yes, log_p_no, batch.label, loss_k)
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+    return loss.item()
 
 
 def sample_rows(n_rows: int, wanted: int, generator: np.random.Generator) -> np.ndarray:

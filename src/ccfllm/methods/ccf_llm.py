@@ -137,24 +137,38 @@ class CCFLLM(nn.Module):
             embeddings[is_item] = fuse(titles, aligned, alpha).to(dtype)  # Eq. 4
         return embeddings
 
+    def decoder_parts(self) -> tuple[nn.Module, nn.Module]:
+        """The causal LM under the LoRA wrapper, and its decoder stack (without the output layer)."""
+        causal_lm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        return causal_lm, getattr(causal_lm, causal_lm.base_model_prefix)
+
+    def answer_log_probs(self, answer_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, d) final hidden states at the answer position -> log p_yes, log p_no, (B,), (B,)."""
+        # The output layer on the answer position only, as one (B, d) @ (d, V) matmul: the LM's own head
+        # on a (B, 1, d) slice pays for a copy of the whole (V, d) matrix per row.
+        causal_lm, _ = self.decoder_parts()
+        logits = causal_lm.get_output_embeddings()(answer_hidden)  # (B, V)
+        log_probs = F.log_softmax(logits.float(), dim=-1)  # full-vocabulary softmax, in float32
+        return log_probs[:, self.yes_id], log_probs[:, self.no_id]
+
     def forward(self, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """log p_yes, log p_no under the full-vocabulary softmax at the answer position. -> (B,), (B,)"""
-        # Left padding: count positions from each row's first real token, so that a prompt gets the
-        # same positions (and the same score) whatever batch it is in.
-        positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-        # Run the decoder, then the output layer on the answer position only, as one (B, d) @ (d, V)
-        # matmul: the LM's own head on a (B, 1, d) slice pays for a copy of the whole (V, d) matrix per row.
-        causal_lm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
-        decoder = getattr(causal_lm, causal_lm.base_model_prefix)
+        _, decoder = self.decoder_parts()
         hidden = decoder(
             inputs_embeds=self.input_embeddings(batch),
             attention_mask=batch.attention_mask,
-            position_ids=positions,
+            position_ids=positions_from_mask(batch.attention_mask),
             use_cache=False,
         ).last_hidden_state
-        logits = causal_lm.get_output_embeddings()(hidden[:, -1])  # (B, V)
-        log_probs = F.log_softmax(logits.float(), dim=-1)  # (B, V)
-        return log_probs[:, self.yes_id], log_probs[:, self.no_id]
+        return self.answer_log_probs(hidden[:, -1])
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids counted from each row's first real token. (B, T) -> (B, T)
+
+    With left padding this gives a prompt the same positions (and the same score) in any batch.
+    """
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def click_score(log_p_yes: torch.Tensor, log_p_no: torch.Tensor) -> torch.Tensor:

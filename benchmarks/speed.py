@@ -1,0 +1,299 @@
+"""How fast CCF-LLM scores and trains here, against the naive path and the FLOP bound (issue #5).
+
+    .venv/bin/python benchmarks/speed.py --run runs/ccf-llm/mf-cpu-seed0
+
+Measures, each part in its own process (so that each reports its own peak resident memory):
+  - the bf16 and fp32 matmul throughput of torch at the LLM's shapes (GFLOP/s; the best is the peak);
+  - the FLOP bound for scoring the test split: (2 x non-embedding parameters x prompt tokens
+    + attention + the output layer at the answer) / peak bf16 throughput;
+  - the engine scoring the whole test split in the run's dtype: seconds and test AUC;
+  - the engine in float32 and the naive path (float32, batches padded to their longest prompt,
+    full-vocabulary logits at every position, no cache) on a seeded sample of test rows: the largest
+    score difference between them, and the naive time extrapolated to the split (per row);
+  - the AUC moved by bf16: the engine in bf16 versus float32 on the same sample;
+  - training rows/s of stage 1 and stage 2, engine (run dtype) versus naive (float32), from the
+    run's weights, on the same batches: each path's loss per step.
+Prints one table; writes the measurements to --out as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ccfllm.data import load_collm_split
+from ccfllm.data.paths import resolve_data_dir
+from ccfllm.engine import naive_log_probs, naive_score_rows, score_rows
+from ccfllm.experiment import _stages, load_run
+from ccfllm.io import write_json
+from ccfllm.metrics import auc
+from ccfllm.train import Stage, sample_rows, trainable_parameters, training_step
+
+
+def measure_matmul(dtype: torch.dtype, hidden: int, intermediate: int, kv: int, tokens: int) -> dict:
+    """GFLOP/s of (tokens, k) @ (k, n) at the decoder's projection shapes."""
+    results = {}
+    for k, n in [(hidden, hidden), (hidden, kv), (hidden, intermediate), (intermediate, hidden)]:
+        a, b = torch.randn(tokens, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        repeats, started = 0, time.perf_counter()
+        while time.perf_counter() - started < 1.0:
+            a @ b
+            repeats += 1
+        results[f"{k}x{n}"] = 2 * tokens * k * n * repeats / (time.perf_counter() - started) / 1e9
+    return results
+
+
+def scoring_flops(model, prompts, split) -> dict:
+    """The naive FLOP count of scoring `split`: decoder matmuls, attention, the answer's output layer."""
+    config = model.llm.get_base_model().config
+    lengths = np.array(
+        [len(prompts.encode(int(i), h).input_ids) for i, h in zip(split.iid, split.history, strict=True)]
+    )
+    non_embedding = sum(
+        p.numel() for n, p in model.llm.get_base_model().model.named_parameters() if "embed_tokens" not in n
+    )
+    non_embedding -= sum(p.numel() for n, p in model.llm.named_parameters() if "lora_" in n)
+    head_dim = config.hidden_size // config.num_attention_heads
+    # QK^T and AV, causal: a token at position t attends to t + 1 keys
+    attention = (
+        4
+        * config.num_hidden_layers
+        * config.num_attention_heads
+        * head_dim
+        * (lengths * (lengths + 1) / 2).sum()
+    )
+    output_layer = 2 * config.hidden_size * config.vocab_size * len(lengths)
+    return {
+        "rows": len(lengths),
+        "tokens": int(lengths.sum()),
+        "non_embedding_parameters": int(non_embedding),
+        "flops": float(2 * non_embedding * lengths.sum() + attention + output_layer),
+    }
+
+
+# -- the parts, each run in a child process -------------------------------------------------------------
+
+
+def part_matmul(args) -> dict:
+    dataset = _dataset(args)
+    recommender = load_run(args.run, dataset, device="cpu")
+    config = recommender.model.llm.get_base_model().config
+    shapes = dict(
+        hidden=config.hidden_size,
+        intermediate=config.intermediate_size,
+        kv=config.num_key_value_heads * config.hidden_size // config.num_attention_heads,
+        tokens=1024,
+    )
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    prompts = recommender.prompts_for(_stages(recommender.config.strategy)[-1])
+    return {
+        **{name: measure_matmul(dtype, **shapes) for name, dtype in dtypes.items()},
+        "work": scoring_flops(recommender.model, prompts, dataset.test),
+    }
+
+
+def part_score(args) -> dict:
+    dataset = _dataset(args)
+    recommender = load_run(args.run, dataset, device="cpu", dtype=args.dtype)
+    prompts = recommender.prompts_for(_stages(recommender.config.strategy)[-1])
+    test = dataset.test
+    rows = np.arange(len(test)) if args.rows == "all" else _sample(test, args.sample)
+    score = naive_score_rows if args.path == "naive" else score_rows
+    batch = args.naive_batch if args.path == "naive" else recommender.config.eval_batch_size
+    started = time.perf_counter()
+    scores = score(recommender.model, prompts, test, rows, batch, progress=True)
+    seconds = time.perf_counter() - started
+    sample = np.searchsorted(rows, _sample(test, args.sample))  # where the sample rows sit in `rows`
+    return {
+        "rows": len(rows),
+        "seconds": seconds,
+        "auc": auc(test.label[rows], scores),
+        "sample_scores": scores[sample].tolist(),
+        "sample_auc": auc(test.label[rows][sample], scores[sample]),
+    }
+
+
+def part_train(args) -> dict:
+    dataset = _dataset(args)
+    recommender = load_run(args.run, dataset, device="cpu", dtype=args.dtype)
+    model, config, stage = recommender.model, recommender.config, Stage(args.stage)
+    prompts = recommender.prompts_for(stage)
+    parameters = trainable_parameters(model, stage, config.tune_cf)
+    lr = config.lr_lora if stage == Stage.LORA else config.lr_fusion
+    optimiser = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    train = dataset.train
+    rows = sample_rows(len(train), args.train_steps * config.batch_size, np.random.default_rng(0))
+    log_probs = naive_log_probs if args.path == "naive" else type(model).forward
+    torch.manual_seed(0)
+    model.train()
+    losses, started = [], time.perf_counter()
+    for batch_rows in np.array_split(rows, args.train_steps):
+        batch = prompts.batch(
+            train.uid[batch_rows], train.iid[batch_rows], train.history[batch_rows], train.label[batch_rows]
+        )
+        losses.append(training_step(model, batch, optimiser, config.loss_k, log_probs))
+    seconds = time.perf_counter() - started
+    return {"rows": len(rows), "seconds": seconds, "rows_per_s": len(rows) / seconds, "losses": losses}
+
+
+PARTS = {"matmul": part_matmul, "score": part_score, "train": part_train}
+
+
+def _dataset(args):
+    """The dataset as the run loaded it (its history length is part of the dataset's fingerprint)."""
+    config = json.loads((args.run / "config.json").read_text())["config"]
+    return load_collm_split(args.data, max_history=config["max_history"])
+
+
+def _sample(test, size: int) -> np.ndarray:
+    return sample_rows(len(test), size, np.random.default_rng(12345))
+
+
+def run_part(args, part: str, **options) -> dict:
+    """Run one part in a fresh process; return its result with its peak resident memory."""
+    command = [sys.executable, __file__, "--part", part, "--run", str(args.run), "--data", str(args.data)]
+    command += [
+        "--sample",
+        str(args.sample),
+        "--train-steps",
+        str(args.train_steps),
+        "--naive-batch",
+        str(args.naive_batch),
+    ]
+    for key, value in options.items():
+        command += [f"--{key.replace('_', '-')}", str(value)]
+    print("$", " ".join(command[1:]), flush=True)
+    output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--run", type=Path, required=True, help="a saved CCF-LLM run folder")
+    parser.add_argument("--data", type=Path, default=None, help="dataset folder (default: the shipped split)")
+    parser.add_argument("--sample", type=int, default=512, help="test rows for the naive path and fp32")
+    parser.add_argument("--train-steps", type=int, default=10, help="training steps per stage and path")
+    parser.add_argument("--naive-batch", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed.json"))
+    parser.add_argument("--part", choices=sorted(PARTS), help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--path", choices=["engine", "naive"], default="engine", help=argparse.SUPPRESS)
+    parser.add_argument("--rows", choices=["all", "sample"], default="sample", help=argparse.SUPPRESS)
+    parser.add_argument("--stage", default="lora", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.data = resolve_data_dir(args.data)
+    if args.part:
+        result = PARTS[args.part](args)
+        result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(json.dumps(result))
+        return
+    report(args, measure(args))
+
+
+def measure(args) -> dict:
+    results = {
+        "machine": _machine(),
+        "run": str(args.run),
+        "sample": args.sample,
+        "train_steps": args.train_steps,
+    }
+    results["matmul"] = run_part(args, "matmul")
+    results["engine"] = run_part(args, "score", path="engine", rows="all")
+    results["engine_fp32"] = run_part(args, "score", path="engine", rows="sample", dtype="float32")
+    results["naive"] = run_part(args, "score", path="naive", rows="sample", dtype="float32")
+    for stage in ("lora", "fusion"):
+        results[f"train_{stage}_engine"] = run_part(args, "train", path="engine", stage=stage)
+        results[f"train_{stage}_naive"] = run_part(args, "train", path="naive", stage=stage, dtype="float32")
+    write_json(args.out, results)
+    return results
+
+
+def report(args, r: dict) -> None:
+    peak = max(r["matmul"]["bf16"].values())
+    work = r["matmul"]["work"]
+    bound = work["flops"] / (peak * 1e9)
+    engine, naive, fp32 = r["engine"], r["naive"], r["engine_fp32"]
+    engine_s, naive_s = engine["seconds"], naive["seconds"] / naive["rows"] * work["rows"]
+    gap = np.abs(np.array(fp32["sample_scores"]) - np.array(naive["sample_scores"])).max()
+    moved = abs(engine["sample_auc"] - fp32["sample_auc"])
+    print(f"\nmachine: {r['machine']}")
+    print(f"peak matmul GFLOP/s: bf16 {peak:.0f}, fp32 {max(r['matmul']['fp32'].values()):.0f}")
+    print(f"  per shape, bf16 {_rounded(r['matmul']['bf16'])}, fp32 {_rounded(r['matmul']['fp32'])}")
+    print(
+        f"test split: {work['rows']} rows, {work['tokens']} prompt tokens, "
+        f"{work['non_embedding_parameters'] / 1e6:.1f} M non-embedding parameters, "
+        f"{work['flops'] / 1e12:.1f} TFLOP the naive way -> FLOP bound {bound:.0f} s at the bf16 peak"
+    )
+    rows = [
+        (
+            f"engine ({engine['rows']} test rows, run dtype)",
+            f"{engine_s:.0f} s, AUC {engine['auc']:.4f}",
+            f"{engine_s / bound:.2f}x",
+            f"{naive_s / engine_s:.1f}x",
+            f"{engine['peak_rss_gb']:.1f}",
+        ),
+        (
+            f"naive fp32 ({naive['rows']} rows, extrapolated)",
+            f"{naive_s:.0f} s",
+            f"{naive_s / bound:.2f}x",
+            "1.0x",
+            f"{naive['peak_rss_gb']:.1f}",
+        ),
+        (f"max score gap, engine fp32 vs naive ({naive['rows']} rows)", f"{gap:.1e}", "", "", ""),
+        (
+            "AUC on those rows, engine bf16 / fp32",
+            f"{engine['sample_auc']:.4f} / {fp32['sample_auc']:.4f} (moved {moved:.4f})",
+            "",
+            "",
+            f"{fp32['peak_rss_gb']:.1f}",
+        ),
+    ]
+    for stage in ("lora", "fusion"):
+        fast, slow = r[f"train_{stage}_engine"], r[f"train_{stage}_naive"]
+        loss_gap = np.abs(np.array(fast["losses"]) - np.array(slow["losses"])).max()
+        rows.append(
+            (
+                f"train stage {stage}, rows/s engine / naive ({len(fast['losses'])} steps)",
+                f"{fast['rows_per_s']:.2f} / {slow['rows_per_s']:.2f}, largest loss gap {loss_gap:.3f}",
+                "",
+                f"{fast['rows_per_s'] / slow['rows_per_s']:.1f}x",
+                f"{fast['peak_rss_gb']:.1f} / {slow['peak_rss_gb']:.1f}",
+            )
+        )
+    print("\n| measurement | value | engine / bound | speed-up over naive | peak RSS GB |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print(f"\nwritten to {args.out}")
+
+
+def _rounded(values: dict) -> dict:
+    return {k: round(v) for k, v in values.items()}
+
+
+def _machine() -> str:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
+        "?",
+    )
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Stage 2 (ALG + GATE, LLM frozen) retrained from a saved run's stage-1 LoRA, with other settings:
+prints the valid-AUC curve of each, to choose the preset's fusion settings without rerunning stage 1.
+
+    .venv/bin/python benchmarks/stage2_sweep.py --run runs/ccf-llm/mf-cpu --set lr_fusion=3e-3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ccfllm.config import parse_overrides, replace_checked
+from ccfllm.data import load_collm_split, resolve_data_dir
+from ccfllm.device import seed_everything
+from ccfllm.experiment import load_run
+from ccfllm.methods.ccf_llm import Alignment, Gate
+from ccfllm.train import Stage, train_stage
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--run", type=Path, required=True, help="a saved two-stage CCF-LLM run")
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--set", dest="settings", action="append", default=[], help="KEY=VALUE for stage 2")
+    args = parser.parse_args()
+    record = json.loads((args.run / "config.json").read_text())["config"]
+    dataset = load_collm_split(resolve_data_dir(args.data), max_history=record["max_history"])
+    recommender = load_run(args.run, dataset)
+    config = replace_checked(recommender.config, parse_overrides(args.settings))
+    model = recommender.model
+    seed_everything(config.seed)  # fresh ALG and GATE, as the run's stage 2 started from
+    llm_dim = model.llm.get_input_embeddings().embedding_dim
+    device = next(model.parameters()).device
+    model.alignment = Alignment(model.cf.dim, config.alg_hidden, llm_dim).to(device)
+    model.gate = Gate(llm_dim, config.gate_hidden, config.fusion).to(device)
+    started = time.perf_counter()
+    result = train_stage(
+        model, Stage.FUSION, recommender.hybrid_prompts, dataset.train, dataset.valid, config
+    )
+    print(
+        f"settings {args.settings}: {time.perf_counter() - started:.0f} s, "
+        f"best valid AUC {result.best_valid_auc:.4f}"
+    )
+    for point in result.curve:
+        print(
+            f"  step {point['step']:4d}  valid AUC {point['valid_auc']:.4f}  train loss {point['train_loss']}"
+        )
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(True)
+    main()
