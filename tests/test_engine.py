@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -51,3 +53,17 @@ def test_engine_scores_equal_the_naive_path(recommender, tiny_dataset, with_cf):
     naive = naive_score_rows(recommender.model, builder, test, rows, batch_size=5)
     np.testing.assert_allclose(engine, naive, rtol=0, atol=1e-6)
     assert np.ptp(naive) > 1e-4  # rows score 100x the tolerance apart, so the comparison means something
+
+
+def test_answer_probabilities_are_computed_in_float32_from_a_bf16_model(recommender):
+    model = copy.deepcopy(recommender.model).to(torch.bfloat16)
+    head = model.decoder_parts()[0].get_output_embeddings().weight  # (V, d), bf16
+    torch.manual_seed(0)
+    hidden = (torch.randn(64, head.shape[1]) * 8).to(torch.bfloat16)  # logits of tens, as in a real LM
+    log_p_yes, log_p_no = model.answer_log_probs(hidden)
+    exact = torch.log_softmax(hidden.double() @ head.double().T, dim=-1)
+    margin = exact[:, model.yes_id] - exact[:, model.no_id]
+    assert (log_p_yes - log_p_no).double().sub(margin).abs().max() < 1e-4
+    # bf16 logits would round the margin by up to a few hundredths: the check above can tell them apart
+    rounded = torch.log_softmax((hidden @ head.T).double(), dim=-1)
+    assert (rounded[:, model.yes_id] - rounded[:, model.no_id]).sub(margin).abs().max() > 1e-3

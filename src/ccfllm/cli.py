@@ -18,6 +18,20 @@ from .errors import CCFLLMError
 DATA_OPTION_HELP = f"CoLLM-format dataset folder (default: ${DATA_ENV}, else ../shared/data/ml-1m-collm)."
 
 
+def _training_run_options(command):
+    """--set, --overwrite and --quiet, which every training command takes."""
+    options = [
+        click.option(
+            "--set", "settings", multiple=True, metavar="KEY=VALUE", help="Override a setting (repeatable)."
+        ),
+        click.option("--overwrite", is_flag=True, help="Replace the run folder if it exists."),
+        click.option("--quiet", is_flag=True, help="No progress bars."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 class FriendlyGroup(click.Group):
     """Turns a CCFLLMError anywhere below into one line on stderr and exit status 2, not a traceback."""
 
@@ -102,11 +116,7 @@ def cf() -> None:
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), help=DATA_OPTION_HELP)
 @click.option("--out", type=click.Path(file_okay=False), help="Run folder (default: runs/cf/MODEL-seedSEED).")
 @click.option("--seed", type=int, default=None, help="Seed for initialisation and data order (default 0).")
-@click.option(
-    "--set", "settings", multiple=True, metavar="KEY=VALUE", help="Override a setting (repeatable)."
-)
-@click.option("--overwrite", is_flag=True, help="Replace the run folder if it exists.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_training_run_options
 def cf_train(model, data_dir, out, seed, settings, overwrite, quiet) -> None:
     """Train a backbone on train, early-stop on valid AUC, evaluate, save weights and embeddings."""
     from .cf.checkpoint import save_cf
@@ -193,11 +203,7 @@ CF_HISTORY = 10  # rows are loaded with CoLLM's 10 most recent likes; prompts ma
 @click.option(
     "--seed", type=int, default=None, help="Seed for sampling, initialisation and data order (default 0)."
 )
-@click.option(
-    "--set", "settings", multiple=True, metavar="KEY=VALUE", help="Override a setting (repeatable)."
-)
-@click.option("--overwrite", is_flag=True, help="Replace the run folder if it exists.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_training_run_options
 def ccf_train(preset, data_dir, out, seed, settings, overwrite, quiet) -> None:
     """Train CCF-LLM end to end: CF backbone, stage 1 (LoRA), stage 2 (ALG + GATE); test after each."""
     from .experiment import run_ccf_llm

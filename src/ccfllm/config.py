@@ -158,7 +158,7 @@ CCF_PRESETS: dict[str, dict[str, Any]] = {
         "lr_fusion": 1e-3,
         "epochs": 1,
         "train_rows": 512,
-        "fusion_rows": 2048,
+        "fusion_rows": 1536,
         "valid_rows": 384,
         "eval_every": 32,
         "patience": 3,

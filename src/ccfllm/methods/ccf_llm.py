@@ -146,9 +146,13 @@ class CCFLLM(nn.Module):
         """(B, d) final hidden states at the answer position -> log p_yes, log p_no, (B,), (B,)."""
         # The output layer on the answer position only, as one (B, d) @ (d, V) matmul: the LM's own head
         # on a (B, 1, d) slice pays for a copy of the whole (V, d) matrix per row.
+        # It runs in float32: bf16 logits near 20 are 0.125 apart, which would round p_yes / p_no to a
+        # few dozen distinct values and tie many rows' scores.
         causal_lm, _ = self.decoder_parts()
-        logits = causal_lm.get_output_embeddings()(answer_hidden)  # (B, V)
-        log_probs = F.log_softmax(logits.float(), dim=-1)  # full-vocabulary softmax, in float32
+        head = causal_lm.get_output_embeddings()
+        bias = None if head.bias is None else head.bias.float()
+        logits = F.linear(answer_hidden.float(), head.weight.float(), bias)  # (B, V)
+        log_probs = F.log_softmax(logits, dim=-1)  # the full-vocabulary softmax
         return log_probs[:, self.yes_id], log_probs[:, self.no_id]
 
     def forward(self, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
