@@ -32,7 +32,8 @@ import torch
 from ccfllm.data import load_collm_split
 from ccfllm.data.paths import resolve_data_dir
 from ccfllm.engine import naive_log_probs, naive_score_rows, score_rows
-from ccfllm.experiment import _stages, load_run
+from ccfllm.errors import CCFLLMError
+from ccfllm.experiment import _stages, load_run, read_run_config
 from ccfllm.io import write_json
 from ccfllm.metrics import auc
 from ccfllm.train import Stage, sample_rows, trainable_parameters, training_step
@@ -151,7 +152,7 @@ PARTS = {"matmul": part_matmul, "score": part_score, "train": part_train}
 
 def _dataset(args):
     """The dataset as the run loaded it (its history length is part of the dataset's fingerprint)."""
-    config = json.loads((args.run / "config.json").read_text())["config"]
+    config = read_run_config(args.run)["config"]
     return load_collm_split(args.data, max_history=config["max_history"])
 
 
@@ -173,8 +174,10 @@ def run_part(args, part: str, **options) -> dict:
     for key, value in options.items():
         command += [f"--{key.replace('_', '-')}", str(value)]
     print("$", " ".join(command[1:]), flush=True)
-    output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    finished = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    if finished.returncode:
+        sys.exit(f"speed.py: part {part} failed (exit status {finished.returncode}); its error is above.")
+    return json.loads(finished.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -193,7 +196,11 @@ def main() -> None:
     parser.add_argument("--rows", choices=["all", "sample"], default="sample", help=argparse.SUPPRESS)
     parser.add_argument("--stage", default="lora", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.data = resolve_data_dir(args.data)
+    try:
+        args.data = resolve_data_dir(args.data)
+        read_run_config(args.run)
+    except CCFLLMError as exc:
+        parser.error(str(exc))
     if args.part:
         result = PARTS[args.part](args)
         result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

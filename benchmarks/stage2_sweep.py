@@ -7,7 +7,6 @@ prints the valid-AUC curve of each, to choose the preset's fusion settings witho
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -16,7 +15,8 @@ import torch
 from ccfllm.config import parse_overrides, replace_checked
 from ccfllm.data import load_collm_split, resolve_data_dir
 from ccfllm.device import seed_everything
-from ccfllm.experiment import load_run
+from ccfllm.errors import CCFLLMError
+from ccfllm.experiment import load_run, read_run_config
 from ccfllm.methods.ccf_llm import Alignment, Gate
 from ccfllm.train import Stage, train_stage
 
@@ -29,10 +29,13 @@ def main() -> None:
     parser.add_argument("--data", default=None)
     parser.add_argument("--set", dest="settings", action="append", default=[], help="KEY=VALUE for stage 2")
     args = parser.parse_args()
-    record = json.loads((args.run / "config.json").read_text())["config"]
-    dataset = load_collm_split(resolve_data_dir(args.data), max_history=record["max_history"])
-    recommender = load_run(args.run, dataset)
-    config = replace_checked(recommender.config, parse_overrides(args.settings))
+    try:
+        record = read_run_config(args.run)["config"]
+        dataset = load_collm_split(resolve_data_dir(args.data), max_history=record["max_history"])
+        recommender = load_run(args.run, dataset)
+        config = replace_checked(recommender.config, parse_overrides(args.settings))
+    except CCFLLMError as exc:
+        parser.error(str(exc))
     model = recommender.model
     seed_everything(config.seed)  # fresh ALG and GATE, as the run's stage 2 started from
     llm_dim = model.llm.get_input_embeddings().embedding_dim

@@ -140,7 +140,7 @@ def load_run(
     """Rebuild a saved run; refuse a missing part, another LLM, another backbone or another dataset.
     `dtype` overrides the dtype the run was trained in (the speed benchmark's float32 oracle uses it)."""
     folder = Path(folder)
-    record = _read_run_config(folder)
+    record = read_run_config(folder)
     config = replace_checked(
         CCFConfig(), {**record["config"], "device": device, "dtype": dtype or record["config"]["dtype"]}
     )
@@ -298,7 +298,7 @@ def _without_name(fingerprint: dict) -> dict:
     return {key: value for key, value in fingerprint.items() if key != "name"}
 
 
-def _read_run_config(folder: Path) -> dict:
+def read_run_config(folder: Path) -> dict:
     path = _require(folder / "config.json")
     try:
         record = json.loads(path.read_text())
