@@ -17,6 +17,14 @@ from .errors import CCFLLMError
 
 DATA_OPTION_HELP = f"CoLLM-format dataset folder (default: ${DATA_ENV}, else ../shared/data/ml-1m-collm)."
 
+_SPLITS_OPTION = click.option(
+    "--split",
+    "splits",
+    multiple=True,
+    type=click.Choice(["train", "valid", "test"]),
+    help="Split(s) to score (default: valid and test).",
+)
+
 
 def _training_run_options(command):
     """--set, --overwrite and --quiet, which every training command takes."""
@@ -144,13 +152,7 @@ def cf_train(model, data_dir, out, seed, settings, overwrite, quiet) -> None:
     "--checkpoint", type=click.Path(exists=True, file_okay=False), required=True, help="Run folder."
 )
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), help=DATA_OPTION_HELP)
-@click.option(
-    "--split",
-    "splits",
-    multiple=True,
-    type=click.Choice(["train", "valid", "test"]),
-    help="Split(s) to score (default: valid and test).",
-)
+@_SPLITS_OPTION
 @click.option(
     "--predictions",
     type=click.Path(dir_okay=False),
@@ -224,13 +226,7 @@ def ccf_train(preset, data_dir, out, seed, settings, overwrite, quiet) -> None:
     "--run", "run_dir", type=click.Path(exists=True, file_okay=False), required=True, help="Run folder."
 )
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), help=DATA_OPTION_HELP)
-@click.option(
-    "--split",
-    "splits",
-    multiple=True,
-    type=click.Choice(["train", "valid", "test"]),
-    help="Split(s) to score (default: valid and test).",
-)
+@_SPLITS_OPTION
 @click.option("--device", default="auto", show_default=True, help="'auto', 'cpu', 'cuda' or 'cuda:N'.")
 def ccf_evaluate(run_dir, data_dir, splits, device) -> None:
     """Reload a saved CCF-LLM run and report AUC / UAUC."""
