@@ -1,6 +1,7 @@
 """How fast CCF-LLM scores and trains here, against the naive path and the FLOP bound (issue #5).
 
     .venv/bin/python benchmarks/speed.py --run runs/ccf-llm/mf-cpu-seed0
+    python benchmarks/speed.py --run RUN --device cuda --eval-batch 64     # the same on a GPU
 
 Measures, each part in its own process (so that each reports its own peak resident memory):
   - the bf16 and fp32 matmul throughput of torch at the LLM's shapes (GFLOP/s; the best is the peak);
@@ -35,23 +36,37 @@ from ccfllm.engine import naive_log_probs, naive_score_rows, score_rows
 from ccfllm.errors import CCFLLMError
 from ccfllm.experiment import _stages, load_run, read_run_config
 from ccfllm.io import write_json
+from ccfllm.methods.ccf_llm import ccf_loss
 from ccfllm.metrics import auc
 from ccfllm.train import Stage, sample_rows, trainable_parameters, training_step
 
 
-def measure_matmul(dtype: torch.dtype, hidden: int, intermediate: int, kv: int, tokens: int) -> dict:
-    """GFLOP/s of (tokens, k) @ (k, n) at the decoder's projection shapes."""
+def measure_matmul(dtype: torch.dtype, hidden: int, intermediate: int, kv: int, device: torch.device) -> dict:
+    """GFLOP/s of (tokens, k) @ (k, n) at the decoder's projection shapes, for a batch's worth of
+    tokens (1,024: a CPU batch) and a GPU batch's (8,192)."""
     results = {}
-    for k, n in [(hidden, hidden), (hidden, kv), (hidden, intermediate), (intermediate, hidden)]:
-        a, b = torch.randn(tokens, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-        for _ in range(3):
-            a @ b
-        repeats, started = 0, time.perf_counter()
-        while time.perf_counter() - started < 1.0:
-            a @ b
-            repeats += 1
-        results[f"{k}x{n}"] = 2 * tokens * k * n * repeats / (time.perf_counter() - started) / 1e9
+    shapes = [(hidden, hidden), (hidden, kv), (hidden, intermediate), (intermediate, hidden)]
+    for tokens in (1024, 8192):
+        for k, n in shapes:
+            a = torch.randn(tokens, k, dtype=dtype, device=device)
+            b = torch.randn(k, n, dtype=dtype, device=device)
+            for _ in range(3):
+                a @ b
+            repeats, started = 0, _clock(device)
+            while _clock(device) - started < 1.0:
+                for _ in range(10):
+                    a @ b
+                repeats += 10
+            seconds = _clock(device) - started
+            results[f"{tokens}x{k}x{n}"] = 2 * tokens * k * n * repeats / seconds / 1e9
     return results
+
+
+def _clock(device: torch.device) -> float:
+    """Wall time once the device has finished the work queued on it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def scoring_flops(model, prompts, split) -> dict:
@@ -87,13 +102,13 @@ def scoring_flops(model, prompts, split) -> dict:
 
 def part_matmul(args) -> dict:
     dataset = _dataset(args)
-    recommender = load_run(args.run, dataset, device="cpu")
+    recommender = load_run(args.run, dataset, device=args.device)
     config = recommender.model.llm.get_base_model().config
     shapes = dict(
         hidden=config.hidden_size,
         intermediate=config.intermediate_size,
         kv=config.num_key_value_heads * config.hidden_size // config.num_attention_heads,
-        tokens=1024,
+        device=_device(recommender),
     )
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
     prompts = recommender.prompts_for(_stages(recommender.config.strategy)[-1])
@@ -105,15 +120,17 @@ def part_matmul(args) -> dict:
 
 def part_score(args) -> dict:
     dataset = _dataset(args)
-    recommender = load_run(args.run, dataset, device="cpu", dtype=args.dtype)
+    recommender = load_run(args.run, dataset, device=args.device, dtype=args.dtype)
     prompts = recommender.prompts_for(_stages(recommender.config.strategy)[-1])
     test = dataset.test
     rows = np.arange(len(test)) if args.rows == "all" else _sample(test, args.sample)
     score = naive_score_rows if args.path == "naive" else score_rows
-    batch = args.naive_batch if args.path == "naive" else recommender.config.eval_batch_size
-    started = time.perf_counter()
+    engine_batch = args.eval_batch or recommender.config.eval_batch_size
+    batch = args.naive_batch if args.path == "naive" else engine_batch
+    score(recommender.model, prompts, test, rows[: 2 * batch], batch)  # warm-up, untimed
+    started = _clock(_device(recommender))
     scores = score(recommender.model, prompts, test, rows, batch, progress=True)
-    seconds = time.perf_counter() - started
+    seconds = _clock(_device(recommender)) - started
     sample = np.searchsorted(rows, _sample(test, args.sample))  # where the sample rows sit in `rows`
     return {
         "rows": len(rows),
@@ -126,8 +143,9 @@ def part_score(args) -> dict:
 
 def part_train(args) -> dict:
     dataset = _dataset(args)
-    recommender = load_run(args.run, dataset, device="cpu", dtype=args.dtype)
+    recommender = load_run(args.run, dataset, device=args.device, dtype=args.dtype)
     model, config, stage = recommender.model, recommender.config, Stage(args.stage)
+    device = _device(recommender)
     prompts = recommender.prompts_for(stage)
     parameters = trainable_parameters(model, stage, config.tune_cf)
     lr = config.lr_lora if stage == Stage.LORA else config.lr_fusion
@@ -135,16 +153,30 @@ def part_train(args) -> dict:
     train = dataset.train
     rows = sample_rows(len(train), args.train_steps * config.batch_size, np.random.default_rng(0))
     log_probs = naive_log_probs if args.path == "naive" else type(model).forward
-    torch.manual_seed(0)
+    batches = [
+        prompts.batch(train.uid[b], train.iid[b], train.history[b], train.label[b]).to(device)
+        for b in np.array_split(rows, args.train_steps)
+    ]
     model.train()
-    losses, started = [], time.perf_counter()
-    for batch_rows in np.array_split(rows, args.train_steps):
-        batch = prompts.batch(
-            train.uid[batch_rows], train.iid[batch_rows], train.history[batch_rows], train.label[batch_rows]
-        )
+    _warm_up(model, batches[0], log_probs, config.loss_k)
+    torch.manual_seed(0)
+    losses, started = [], _clock(device)
+    for batch in batches:
         losses.append(training_step(model, batch, optimiser, config.loss_k, log_probs))
-    seconds = time.perf_counter() - started
+    seconds = _clock(device) - started
     return {"rows": len(rows), "seconds": seconds, "rows_per_s": len(rows) / seconds, "losses": losses}
+
+
+def _warm_up(model, batch, log_probs, loss_k: float, passes: int = 3) -> None:
+    """Untimed forward/backward passes that leave the weights as they were: a GPU's first passes
+    also load kernels and pick algorithms, which 50 timed steps should not pay for."""
+    for _ in range(passes):
+        ccf_loss(*log_probs(model, batch), batch.label, loss_k).backward()
+    model.zero_grad(set_to_none=True)
+
+
+def _device(recommender) -> torch.device:
+    return next(recommender.model.parameters()).device
 
 
 PARTS = {"matmul": part_matmul, "score": part_score, "train": part_train}
@@ -163,6 +195,7 @@ def _sample(test, size: int) -> np.ndarray:
 def run_part(args, part: str, **options) -> dict:
     """Run one part in a fresh process; return its result with its peak resident memory."""
     command = [sys.executable, __file__, "--part", part, "--run", str(args.run), "--data", str(args.data)]
+    command += ["--device", args.device, "--eval-batch", str(args.eval_batch)]
     command += [
         "--sample",
         str(args.sample),
@@ -189,6 +222,10 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=1024, help="test rows for the naive path and fp32")
     parser.add_argument("--train-steps", type=int, default=50, help="training steps per stage and path")
     parser.add_argument("--naive-batch", type=int, default=8)
+    parser.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda:N'")
+    parser.add_argument(
+        "--eval-batch", type=int, default=0, help="prefixes per scoring batch of the engine (0: the run's)"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed.json"))
     parser.add_argument("--part", choices=sorted(PARTS), help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default=None, help=argparse.SUPPRESS)
@@ -204,6 +241,8 @@ def main() -> None:
     if args.part:
         result = PARTS[args.part](args)
         result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        if torch.cuda.is_initialized():
+            result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
         print(json.dumps(result))
         return
     report(args, measure(args))
@@ -211,10 +250,12 @@ def main() -> None:
 
 def measure(args) -> dict:
     results = {
-        "machine": _machine(),
+        "machine": _machine(args.device),
         "run": str(args.run),
         "sample": args.sample,
         "train_steps": args.train_steps,
+        "device": args.device,
+        "eval_batch": args.eval_batch,
     }
     results["matmul"] = run_part(args, "matmul")
     results["engine"] = run_part(args, "score", path="engine", rows="all")
@@ -241,7 +282,7 @@ def report(args, r: dict) -> None:
     print(
         f"test split: {work['rows']} rows, {work['tokens']} prompt tokens, "
         f"{work['non_embedding_parameters'] / 1e6:.1f} M non-embedding parameters, "
-        f"{work['flops'] / 1e12:.1f} TFLOP the naive way -> FLOP bound {bound:.0f} s at the bf16 peak"
+        f"{work['flops'] / 1e12:.1f} TFLOP the naive way -> FLOP bound {bound:.3g} s at the bf16 peak"
     )
     rows = [
         (
@@ -249,7 +290,7 @@ def report(args, r: dict) -> None:
             f"{engine_s:.0f} s, AUC {engine['auc']:.4f}",
             f"{engine_s / bound:.2f}x",
             f"{naive_s / engine_s:.1f}x",
-            f"{engine['peak_rss_gb']:.1f}",
+            _memory(engine),
             f"<= 1.3x bound: {_met(engine_s / bound <= 1.3)}; >= 6x naive: {_met(naive_s / engine_s >= 6)}",
         ),
         (
@@ -257,7 +298,7 @@ def report(args, r: dict) -> None:
             f"{naive_s:.0f} s",
             f"{naive_s / bound:.2f}x",
             "1.0x",
-            f"{naive['peak_rss_gb']:.1f}",
+            _memory(naive),
             "",
         ),
         (
@@ -273,7 +314,7 @@ def report(args, r: dict) -> None:
             f"{engine['sample_auc']:.4f} / {fp32['sample_auc']:.4f} (moved {moved:.4f})",
             "",
             "",
-            f"{fp32['peak_rss_gb']:.1f}",
+            _memory(fp32),
             f"<= 0.002: {_met(moved <= 0.002)}",
         ),
     ]
@@ -290,15 +331,21 @@ def report(args, r: dict) -> None:
                 f"(step-to-step spread of the loss: {slow_losses.std():.3f})",
                 "",
                 f"{speedup:.1f}x",
-                f"{fast['peak_rss_gb']:.1f} / {slow['peak_rss_gb']:.1f}",
+                f"{_memory(fast)} / {_memory(slow)}",
                 f">= 3x naive: {_met(speedup >= 3)}",
             )
         )
-    print("\n| measurement | value | engine / bound | speed-up over naive | peak RSS GB | issue #5 target |")
+    print("\n| measurement | value | engine / bound | speed-up over naive | peak mem. GB | issue #5 target |")
     print("|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
     print(f"\nwritten to {args.out}")
+
+
+def _memory(result: dict) -> str:
+    """Peak resident memory, and the GPU's peak allocation where the part ran on one (GB)."""
+    gpu = f" (GPU {result['peak_gpu_gb']:.1f})" if "peak_gpu_gb" in result else ""
+    return f"{result['peak_rss_gb']:.1f}{gpu}"
 
 
 def _met(condition: bool) -> str:
@@ -309,7 +356,7 @@ def _rounded(values: dict) -> dict:
     return {k: round(v) for k, v in values.items()}
 
 
-def _machine() -> str:
+def _machine(device: str) -> str:
     cpu = next(
         (
             line.split(":", 1)[1].strip()
@@ -318,7 +365,9 @@ def _machine() -> str:
         ),
         "?",
     )
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    on_gpu = device != "cpu" and torch.cuda.is_available()
+    gpu = f"{torch.cuda.get_device_name()}, " if on_gpu else ""
+    return f"{gpu}{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 if __name__ == "__main__":
