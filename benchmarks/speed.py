@@ -36,9 +36,8 @@ from ccfllm.engine import naive_log_probs, naive_score_rows, score_rows
 from ccfllm.errors import CCFLLMError
 from ccfllm.experiment import _stages, load_run, read_run_config
 from ccfllm.io import write_json
-from ccfllm.methods.ccf_llm import ccf_loss
 from ccfllm.metrics import auc
-from ccfllm.train import Stage, sample_rows, trainable_parameters, training_step
+from ccfllm.train import Stage, loss_for, sample_rows, trainable_parameters, training_step
 
 
 def measure_matmul(dtype: torch.dtype, hidden: int, intermediate: int, kv: int, device: torch.device) -> dict:
@@ -158,20 +157,20 @@ def part_train(args) -> dict:
         for b in np.array_split(rows, args.train_steps)
     ]
     model.train()
-    _warm_up(model, batches[0], log_probs, config.loss_k)
+    _warm_up(model, batches[0], log_probs, loss_for(config))
     torch.manual_seed(0)
     losses, started = [], _clock(device)
     for batch in batches:
-        losses.append(training_step(model, batch, optimiser, config.loss_k, log_probs))
+        losses.append(training_step(model, batch, optimiser, loss_for(config), log_probs))
     seconds = _clock(device) - started
     return {"rows": len(rows), "seconds": seconds, "rows_per_s": len(rows) / seconds, "losses": losses}
 
 
-def _warm_up(model, batch, log_probs, loss_k: float, passes: int = 3) -> None:
+def _warm_up(model, batch, log_probs, loss, passes: int = 3) -> None:
     """Untimed forward/backward passes that leave the weights as they were: a GPU's first passes
     also load kernels and pick algorithms, which 50 timed steps should not pay for."""
     for _ in range(passes):
-        ccf_loss(*log_probs(model, batch), batch.label, loss_k).backward()
+        loss(log_probs(model, batch), batch.label).backward()
     model.zero_grad(set_to_none=True)
 
 

@@ -96,7 +96,7 @@ def test_a_few_steps_lower_the_loss_and_touch_nothing_else(recommender, tiny_dat
     optimiser = torch.optim.AdamW(parameters, lr=5e-2)
     losses, aucs = [], []
     for _ in range(25):
-        log_p_yes, log_p_no = model(batch)
+        log_p_yes, log_p_no, _ = model(batch)
         loss = ccf_loss(log_p_yes, log_p_no, batch.label, k=2.0)
         optimiser.zero_grad()
         loss.backward()

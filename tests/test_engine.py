@@ -60,7 +60,7 @@ def test_answer_probabilities_are_computed_in_float32_from_a_bf16_model(recommen
     head = model.decoder_parts()[0].get_output_embeddings().weight  # (V, d), bf16
     torch.manual_seed(0)
     hidden = (torch.randn(64, head.shape[1]) * 8).to(torch.bfloat16)  # logits of tens, as in a real LM
-    log_p_yes, log_p_no = model.answer_log_probs(hidden)
+    log_p_yes, log_p_no, _ = model.answer_log_probs(hidden)
     exact = torch.log_softmax(hidden.double() @ head.double().T, dim=-1)
     margin = exact[:, model.yes_id] - exact[:, model.no_id]
     assert (log_p_yes - log_p_no).double().sub(margin).abs().max() < 1e-4

@@ -73,12 +73,21 @@ STRATEGIES = ("two-stage", "stage1-only", "end-to-end")  # Table 4 of the paper
 STAGE1_PROMPTS = ("text", "hybrid")
 CF_FEATURES = ("embedding", "embedding+bias")
 FUSIONS = ("gate", "alpha-one", "alpha-scalar")  # Eq. 3-4, and the two ablations of Figure 3a
+LOSSES = ("eq5", "yes-logit", "answer-ce")  # CCF-LLM's Eq. 5, CoLLM's, TALLRec's (methods/__init__.py)
+# The LLM recommenders, and the settings each changes from CCF-LLM's (what each builds: methods/).
+METHOD_SETTINGS: dict[str, dict[str, Any]] = {
+    "ccf-llm": {},
+    "tallrec": {"strategy": "stage1-only", "loss": "answer-ce"},
+    "collm": {"loss": "yes-logit"},
+    "softprompt": {"loss": "yes-logit"},
+}
 
 
 @dataclass
 class CCFConfig:
     """How CCF-LLM is built, trained and evaluated (paper sections 3.2-3.4 and 4.1)."""
 
+    method: str = _help("'ccf-llm', or the baselines 'tallrec', 'collm', 'softprompt'", "ccf-llm")
     llm: str = _help("causal LM: 'smollm2-135m' (embedded), a local folder, or a hub id", "smollm2-135m")
     allow_download: bool = _help("allow `llm` to be fetched from the Hugging Face hub", False)
     device: str = _help("'auto', 'cpu', 'cuda' or 'cuda:N'", "auto")
@@ -97,6 +106,9 @@ class CCFConfig:
     lora_r: int = _help("LoRA rank", 8)
     lora_alpha: int = _help("LoRA alpha", 16)
     lora_dropout: float = _help("LoRA dropout", 0.05)
+    loss: str = _help(
+        "'eq5' (CCF-LLM), 'yes-logit' (CoLLM) or 'answer-ce' (TALLRec); sets the score too", "eq5"
+    )
     loss_k: float = _help("weight k of the BPR term of Eq. 5", 2.0)
     lr_lora: float = _help("AdamW learning rate of the LoRA stage (paper: 1e-4)", 1e-4)
     lr_fusion: float = _help("AdamW learning rate of the ALG + GATE stage", 1e-4)
@@ -120,6 +132,8 @@ class CCFConfig:
             "cf_features": CF_FEATURES,
             "fusion": FUSIONS,
             "cf_model": tuple(CF_PRESETS),
+            "method": tuple(METHOD_SETTINGS),
+            "loss": LOSSES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -142,6 +156,11 @@ class CCFConfig:
         for name in ("train_rows", "fusion_rows", "valid_rows", "test_rows", "eval_every", "max_history"):
             if getattr(self, name) < 0:
                 raise CCFLLMError(f"CCFConfig.{name} must be >= 0, got {getattr(self, name)}.")
+        if self.method == "tallrec" and self.strategy != "stage1-only":
+            raise CCFLLMError(
+                "CCFConfig: tallrec has no CF positions to train in a second stage; its strategy is "
+                f"'stage1-only', got {self.strategy!r}."
+            )
         if self.lr_lora <= 0 or self.lr_fusion <= 0 or self.loss_k < 0 or not 0 <= self.lora_dropout < 1:
             raise CCFLLMError(
                 "CCFConfig: learning rates must be positive, loss_k >= 0, lora_dropout in [0, 1)."
@@ -181,10 +200,14 @@ CCF_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def ccf_config(preset: str = "cpu", **overrides: Any) -> CCFConfig:
-    """A CCF-LLM preset with overrides applied (unknown keys refused)."""
+    """A preset, then the settings of the method named in `overrides` (default CCF-LLM), then the
+    overrides themselves (unknown keys refused)."""
     if preset not in CCF_PRESETS:
         raise CCFLLMError(f"Unknown preset {preset!r}; choose one of {sorted(CCF_PRESETS)}.")
-    return replace_checked(CCFConfig(), {**CCF_PRESETS[preset], **overrides})
+    method = overrides.get("method", "ccf-llm")
+    if method not in METHOD_SETTINGS:
+        raise CCFLLMError(f"Unknown method {method!r}; choose one of {list(METHOD_SETTINGS)}.")
+    return replace_checked(CCFConfig(), {**CCF_PRESETS[preset], **METHOD_SETTINGS[method], **overrides})
 
 
 def replace_checked(config: ConfigT, overrides: dict[str, Any]) -> ConfigT:

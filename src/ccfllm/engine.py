@@ -23,12 +23,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from .data.dataset import Split
-from .methods.ccf_llm import CCFLLM, click_score, positions_from_mask
+from .methods.ccf_llm import CCFLLM, Answer, answer_from_logits, positions_from_mask
 from .prompt import EncodedPrompt, PromptBatch, PromptBuilder, collate
 
 
@@ -73,7 +72,7 @@ def score_rows(
             history_width,
         ).to(device)
         scores[members] = (
-            click_score(*_prefix_then_suffix(model, prefix, suffix, owner)).double().cpu().numpy()
+            model.click_score(_prefix_then_suffix(model, prefix, suffix, owner)).double().cpu().numpy()
         )
     return scores
 
@@ -90,7 +89,7 @@ def _rows_by_prefix(prompts: Sequence[EncodedPrompt], uids: np.ndarray) -> list[
 
 def _prefix_then_suffix(
     model: CCFLLM, prefix: PromptBatch, suffix: PromptBatch, owner: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> Answer:
     """Run the prefixes once, copy each one's cache to its rows (`owner`), run the suffixes on top."""
     _, decoder = model.decoder_parts()
     cache = DynamicCache()
@@ -123,7 +122,7 @@ def _cache_argument(decoder: torch.nn.Module) -> str:
 # -- the naive path: the oracle -------------------------------------------------------------------
 
 
-def naive_log_probs(model: CCFLLM, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def naive_log_probs(model: CCFLLM, batch: PromptBatch) -> Answer:
     """log p_yes, log p_no from the LM's own forward: full-vocabulary logits at every position."""
     causal_lm, _ = model.decoder_parts()
     logits = causal_lm(
@@ -132,8 +131,7 @@ def naive_log_probs(model: CCFLLM, batch: PromptBatch) -> tuple[torch.Tensor, to
         position_ids=positions_from_mask(batch.attention_mask),
         use_cache=False,
     ).logits  # (B, T, V)
-    log_probs = F.log_softmax(logits[:, -1].float(), dim=-1)
-    return log_probs[:, model.yes_id], log_probs[:, model.no_id]
+    return answer_from_logits(logits[:, -1].float(), model.yes_id, model.no_id)
 
 
 @torch.no_grad()
@@ -155,6 +153,6 @@ def naive_score_rows(
         chosen = rows[start : start + batch_size]
         batch = builder.batch(split.uid[chosen], split.iid[chosen], split.history[chosen]).to(device)
         scores[start : start + len(chosen)] = (
-            click_score(*naive_log_probs(model, batch)).double().cpu().numpy()
+            model.click_score(naive_log_probs(model, batch)).double().cpu().numpy()
         )
     return scores

@@ -34,7 +34,9 @@ from .engine import score_rows
 from .errors import CCFLLMError, CheckpointError
 from .io import atomic_path
 from .llm import LoadedLLM, add_lora, load_llm
+from .methods import LOSSES, METHODS
 from .methods.ccf_llm import CCFLLM, CFFeatures
+from .methods.softprompt import FreeFeatures
 from .metrics import split_metrics
 from .prompt import PromptBuilder
 from .train import Stage, StageResult, sample_rows, train_stage
@@ -44,11 +46,11 @@ RUN_FORMAT = "ccfllm-run/1"
 
 @dataclass
 class Recommender:
-    """A built CCF-LLM with the two prompt builders it reads."""
+    """A built LLM recommender (CCF-LLM or a baseline) with the two prompt builders it reads."""
 
     model: CCFLLM
     text_prompts: PromptBuilder  # TALLRec-style, no CF positions
-    hybrid_prompts: PromptBuilder  # section 3.2
+    hybrid_prompts: PromptBuilder  # the method's prompt with CF positions (section 3.2 for CCF-LLM)
     config: CCFConfig
     llm: LoadedLLM
 
@@ -67,38 +69,56 @@ class RunResult:
 
 
 def build_recommender(
-    config: CCFConfig, dataset: CTRDataset, backbone: CFModel, llm: LoadedLLM
+    config: CCFConfig, dataset: CTRDataset, backbone: CFModel | None, llm: LoadedLLM
 ) -> Recommender:
-    """Wrap the LLM with LoRA, attach the frozen backbone's features and fresh ALG + GATE."""
+    """Wrap the LLM with LoRA, attach the method's CF features (the frozen backbone's, free tables or
+    none) and fresh ALG + GATE."""
     seed_everything(config.seed)
-    train = dataset.train
-    known_users = torch.zeros(dataset.n_users, dtype=torch.bool)
-    known_users[np.unique(train.uid)] = True
-    known_items = torch.zeros(dataset.n_items, dtype=torch.bool)
-    known_items[np.unique(train.iid)] = True
+    method = METHODS[config.method]
     device = llm.model.device
-    backbone = backbone.to(device).eval().requires_grad_(False)
-    features = CFFeatures(
-        backbone, known_users, known_items, with_bias=config.cf_features == "embedding+bias"
-    )
+    features = _cf_features(config, dataset, backbone)
     peft_model = add_lora(llm.model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
-    model = CCFLLM(peft_model, features, config, llm.yes_id, llm.no_id).to(device)
+    score = LOSSES[config.loss].score
+    model = CCFLLM(peft_model, features, config, llm.yes_id, llm.no_id, score).to(device)
     builders = [
-        make_prompts(llm, dataset.item_titles, dataset.domain, config, with_cf) for with_cf in (False, True)
+        make_prompts(llm, dataset.item_titles, dataset.domain, config, prompt)
+        for prompt in ("text", method.prompt)
     ]
     return Recommender(model, *builders, config=config, llm=llm)
 
 
+def _cf_features(config: CCFConfig, dataset: CTRDataset, backbone: CFModel | None) -> torch.nn.Module | None:
+    """x^CF for the method: a frozen backbone's, free trainable tables (Softprompt) or none (TALLRec).
+    Users and items absent from the training rows are marked unknown: they get zero vectors."""
+    source = METHODS[config.method].cf_source
+    if source == "none":
+        return None
+    known_users = torch.zeros(dataset.n_users, dtype=torch.bool)
+    known_users[np.unique(dataset.train.uid)] = True
+    known_items = torch.zeros(dataset.n_items, dtype=torch.bool)
+    known_items[np.unique(dataset.train.iid)] = True
+    if config.tune_cf and source != "backbone":
+        raise CCFLLMError(f"tune_cf needs a CF backbone to tune; method {config.method!r} has none.")
+    if source == "free":
+        return FreeFeatures(known_users, known_items, cf_config(config.cf_model).dim)
+    if backbone is None:
+        raise CCFLLMError(f"Method {config.method!r} fuses a CF backbone, and none was given.")
+    backbone = backbone.eval().requires_grad_(False)
+    return CFFeatures(backbone, known_users, known_items, with_bias=config.cf_features == "embedding+bias")
+
+
 def make_prompts(
-    llm: LoadedLLM, titles: np.ndarray, domain: str, config: CCFConfig, with_cf: bool
+    llm: LoadedLLM, titles: np.ndarray, domain: str, config: CCFConfig, prompt: str
 ) -> PromptBuilder:
+    """The builder of a prompt kind: 'text', 'fused' (CCF-LLM) or 'slots' (CoLLM)."""
     return PromptBuilder(
         llm.tokenizer,
         titles,
         domain,
         max_tokens=config.max_tokens,
-        with_cf=with_cf,
+        with_cf=prompt != "text",
         max_history=config.max_history,
+        cf_slots=prompt == "slots",
     )
 
 
@@ -111,16 +131,17 @@ def run_ccf_llm(
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite.")
     test = test_split(dataset, config)
+    method = METHODS[config.method]
     with atomic_path(out) as folder:
         folder.mkdir()
-        backbone, cf_reference = _backbone(config, dataset, folder, progress)
-        table = [
-            {
-                "model": f"{config.cf_model} (CF backbone alone)",
-                **_metrics(test, predict_split(backbone, test)),
-            },
-            {"model": "mean-label reference (k=5)", **_metrics(test, reference_scores(dataset, test, 5.0))},
-        ]
+        table = []
+        backbone, cf_reference = None, ""
+        if method.cf_source == "backbone":
+            backbone, cf_reference = _backbone(config, dataset, folder, progress)
+            scores = predict_split(backbone, test)
+            table.append({"model": f"{config.cf_model} (CF backbone alone)", **_metrics(test, scores)})
+        reference = reference_scores(dataset, test, 5.0)
+        table.append({"model": "mean-label reference (k=5)", **_metrics(test, reference)})
         recommender = build_recommender(config, dataset, backbone, load_llm(**_llm_arguments(config)))
         stages = []
         for stage in _stages(config.strategy):
@@ -129,7 +150,7 @@ def run_ccf_llm(
                 train_stage(recommender.model, stage, prompts, dataset.train, dataset.valid, config, progress)
             )
             scores = score_rows(recommender.model, prompts, test, None, config.eval_batch_size, progress)
-            table.append({"model": f"CCF-LLM after stage {stage.value}", **_metrics(test, scores)})
+            table.append({"model": f"{method.title} after stage {stage.value}", **_metrics(test, scores)})
         _save_run(recommender, dataset, folder, cf_reference, table, stages, test, scores)
     return RunResult(out, table, stages, time.perf_counter() - started)
 
@@ -146,8 +167,10 @@ def load_run(
     )
     if record["dataset"] != dataset.fingerprint():
         raise CheckpointError(f"{folder} was trained on {record['dataset']}, not on {dataset.fingerprint()}.")
-    cf_folder = _resolve_cf(folder, record["cf_checkpoint"])
-    backbone = load_cf(cf_folder, dataset=dataset, expect_model=config.cf_model, device="cpu")
+    backbone = None
+    if METHODS[config.method].cf_source == "backbone":
+        cf_folder = _resolve_cf(folder, record["cf_checkpoint"])
+        backbone = load_cf(cf_folder, dataset=dataset, expect_model=config.cf_model, device="cpu")
     llm = load_llm(**_llm_arguments(config))
     if _without_name(llm.fingerprint) != _without_name(
         record["llm"]
@@ -209,10 +232,13 @@ def predict_rows(recommender: Recommender, dataset: CTRDataset, rows: pd.DataFra
     )
     prompts = recommender.prompts_for(_stages(recommender.config.strategy)[-1])
     if len(titles) != len(dataset.item_titles):
-        prompts = make_prompts(recommender.llm, titles, dataset.domain, recommender.config, prompts.with_cf)
+        prompts = make_prompts(recommender.llm, titles, dataset.domain, recommender.config, prompts.layout)
     scores = score_rows(recommender.model, prompts, split, None, recommender.config.eval_batch_size)
-    known_users = recommender.model.cf.known_users.cpu().numpy()
-    known_items = recommender.model.cf.known_items.cpu().numpy()
+    features = recommender.model.cf
+    if features is None:  # a text-only method reads no CF signal
+        return pd.DataFrame({"uid": split.uid, "iid": split.iid, "score": scores, "cf": "none"})
+    known_users = features.known_users.cpu().numpy()
+    known_items = features.known_items.cpu().numpy()
     user_known = np.array([0 <= u < len(known_users) and known_users[u] for u in split.uid])
     item_known = np.array([0 <= i < len(known_items) and known_items[i] for i in split.iid])
     cf = np.select(
@@ -268,7 +294,15 @@ def _metrics(test: Split, scores: np.ndarray) -> dict:
 
 
 def _fusion_prefixes(config: CCFConfig) -> tuple[str, ...]:
-    return ("alignment.", "gate.", "cf.backbone.") if config.tune_cf else ("alignment.", "gate.")
+    """The weights a run saves beside its adapter: what the non-LoRA stages can train."""
+    source = METHODS[config.method].cf_source
+    if source == "none":
+        return ()
+    tables = {
+        "free": ("cf.user_table.", "cf.item_table."),
+        "backbone": ("cf.backbone.",) if config.tune_cf else (),
+    }
+    return ("alignment.", "gate.", *tables[source])
 
 
 def _save_run(recommender, dataset, folder, cf_reference, table, stages, test, scores) -> None:

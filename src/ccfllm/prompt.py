@@ -8,6 +8,8 @@ their titles. Positions are of three kinds:
 - ITEM: every token of an item's title, carrying the title token's own id (its embedding is
   x_i^SM[t]) and the item id, so that the title tokens are fused with ALG(x_i^CF) (Eqs. 3-4): the
   paper's "single token represents the two modalities for each item".
+- ITEM_SLOT (`cf_slots=True`, CoLLM's layout, [text_i][emb_i]): the title tokens stay TEXT and one
+  extra position right after the closing quote carries the item id; its embedding is ALG(x_i^CF).
 
 How the text is written. Titles are quoted and separated by ", ", as CoLLM writes them
 (`"Heat (1995)", "Big (1988)"`; the target too: `enjoy the movie "Up (2009)".`): ML-1M titles contain
@@ -42,7 +44,7 @@ import torch
 from .data.dataset import PAD
 from .errors import CCFLLMError
 
-TEXT, USER, ITEM = 0, 1, 2  # what a prompt position holds
+TEXT, USER, ITEM, ITEM_SLOT = 0, 1, 2, 3  # what a prompt position holds
 
 _NOUNS = {"movies": ("movies", "movie"), "books": ("books", "book")}  # domain -> (plural, singular)
 _QUESTION = "#Question: A user has given high ratings to the following {items}: {{history}}."
@@ -60,6 +62,7 @@ TEMPLATES = {d: (_QUESTION + _USER_SENTENCE + _ASK).format(items=p, item=s) for 
 TEXT_TEMPLATES = {d: (_QUESTION + _ASK).format(items=p, item=s) for d, (p, s) in _NOUNS.items()}
 
 QUOTE, SEPARATOR = '"', ","
+SLOT_TEXT = " [ItemCF]"  # how `render` shows an ITEM_SLOT position
 EMPTY_HISTORY = QUOTE + QUOTE  # what a row without liked items shows: `the following movies: "".`
 _MARKER = "\n"  # tokenised before a piece and removed, so that no prefix space lands inside the prompt
 
@@ -118,7 +121,8 @@ class _Piece:
 
 
 class PromptBuilder:
-    """Encodes rows into hybrid prompts (`with_cf=True`) or text-only ones, at most `max_tokens` long."""
+    """Encodes rows into hybrid prompts (`with_cf=True`) or text-only ones, at most `max_tokens` long.
+    With `cf_slots`, items get CoLLM's extra CF position instead of CF-carrying title tokens."""
 
     def __init__(
         self,
@@ -128,6 +132,7 @@ class PromptBuilder:
         max_tokens: int = 700,
         with_cf: bool = True,
         max_history: int | None = None,
+        cf_slots: bool = False,
     ) -> None:
         if domain not in TEMPLATES:
             raise CCFLLMError(f"No prompt template for domain {domain!r}; known: {sorted(TEMPLATES)}.")
@@ -135,6 +140,7 @@ class PromptBuilder:
             raise CCFLLMError(f"max_history must be >= 0 or None, got {max_history}.")
         self.tokenizer, self.item_titles, self.domain = tokenizer, item_titles, domain
         self.max_tokens, self.with_cf, self.max_history = max_tokens, with_cf, max_history
+        self.cf_slots = with_cf and cf_slots
         self.filler_id = _filler_id(tokenizer)
         self.pad_id = next(
             i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, self.filler_id) if i is not None
@@ -148,6 +154,11 @@ class PromptBuilder:
                 f"max_tokens={max_tokens} is too small: the fixed part of the prompt needs "
                 f"{self.fixed_length()} tokens before the target item's title."
             )
+
+    @property
+    def layout(self) -> str:
+        """'text', 'fused' (CF in the title tokens) or 'slots' (CoLLM's extra positions)."""
+        return "slots" if self.cf_slots else "fused" if self.with_cf else "text"
 
     def _cut_template(self, template: str) -> None:
         """The template's text pieces, cut at the spaces before the history, the [User] and the [Item]."""
@@ -193,8 +204,9 @@ class PromptBuilder:
     def render(self, iid: int, history: Sequence[int]) -> str:
         """The prompt `encode` gives, as text, without the BOS; "[User]" marks the USER position."""
         shown = self._shown_history(iid, history)
-        titles = ", ".join(f"{QUOTE}{self._title(i)}{QUOTE}" for i in shown) or EMPTY_HISTORY
-        target = f"{QUOTE}{self._title(int(iid))}{QUOTE}"
+        slot = SLOT_TEXT if self.cf_slots else ""
+        titles = ", ".join(f"{QUOTE}{self._title(i)}{QUOTE}{slot}" for i in shown) or EMPTY_HISTORY
+        target = f"{QUOTE}{self._title(int(iid))}{QUOTE}{slot}"
         template = (TEMPLATES if self.with_cf else TEXT_TEMPLATES)[self.domain]
         return template.replace("{history}", titles).replace("[Item]", target)
 
@@ -259,14 +271,21 @@ class PromptBuilder:
         if key not in self._items:
             title = self._title(iid)
             start = len(f" {QUOTE}")
-            text = f" {QUOTE}{title}{QUOTE}{close}"
-            ids, in_title = self._tokens_in_span(text, start, start + len(title))
-            is_item = in_title & self.with_cf
-            self._items[key] = _Piece(
-                ids=ids,
-                kind=np.where(is_item, ITEM, TEXT).astype(np.int8),
-                item=np.where(is_item, iid, 0).astype(np.int64),
-            )
+            if self.cf_slots:  # ` "Title"`, the slot, then the punctuation on its own
+                text = f" {QUOTE}{title}{QUOTE}"
+                ids, _ = self._tokens_in_span(text, 0, 0)
+                self._items[key] = _concat(
+                    [_text_piece(ids), _slot_piece(self.filler_id, iid), self._text(close)]
+                )
+            else:
+                text = f" {QUOTE}{title}{QUOTE}{close}"
+                ids, in_title = self._tokens_in_span(text, start, start + len(title))
+                is_item = in_title & self.with_cf
+                self._items[key] = _Piece(
+                    ids=ids,
+                    kind=np.where(is_item, ITEM, TEXT).astype(np.int8),
+                    item=np.where(is_item, iid, 0).astype(np.int64),
+                )
         return self._items[key]
 
     # -- tokenising pieces ------------------------------------------------------------------------
@@ -333,6 +352,22 @@ def _text_piece(ids) -> _Piece:
     ids = np.asarray(ids, dtype=np.int64)
     return _Piece(
         ids=ids, kind=np.full(len(ids), TEXT, dtype=np.int8), item=np.zeros(len(ids), dtype=np.int64)
+    )
+
+
+def _slot_piece(filler_id: int, iid: int) -> _Piece:
+    return _Piece(
+        ids=np.array([filler_id], dtype=np.int64),
+        kind=np.array([ITEM_SLOT], dtype=np.int8),
+        item=np.array([iid], dtype=np.int64),
+    )
+
+
+def _concat(pieces: list[_Piece]) -> _Piece:
+    return _Piece(
+        ids=np.concatenate([p.ids for p in pieces]),
+        kind=np.concatenate([p.kind for p in pieces]),
+        item=np.concatenate([p.item for p in pieces]),
     )
 
 

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from .config import CCFConfig
 from .data.dataset import Split
 from .engine import score_rows
-from .methods.ccf_llm import CCFLLM, ccf_loss
+from .methods import LOSSES
+from .methods.ccf_llm import CCFLLM, Answer
 from .metrics import auc
 from .prompt import PromptBatch, PromptBuilder
 
@@ -98,13 +99,12 @@ def train_stage(
     ]
     for rows in batches:
         model.train()
-        model.cf.train(
-            config.tune_cf and stage != Stage.LORA
-        )  # a frozen backbone keeps eval mode (no dropout)
+        if model.cf is not None:  # a frozen backbone keeps eval mode (no dropout)
+            model.cf.train(config.tune_cf and stage != Stage.LORA)
         batch = builder.batch(train.uid[rows], train.iid[rows], train.history[rows], train.label[rows]).to(
             device
         )
-        losses.append(training_step(model, batch, optimiser, config.loss_k))
+        losses.append(training_step(model, batch, optimiser, loss_for(config)))
         step += 1
         bar.update()
         if step % eval_every and step != total_steps:
@@ -127,20 +127,25 @@ def train_stage(
     return StageResult(stage.value, best_auc, best_step, step, time.perf_counter() - started, curve)
 
 
+def loss_for(config: CCFConfig) -> Callable[[Answer, torch.Tensor], torch.Tensor]:
+    """The method's training loss, (answer, label) -> scalar: Eq. 5 for CCF-LLM (config.loss)."""
+    train_loss = LOSSES[config.loss].train
+    return lambda answer, label: train_loss(answer, label, config.loss_k)
+
+
 def training_step(
     model: CCFLLM,
     batch: PromptBatch,
     optimiser: torch.optim.Optimizer,
-    loss_k: float,
-    log_probs: Callable[[CCFLLM, PromptBatch], tuple[torch.Tensor, torch.Tensor]] = CCFLLM.forward,
+    loss: Callable[[Answer, torch.Tensor], torch.Tensor],
+    log_probs: Callable[[CCFLLM, PromptBatch], Answer] = CCFLLM.forward,
 ) -> float:
-    """One update on Eq. 5's loss; `log_probs` is the forward that gives log p_yes, log p_no."""
-    log_p_yes, log_p_no = log_probs(model, batch)
-    loss = ccf_loss(log_p_yes, log_p_no, batch.label, loss_k)
+    """One update on `loss`; `log_probs` is the forward that gives the answer (engine or naive)."""
+    value = loss(log_probs(model, batch), batch.label)
     optimiser.zero_grad(set_to_none=True)
-    loss.backward()
+    value.backward()
     optimiser.step()
-    return loss.item()
+    return value.item()
 
 
 def sample_rows(n_rows: int, wanted: int, generator: np.random.Generator) -> np.ndarray:

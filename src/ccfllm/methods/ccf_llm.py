@@ -8,19 +8,24 @@ tuned with LoRA, answers "Yes" or "No"; p_yes / (p_yes + p_no) is the click scor
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..cf.base import CFModel
 from ..config import CCFConfig
-from ..prompt import ITEM, USER, PromptBatch
+from ..prompt import ITEM, ITEM_SLOT, USER, PromptBatch
 
 
 class CFFeatures(nn.Module):
     """x^CF from a trained backbone (Eq. 1). With `with_bias`, the backbone's biases are appended so
     that x_u · x_i is the backbone's whole logit: x_u = [u, b_u, 1], x_i = [i, 1, b_i]. Users and items
     absent from the backbone's training rows get zero vectors: no collaborative signal, text only."""
+
+    trainable = False  # a trained backbone stays frozen unless the user asks (`tune_cf`)
 
     def __init__(
         self, backbone: CFModel, known_users: torch.Tensor, known_items: torch.Tensor, with_bias: bool
@@ -102,27 +107,51 @@ def fuse(token: torch.Tensor, aligned_cf: torch.Tensor, alpha: torch.Tensor) -> 
     return token + alpha * aligned_cf
 
 
-class CCFLLM(nn.Module):
-    """The LLM (with LoRA), the CF features, ALG and GATE; answers p_yes / p_no for a prompt batch."""
+class Answer(NamedTuple):
+    """What the LLM says at the answer position, in float32. (B,) each."""
 
-    def __init__(self, llm: nn.Module, cf: CFFeatures, config: CCFConfig, yes_id: int, no_id: int):
+    log_p_yes: torch.Tensor  # under the full-vocabulary softmax
+    log_p_no: torch.Tensor
+    yes_logit: torch.Tensor  # the raw logit of "Yes" (CoLLM scores and trains on it)
+
+
+class CCFLLM(nn.Module):
+    """The LLM (with LoRA), the CF features, ALG and GATE; answers p_yes / p_no for a prompt batch.
+
+    The same module runs the baselines that share its parts (methods/__init__.py): the prompt decides
+    which CF positions exist (none: TALLRec; fused title tokens: CCF-LLM; CoLLM's extra slots), and
+    `cf` may be free tables instead of a trained backbone (Softprompt).
+    """
+
+    def __init__(
+        self,
+        llm: nn.Module,
+        cf: nn.Module | None,
+        config: CCFConfig,
+        yes_id: int,
+        no_id: int,
+        score: Callable[[Answer], torch.Tensor] | None = None,
+    ):
         super().__init__()
+        self.click_score = score or normalised_p_yes  # what the engine ranks by
         self.llm = llm
-        self.cf = cf
+        self.cf = cf  # None for a text-only method: then there is no ALG or GATE either
         llm_dim = llm.get_input_embeddings().embedding_dim
-        self.alignment = Alignment(cf.dim, config.alg_hidden, llm_dim)
-        self.gate = Gate(llm_dim, config.gate_hidden, config.fusion)
+        self.alignment = None if cf is None else Alignment(cf.dim, config.alg_hidden, llm_dim)
+        self.gate = None if cf is None else Gate(llm_dim, config.gate_hidden, config.fusion)
         self.yes_id, self.no_id = yes_id, no_id
 
     def fusion_modules(self) -> list[nn.Module]:
-        """What stage 2 trains (Θ_A and Θ_G)."""
-        return [self.alignment, self.gate]
+        """What stage 2 trains (Θ_A and Θ_G; and free user/item tables, where `cf` holds them)."""
+        if self.cf is None:
+            return []
+        return [self.alignment, self.gate] + ([self.cf] if self.cf.trainable else [])
 
     def input_embeddings(self, batch: PromptBatch) -> torch.Tensor:
         """Section 3.3: the embedding sequence fed to the LLM. -> (B, T, d)"""
         embeddings = self.llm.get_input_embeddings()(batch.input_ids)  # text and title tokens: x^SM
-        is_user, is_item = batch.kind == USER, batch.kind == ITEM
-        if not (is_user.any() or is_item.any()):
+        is_user, is_item, is_slot = batch.kind == USER, batch.kind == ITEM, batch.kind == ITEM_SLOT
+        if not (is_user.any() or is_item.any() or is_slot.any()):
             return embeddings  # a text-only prompt
         # ALG and GATE compute in float32 (float32 weights update stably), the LLM in its own dtype.
         dtype = embeddings.dtype
@@ -135,6 +164,8 @@ class CCFLLM(nn.Module):
             aligned = self.alignment(self.cf.items(batch.item[is_item]).float())  # (N, d), Eq. 2
             alpha = self.gate(aligned, titles)  # Eq. 3
             embeddings[is_item] = fuse(titles, aligned, alpha).to(dtype)  # Eq. 4
+        if is_slot.any():  # CoLLM: the slot after the title is the aligned CF embedding, unfused
+            embeddings[is_slot] = self.alignment(self.cf.items(batch.item[is_slot]).float()).to(dtype)
         return embeddings
 
     def decoder_parts(self) -> tuple[nn.Module, nn.Module]:
@@ -142,8 +173,8 @@ class CCFLLM(nn.Module):
         causal_lm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
         return causal_lm, getattr(causal_lm, causal_lm.base_model_prefix)
 
-    def answer_log_probs(self, answer_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, d) final hidden states at the answer position -> log p_yes, log p_no, (B,), (B,)."""
+    def answer_log_probs(self, answer_hidden: torch.Tensor) -> Answer:
+        """(B, d) final hidden states at the answer position -> log p_yes, log p_no, yes logit."""
         # The output layer on the answer position only, as one (B, d) @ (d, V) matmul: the LM's own head
         # on a (B, 1, d) slice pays for a copy of the whole (V, d) matrix per row.
         # It runs in float32: bf16 logits near 20 are 0.125 apart, which would round p_yes / p_no to a
@@ -152,10 +183,9 @@ class CCFLLM(nn.Module):
         head = causal_lm.get_output_embeddings()
         bias = None if head.bias is None else head.bias.float()
         logits = F.linear(answer_hidden.float(), head.weight.float(), bias)  # (B, V)
-        log_probs = F.log_softmax(logits, dim=-1)  # the full-vocabulary softmax
-        return log_probs[:, self.yes_id], log_probs[:, self.no_id]
+        return answer_from_logits(logits, self.yes_id, self.no_id)
 
-    def forward(self, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: PromptBatch) -> Answer:
         """log p_yes, log p_no under the full-vocabulary softmax at the answer position. -> (B,), (B,)"""
         _, decoder = self.decoder_parts()
         hidden = decoder(
@@ -165,6 +195,12 @@ class CCFLLM(nn.Module):
             use_cache=False,
         ).last_hidden_state
         return self.answer_log_probs(hidden[:, -1])
+
+
+def answer_from_logits(logits: torch.Tensor, yes_id: int, no_id: int) -> Answer:
+    """(B, V) float32 logits at the answer position -> Answer."""
+    log_probs = F.log_softmax(logits, dim=-1)  # the full-vocabulary softmax
+    return Answer(log_probs[:, yes_id], log_probs[:, no_id], logits[:, yes_id])
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -180,6 +216,10 @@ def click_score(log_p_yes: torch.Tensor, log_p_no: torch.Tensor) -> torch.Tensor
     return torch.sigmoid(log_p_yes - log_p_no)
 
 
+def normalised_p_yes(answer: Answer) -> torch.Tensor:
+    return click_score(answer.log_p_yes, answer.log_p_no)
+
+
 def ccf_loss(log_p_yes: torch.Tensor, log_p_no: torch.Tensor, label: torch.Tensor, k: float) -> torch.Tensor:
     """Eq. 5: BCE(p_yes, y) + BCE(p_no, 1 - y) + k · BPR(p_yes, p_no, y), averaged over the batch.
 
@@ -191,6 +231,10 @@ def ccf_loss(log_p_yes: torch.Tensor, log_p_no: torch.Tensor, label: torch.Tenso
     sign = 2 * label - 1
     bpr = -F.logsigmoid(sign * (log_p_yes.exp() - log_p_no.exp()))
     return (bce_yes + bce_no + k * bpr).mean()
+
+
+def eq5_loss(answer: Answer, label: torch.Tensor, k: float) -> torch.Tensor:
+    return ccf_loss(answer.log_p_yes, answer.log_p_no, label, k)
 
 
 def _log1m_exp(log_p: torch.Tensor) -> torch.Tensor:
