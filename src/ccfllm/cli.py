@@ -11,7 +11,16 @@ from pathlib import Path
 import click
 import pandas as pd
 
-from .config import CCF_PRESETS, CCFConfig, CFConfig, ccf_config, cf_config, parse_overrides, to_dict
+from .config import (
+    CCF_PRESETS,
+    METHOD_SETTINGS,
+    CCFConfig,
+    CFConfig,
+    ccf_config,
+    cf_config,
+    parse_overrides,
+    to_dict,
+)
 from .data import DATA_ENV, convert_amazon, convert_movielens, load_collm_split, resolve_data_dir
 from .errors import CCFLLMError
 
@@ -196,26 +205,37 @@ CF_HISTORY = 10  # rows are loaded with CoLLM's 10 most recent likes; prompts ma
     show_default=True,
     help="cpu: fits 45 minutes on 2 cores with the embedded LLM; paper: section 4.1's settings.",
 )
+@click.option(
+    "--method",
+    type=click.Choice(list(METHOD_SETTINGS)),
+    default="ccf-llm",
+    show_default=True,
+    help="CCF-LLM, or a baseline run on the same data, LLM and loop.",
+)
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), help=DATA_OPTION_HELP)
 @click.option(
     "--out",
     type=click.Path(file_okay=False),
-    help="Run folder (default: runs/ccf-llm/BACKBONE-PRESET-seedSEED).",
+    help="Run folder (default: runs/METHOD/BACKBONE-PRESET-seedSEED).",
 )
 @click.option(
     "--seed", type=int, default=None, help="Seed for sampling, initialisation and data order (default 0)."
 )
 @_training_run_options
-def ccf_train(preset, data_dir, out, seed, settings, overwrite, quiet) -> None:
-    """Train CCF-LLM end to end: CF backbone, stage 1 (LoRA), stage 2 (ALG + GATE); test after each."""
+def ccf_train(preset, method, data_dir, out, seed, settings, overwrite, quiet) -> None:
+    """Train CCF-LLM (or a baseline) end to end: CF backbone, stage 1 (LoRA), stage 2 (ALG + GATE);
+    test after each."""
     from .experiment import run_ccf_llm
 
-    config = ccf_config(preset, **_overrides(settings, seed))
-    out = _unused_run_folder(out or f"runs/ccf-llm/{config.cf_model}-{preset}-seed{config.seed}", overwrite)
+    config = ccf_config(preset, **{"method": method, **_overrides(settings, seed)})
+    default_out = f"runs/{config.method}/{config.cf_model}-{preset}-seed{config.seed}"
+    out = _unused_run_folder(out or default_out, overwrite)
     dataset = load_collm_split(resolve_data_dir(data_dir), max_history=CF_HISTORY)
     result = run_ccf_llm(config, dataset, out, overwrite=overwrite, progress=not quiet)
     minutes = result.seconds / 60
-    click.echo(f"\nCCF-LLM ({config.cf_model}, {preset} preset) on {dataset.name}: {minutes:.1f} min; {out}")
+    click.echo(
+        f"\n{config.method} ({config.cf_model}, {preset} preset) on {dataset.name}: {minutes:.1f} min; {out}"
+    )
     click.echo("| model | test AUC | test UAUC |\n|---|---|---|")
     for row in result.table:
         click.echo(f"| {row['model']} | {row['test_auc']:.4f} | {row['test_uauc']:.4f} |")
