@@ -288,6 +288,60 @@ def ccf_predict(run_dir, input_path, output, data_dir, device) -> None:
     click.echo(f"wrote {len(scored)} scores to {output}; CF embedding available for: {counts}")
 
 
+# -- comparisons ---------------------------------------------------------------------------------
+
+
+@main.command("compare")
+@click.option(
+    "--plan",
+    default="main",
+    show_default=True,
+    help="'main' (MF group of Table 3 and the text baselines), 'full' (Tables 3-4, Figure 3a), "
+    "or a JSON file listing {method, backbone, variant, seed} objects.",
+)
+@click.option("--seeds", default="0,1,2", show_default=True, help="Seeds of a named plan, comma-separated.")
+@click.option("--preset", type=click.Choice(sorted(CCF_PRESETS)), default="cpu", show_default=True)
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), help=DATA_OPTION_HELP)
+@click.option(
+    "--results",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Results file (JSON Lines; default results/DATASET-PRESET.jsonl). Recorded runs are skipped.",
+)
+@click.option(
+    "--runs",
+    type=click.Path(file_okay=False),
+    default="runs/compare",
+    show_default=True,
+    help="Where run folders and shared CF backbones go.",
+)
+@click.option(
+    "--set", "settings", multiple=True, metavar="KEY=VALUE", help="Override a setting of every run."
+)
+@click.option("--dry-run", is_flag=True, help="List the plan and what is already recorded; run nothing.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def compare(plan, seeds, preset, data_dir, results, runs, settings, dry_run, quiet) -> None:
+    """Run a plan of comparisons, recording each finished run; rerun to resume where it stopped."""
+    from .runner import make_plan, read_results, run_plan
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError as exc:
+        raise CCFLLMError(f"--seeds must be comma-separated integers, got {seeds!r}.") from exc
+    planned = make_plan(plan, seed_list)
+    overrides = parse_overrides(settings)
+    ccf_config(preset, **overrides)  # refuse a bad setting before anything runs
+    dataset = load_collm_split(resolve_data_dir(data_dir), max_history=CF_HISTORY)
+    results = Path(results or f"results/{dataset.name}-{preset}.jsonl")
+    if dry_run:
+        done = {record["key"] for record in read_results(results, dataset)}
+        for run in planned:
+            click.echo(f"{'recorded' if run.key(preset) in done else 'to run  '}  {run.key(preset)}")
+        return
+    records = run_plan(planned, dataset, results, Path(runs), preset, overrides, progress=not quiet)
+    click.echo(f"\n{len(records)} runs recorded in {results}")
+
+
 def _read_rows(path: Path) -> pd.DataFrame:
     try:
         return pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)

@@ -271,15 +271,17 @@ def _backbone(config: CCFConfig, dataset: CTRDataset, folder: Path, progress: bo
         return load_cf(
             config.cf_checkpoint, dataset=dataset, expect_model=config.cf_model, device="cpu"
         ), str(Path(config.cf_checkpoint).resolve())
+    return train_backbone(config, dataset, folder / "cf", progress), "cf"
+
+
+def train_backbone(config: CCFConfig, dataset: CTRDataset, folder: Path, progress: bool = True) -> CFModel:
+    """Train the backbone `config.cf_model` with its preset (the run's seed and history length) and
+    save it, with its valid and test metrics, in `folder`."""
     cf = cf_config(config.cf_model, seed=config.seed, device="cpu", max_history=max(config.max_history, 1))
     result = train_cf(cf, dataset, progress=progress)
-    save_cf(
-        result.model,
-        dataset,
-        folder / "cf",
-        {**evaluate_cf(result.model, dataset), "best_epoch": result.best_epoch},
-    )
-    return result.model, "cf"
+    metrics = {**evaluate_cf(result.model, dataset), "best_epoch": result.best_epoch}
+    save_cf(result.model, dataset, folder, metrics)
+    return result.model
 
 
 def test_split(dataset: CTRDataset, config: CCFConfig) -> Split:

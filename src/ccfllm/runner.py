@@ -1,0 +1,243 @@
+"""Run a list of (method, backbone, variant, seed) comparisons; record each finished run in a results file.
+
+The results file is JSON Lines: a header naming the format and the dataset, then one line per finished
+run with its test metrics and provenance (git commit, command, preset, seed, machine, wall time). It is
+rewritten whole through a temporary file on every record, so an interrupted runner loses at most the run
+in flight; a rerun skips every run already recorded. A trained CF backbone is saved once per (backbone,
+seed) under the runs folder and read by every LLM run that fuses it. A run folder that is complete but
+not recorded (the runner stopped between the two) is recorded without training it again.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .cf.checkpoint import read_metadata
+from .config import CF_PRESETS, METHOD_SETTINGS, ccf_config
+from .data.dataset import CTRDataset
+from .errors import CCFLLMError
+from .io import atomic_path
+from .methods import METHODS
+
+RESULTS_FORMAT = "ccfllm-results/1"
+
+# Named changes to a method's settings: the ablations of Figure 3a, the strategies of Table 4, and
+# CoLLM with CCF-LLM's loss.
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "alpha-one": {"fusion": "alpha-one"},
+    "alpha-scalar": {"fusion": "alpha-scalar"},
+    "stage1-only": {"strategy": "stage1-only"},
+    "end-to-end": {"strategy": "end-to-end"},
+    "eq5": {"loss": "eq5"},
+}
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One run of a plan. `method` is an LLM method or a CF backbone alone (mf, lightgcn, sasrec)."""
+
+    method: str
+    backbone: str
+    variant: str = "default"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHOD_SETTINGS and self.method not in CF_PRESETS:
+            known = [*METHOD_SETTINGS, *CF_PRESETS]
+            raise CCFLLMError(f"Planned run {self}: unknown method {self.method!r}; known: {known}.")
+        if self.backbone not in CF_PRESETS:
+            raise CCFLLMError(
+                f"Planned run {self}: unknown backbone {self.backbone!r}; known: {list(CF_PRESETS)}."
+            )
+        if self.variant not in VARIANTS:
+            raise CCFLLMError(
+                f"Planned run {self}: unknown variant {self.variant!r}; known: {list(VARIANTS)}."
+            )
+        if self.method in CF_PRESETS and (self.method != self.backbone or self.variant != "default"):
+            raise CCFLLMError(f"Planned run {self}: a CF backbone alone is itself, with the default variant.")
+
+    def key(self, preset: str) -> str:
+        return f"{preset}/{self.method}/{self.backbone}/{self.variant}/seed{self.seed}"
+
+
+def _main_plan(seeds: list[int]) -> list[Planned]:
+    """Table 3's MF group and the text-only baselines (the CPU-sized core of the comparison)."""
+    return [
+        Planned(method, "mf", "default", seed)
+        for seed in seeds
+        for method in ("mf", "tallrec", "collm", "ccf-llm", "softprompt")
+    ]
+
+
+def _full_plan(seeds: list[int]) -> list[Planned]:
+    """Table 3 in full, Table 4's strategies and Figure 3a's fusions, on every backbone."""
+    runs = []
+    for seed in seeds:
+        runs += [Planned(method, "mf", "default", seed) for method in ("tallrec", "softprompt")]
+        for backbone in ("mf", "lightgcn", "sasrec"):
+            runs += [Planned(m, backbone, "default", seed) for m in (backbone, "collm", "ccf-llm")]
+        runs += [
+            Planned("ccf-llm", "mf", v, seed)
+            for v in ("stage1-only", "end-to-end", "alpha-one", "alpha-scalar")
+        ]
+    return runs
+
+
+PLANS = {"main": _main_plan, "full": _full_plan}
+
+
+def make_plan(name_or_file: str, seeds: list[int]) -> list[Planned]:
+    """A named plan over `seeds`, or a JSON file holding a list of {method, backbone, variant, seed}."""
+    if name_or_file in PLANS:
+        return PLANS[name_or_file](seeds)
+    path = Path(name_or_file)
+    if not path.is_file():
+        raise CCFLLMError(f"No plan {name_or_file!r}: name one of {sorted(PLANS)} or a JSON file.")
+    try:
+        entries = json.loads(path.read_text())
+        return [Planned(**entry) for entry in entries]
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise CCFLLMError(
+            f"Plan file {path} must be a JSON list of {{method, backbone, variant, seed}} objects ({exc})."
+        ) from exc
+
+
+# -- the results file ---------------------------------------------------------------------------------
+
+
+def read_results(path: Path, dataset: CTRDataset) -> list[dict]:
+    """The records of a results file written for `dataset`; [] if the file does not exist."""
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    try:
+        header, *records = [json.loads(line) for line in lines]
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise CCFLLMError(
+            f"{path} is not a readable results file ({exc}); move it away or name another --results file."
+        ) from exc
+    if not isinstance(header, dict) or header.get("format") != RESULTS_FORMAT:
+        raise CCFLLMError(f"{path} is not a ccfllm results file (no {RESULTS_FORMAT!r} header).")
+    if header.get("dataset") != dataset.fingerprint():
+        raise CCFLLMError(
+            f"{path} holds results on {header.get('dataset')}, not on {dataset.fingerprint()}: "
+            "name another --results file for this dataset."
+        )
+    return records
+
+
+def write_results(path: Path, dataset: CTRDataset, records: list[dict]) -> None:
+    header = {"format": RESULTS_FORMAT, "dataset": dataset.fingerprint()}
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in [header, *records]))
+
+
+# -- running ------------------------------------------------------------------------------------------
+
+
+def run_plan(
+    plan: list[Planned],
+    dataset: CTRDataset,
+    results: Path,
+    runs: Path,
+    preset: str = "cpu",
+    overrides: dict | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Run every planned run not yet in `results`, recording each as it finishes; return all records."""
+    records = read_results(results, dataset)
+    provenance = {"commit": _git_commit(), "command": shlex.join(sys.argv), "machine": _machine()}  # at start
+    done = {record["key"] for record in records}
+    todo = [p for p in dict.fromkeys(plan) if p.key(preset) not in done]
+    print(f"{len(plan) - len(todo)} of {len(plan)} planned runs already recorded in {results}", flush=True)
+    for number, planned in enumerate(todo, 1):
+        print(f"\n[{number}/{len(todo)}] {planned.key(preset)}", flush=True)
+        started = time.perf_counter()
+        row = _run_one(planned, dataset, runs, preset, overrides or {}, progress)
+        records.append(_record(planned, preset, row, {**provenance, "wall_s": time.perf_counter() - started}))
+        write_results(results, dataset, records)
+    return records
+
+
+def _run_one(planned: Planned, dataset: CTRDataset, runs: Path, preset: str, overrides: dict, progress: bool):
+    """The finished run's test metrics and what it was: {model, test_auc, test_uauc, valid_auc, folder}."""
+    config = ccf_config(preset, **{**overrides, "cf_model": planned.backbone, "seed": planned.seed})
+    cf_folder = _backbone_folder(runs, config, dataset, progress)
+    if planned.method in CF_PRESETS:
+        metrics = json.loads((cf_folder / "metrics.json").read_text())
+        return {
+            "model": f"{planned.method} (CF backbone alone)",
+            "test_auc": metrics["test"]["auc"],
+            "test_uauc": metrics["test"]["uauc"],
+            "valid_auc": metrics["valid"]["auc"],
+            "folder": str(cf_folder),
+        }
+    from .experiment import run_ccf_llm
+
+    settings = {**overrides, **VARIANTS[planned.variant], "method": planned.method}
+    settings.update(cf_model=planned.backbone, seed=planned.seed)
+    if METHODS[planned.method].cf_source == "backbone":
+        settings["cf_checkpoint"] = str(cf_folder.resolve())
+    config = ccf_config(preset, **settings)
+    folder = runs / planned.key(preset)
+    if not (folder / "metrics.json").is_file():
+        run_ccf_llm(config, dataset, folder, overwrite=folder.exists(), progress=progress)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    stages = metrics["stages"]
+    final = metrics["table"][-1]
+    return {
+        **final,
+        "valid_auc": max(s["best_valid_auc"] for s in stages),
+        "stages": [
+            {**row, "stage": s["stage"], "best_valid_auc": s["best_valid_auc"], "seconds": s["seconds"]}
+            for row, s in zip(metrics["table"][-len(stages) :], stages, strict=True)
+        ],
+        "folder": str(folder),
+    }
+
+
+def _backbone_folder(runs: Path, config, dataset: CTRDataset, progress: bool) -> Path:
+    """The (backbone, seed) checkpoint every run of that pair shares, trained on first use."""
+    from .experiment import train_backbone
+
+    folder = runs / "cf" / f"{config.cf_model}-h{max(config.max_history, 1)}-seed{config.seed}"
+    try:
+        read_metadata(folder)
+    except CCFLLMError:
+        train_backbone(config, dataset, folder, progress)
+    return folder
+
+
+def _record(planned: Planned, preset: str, row: dict, provenance: dict) -> dict:
+    finished = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    wall_s = round(provenance["wall_s"], 1)
+    return {
+        "key": planned.key(preset),
+        **asdict(planned),
+        "preset": preset,
+        **row,
+        "provenance": {**provenance, "wall_s": wall_s, "finished": finished},
+    }
+
+
+def _git_commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=False).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def _machine() -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}, {platform.node()}"

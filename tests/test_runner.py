@@ -1,0 +1,119 @@
+"""The comparison runner on the tiny data: records with provenance, skips what is recorded, loses at most
+the run in flight, shares a CF backbone, and refuses a corrupt or foreign results file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import ccfllm.experiment
+from ccfllm.errors import CCFLLMError
+from ccfllm.runner import Planned, make_plan, read_results, run_plan
+
+TINY = dict(
+    device="cpu",
+    dtype="float32",
+    alg_hidden=16,
+    gate_hidden=8,
+    batch_size=8,
+    eval_batch_size=8,
+    train_rows=32,
+    fusion_rows=32,
+    valid_rows=32,
+    test_rows=64,
+    eval_every=4,
+    epochs=1,
+    max_history=3,
+)
+PLAN = [Planned("mf", "mf"), Planned("tallrec", "mf"), Planned("collm", "mf"), Planned("collm", "mf", "eq5")]
+
+
+@pytest.fixture
+def settings(tiny_llm_dir):
+    return {**TINY, "llm": str(tiny_llm_dir)}
+
+
+def test_a_plan_runs_once_records_provenance_and_shares_the_backbone(
+    tmp_path, tiny_dataset, settings, monkeypatch
+):
+    results, runs = tmp_path / "results.jsonl", tmp_path / "runs"
+    records = run_plan(PLAN, tiny_dataset, results, runs, "cpu", settings, progress=False)
+    assert [r["key"] for r in records] == [p.key("cpu") for p in PLAN]
+    header = json.loads(results.read_text().splitlines()[0])
+    assert header == {"format": "ccfllm-results/1", "dataset": tiny_dataset.fingerprint()}
+    assert read_results(results, tiny_dataset) == records
+    for record in records:
+        assert set(record["provenance"]) == {"commit", "command", "machine", "wall_s", "finished"}
+        assert 0 <= record["test_auc"] <= 1 and record["preset"] == "cpu"
+    assert records[0]["model"] == "mf (CF backbone alone)"
+    assert [r["model"] for r in records[1:]] == [
+        "TALLRec after stage lora",
+        "CoLLM after stage fusion",
+        "CoLLM after stage fusion",
+    ]
+    assert records[2]["test_auc"] != records[3]["test_auc"]  # the eq5 variant is another model
+    # one backbone, trained once and read by both CoLLM runs
+    assert len(list((runs / "cf").iterdir())) == 1
+    (shared,) = (runs / "cf").iterdir()
+    for record in records[2:]:
+        run_config = json.loads((Path(record["folder"]) / "config.json").read_text())
+        assert run_config["cf_checkpoint"] == str(shared.resolve())
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a recorded run was trained again")
+
+    monkeypatch.setattr(ccfllm.experiment, "run_ccf_llm", no_training)
+    assert run_plan(PLAN, tiny_dataset, results, runs, "cpu", settings, progress=False) == records
+
+
+def test_an_interrupted_runner_keeps_finished_runs_and_resumes(tmp_path, tiny_dataset, settings, monkeypatch):
+    results, runs = tmp_path / "results.jsonl", tmp_path / "runs"
+    original = ccfllm.experiment.run_ccf_llm
+
+    def stop_at_collm(config, *args, **kwargs):
+        if config.method == "collm":
+            raise KeyboardInterrupt
+        return original(config, *args, **kwargs)
+
+    monkeypatch.setattr(ccfllm.experiment, "run_ccf_llm", stop_at_collm)
+    with pytest.raises(KeyboardInterrupt):
+        run_plan(PLAN, tiny_dataset, results, runs, "cpu", settings, progress=False)
+    kept = read_results(results, tiny_dataset)
+    assert [r["method"] for r in kept] == ["mf", "tallrec"]
+    assert not list(runs.glob("cpu/collm/**/metrics.json"))  # nothing half-written
+    monkeypatch.setattr(ccfllm.experiment, "run_ccf_llm", original)
+    resumed = run_plan(PLAN, tiny_dataset, results, runs, "cpu", settings, progress=False)
+    assert resumed[:2] == kept and len(resumed) == 4
+
+
+def test_a_corrupt_or_foreign_results_file_is_refused(tmp_path, tiny_dataset):
+    corrupt = tmp_path / "corrupt.jsonl"
+    corrupt.write_text('{"format": "ccfllm-results/1", "dataset": {}}\n{"key": "cpu/mf/mf/def')
+    with pytest.raises(CCFLLMError, match="is not a readable results file"):
+        read_results(corrupt, tiny_dataset)
+    foreign = tmp_path / "foreign.jsonl"
+    other = {**tiny_dataset.fingerprint(), "dataset": "amazon-book"}
+    foreign.write_text(json.dumps({"format": "ccfllm-results/1", "dataset": other}) + "\n")
+    with pytest.raises(CCFLLMError, match="holds results on .*amazon-book.* name another --results file"):
+        read_results(foreign, tiny_dataset)
+    stranger = tmp_path / "stranger.jsonl"
+    stranger.write_text('{"rows": 3}\n')
+    with pytest.raises(CCFLLMError, match="is not a ccfllm results file"):
+        read_results(stranger, tiny_dataset)
+
+
+def test_plans_are_checked_before_anything_runs(tmp_path):
+    assert [p.method for p in make_plan("main", [0])] == ["mf", "tallrec", "collm", "ccf-llm", "softprompt"]
+    assert len(make_plan("main", [0, 1, 2])) == 15
+    with pytest.raises(CCFLLMError, match="unknown variant 'alpha-two'"):
+        Planned("ccf-llm", "mf", "alpha-two")
+    with pytest.raises(CCFLLMError, match="a CF backbone alone is itself"):
+        Planned("mf", "sasrec")
+    plan = tmp_path / "plan.json"
+    plan.write_text('[{"method": "ccf-llm", "backbone": "mf", "seed": 3}]')
+    assert make_plan(str(plan), []) == [Planned("ccf-llm", "mf", "default", 3)]
+    plan.write_text('[{"method": "ccf-llm", "cf": "mf"}]')
+    with pytest.raises(CCFLLMError, match="must be a JSON list of"):
+        make_plan(str(plan), [])
