@@ -342,6 +342,27 @@ def compare(plan, seeds, preset, data_dir, results, runs, settings, dry_run, qui
     click.echo(f"\n{len(records)} runs recorded in {results}")
 
 
+@main.command("report")
+@click.option(
+    "--results",
+    type=click.Path(exists=True, dir_okay=False),
+    required=True,
+    help="Results file written by `ccfllm compare`.",
+)
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder for report.md and PNGs.")
+@click.option("--preset", type=click.Choice(sorted(CCF_PRESETS)), default="cpu", show_default=True)
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), help=DATA_OPTION_HELP)
+def report(results, out, preset, data_dir) -> None:
+    """Turn a results file into the paper's tables and figures, beside the paper's figures."""
+    from .report import write_report
+    from .runner import read_results
+
+    dataset = load_collm_split(resolve_data_dir(data_dir), max_history=CF_HISTORY)
+    path = write_report(read_results(Path(results), dataset), Path(out), preset, results)
+    click.echo(path.read_text())
+    click.echo(f"written to {path}")
+
+
 def _read_rows(path: Path) -> pd.DataFrame:
     try:
         return pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)

@@ -1,0 +1,265 @@
+"""The paper's tables and figures from a results file (runner.py), each beside the paper's own figures.
+
+Every measured cell is the mean over the seeds recorded for that run, with the sample standard
+deviation and the number of seeds; a row nobody has run says so. RelaImpr (Eq. 6) is computed on the
+mean AUCs against the row's base, as the paper does: the CF backbone in each backbone group, Softprompt
+for the methods without a CF model, and the default strategy in Table 4.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CCFLLMError
+from .io import atomic_path
+from .metrics import rela_impr
+
+BACKBONE_TITLES = {"mf": "MF", "lightgcn": "LightGCN", "sasrec": "SASRec"}
+METHOD_TITLES = {"ccf-llm": "CCF-LLM", "collm": "CoLLM", "tallrec": "TallRec", "softprompt": "Softprompt"}
+
+# The paper's Table 3 as printed (MovieLens-1M: AUC, RelaImpr; its CF and CoLLM rows are reproduced
+# from CoLLM's paper).
+PAPER_TABLE3 = {
+    ("mf", "mf"): (0.6482, "-"),
+    ("collm", "mf"): (0.7295, "54.86%"),
+    ("ccf-llm", "mf"): (0.7315, "56.21%"),
+    ("lightgcn", "lightgcn"): (0.5959, "-"),
+    ("collm", "lightgcn"): (0.7100, "118.98%"),
+    ("ccf-llm", "lightgcn"): (0.7427, "153.08%"),
+    ("sasrec", "sasrec"): (0.7078, "-"),
+    ("collm", "sasrec"): (0.7235, "7.56%"),
+    ("ccf-llm", "sasrec"): (0.7526, "21.56%"),
+    ("softprompt", "mf"): (0.7071, "-"),
+    ("tallrec", "mf"): (0.7097, "1.25%"),
+}
+PAPER_BEST = {"collm": (0.7295, "10.82%"), "ccf-llm": (0.7526, "21.97%")}
+# Table 4, on LightGCN.
+PAPER_TABLE4 = {
+    "default": (0.7427, "-"),
+    "stage1-only": (0.7025, "-16.56%"),
+    "end-to-end": (0.6390, "-42.73%"),
+}
+STRATEGY_TITLES = {"default": "Default", "stage1-only": "Stage 1 Only", "end-to-end": "End-to-end"}
+TABLE4_BACKBONE = "lightgcn"
+FUSION_VARIANTS = {"alpha-one": "α = 1", "alpha-scalar": "α ∈ R"}
+
+
+@dataclass
+class Cell:
+    """A run's test metrics over its recorded seeds."""
+
+    aucs: list[float]
+    uaucs: list[float]
+
+    @property
+    def n(self) -> int:
+        return len(self.aucs)
+
+    @property
+    def auc(self) -> float:
+        return float(np.mean(self.aucs))
+
+    def text(self, values: list[float] | None = None) -> str:
+        values = self.aucs if values is None else values
+        if len(values) == 1:
+            return f"{values[0]:.4f} (1 seed)"
+        return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f} ({len(values)} seeds)"
+
+
+def summarise(records: list[dict], preset: str) -> dict[tuple[str, str, str], Cell]:
+    """(method, backbone, variant) -> the test AUCs and UAUCs of its recorded seeds, for one preset."""
+    cells: dict[tuple[str, str, str], Cell] = {}
+    for record in records:
+        if record["preset"] != preset:
+            continue
+        cell = cells.setdefault((record["method"], record["backbone"], record["variant"]), Cell([], []))
+        cell.aucs.append(record["test_auc"])
+        cell.uaucs.append(record["test_uauc"])
+    return cells
+
+
+def write_report(records: list[dict], out: Path, preset: str, source: str) -> Path:
+    """Write report.md (and the figures' PNGs) into `out`; return the markdown file."""
+    cells = summarise(records, preset)
+    if not cells:
+        raise CCFLLMError(f"{source} holds no runs of the {preset!r} preset; nothing to report.")
+    out.mkdir(parents=True, exist_ok=True)
+    sections = [
+        _header(records, preset, source),
+        _ordering(cells),
+        _table3(cells),
+        _table4(cells),
+        _figure3a(cells, out),
+        _not_yet(),
+    ]
+    path = out / "report.md"
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n\n".join(sections) + "\n")
+    return path
+
+
+# -- sections -------------------------------------------------------------------------------------------
+
+
+def _header(records: list[dict], preset: str, source: str) -> str:
+    chosen = [r for r in records if r["preset"] == preset]
+    commits = sorted({r["provenance"]["commit"] for r in chosen})
+    machines = sorted({r["provenance"]["machine"] for r in chosen})
+    hours = sum(r["provenance"]["wall_s"] for r in chosen) / 3600
+    return "\n".join(
+        [
+            f"# CCF-LLM and its baselines: the `{preset}` preset",
+            "",
+            f"From `{source}`: {len(chosen)} finished runs, {hours:.1f} hours of training and testing, "
+            f"code at {', '.join(commits)}, on {'; '.join(machines)}. Each measured cell is the test AUC "
+            "(mean ± sample standard deviation over the recorded seeds, and how many); the paper's "
+            "figures are its Vicuna-7B results (5 runs each), not a target for the small default LLM.",
+        ]
+    )
+
+
+def _ordering(cells: dict) -> str:
+    """The paper's central claims, checked on the measured means."""
+    means = {key: cell.auc for key, cell in cells.items()}
+    lines = ["## The paper's claims, on these runs", ""]
+    for backbone in BACKBONE_TITLES:
+        ccf, collm = means.get(("ccf-llm", backbone, "default")), means.get(("collm", backbone, "default"))
+        cf, tallrec = means.get((backbone, backbone, "default")), means.get(("tallrec", "mf", "default"))
+        if ccf is None:
+            continue
+        name = BACKBONE_TITLES[backbone]
+        for claim, left, right in [
+            (f"CCF-LLM ({name}) > CoLLM ({name})", ccf, collm),
+            (f"CoLLM ({name}) > TallRec", collm, tallrec),
+            (f"CCF-LLM ({name}) > {name}", ccf, cf),
+        ]:
+            if left is None or right is None:
+                lines.append(f"- {claim}: not measured (a side has no run)")
+            else:
+                verdict = "holds" if left > right else "does NOT hold"
+                lines.append(f"- {claim}: {verdict} ({left:.4f} vs {right:.4f})")
+    return "\n".join(lines)
+
+
+def _table3(cells: dict) -> str:
+    lines = [
+        "## Table 3: overall performance (MovieLens-1M)",
+        "",
+        "| method | test AUC (measured) | RelaImpr | test UAUC (measured) | paper AUC | paper RelaImpr |",
+        "|---|---|---|---|---|---|",
+    ]
+    for backbone, title in BACKBONE_TITLES.items():
+        base_key = (backbone, backbone)
+        for method in (backbone, "collm", "ccf-llm"):
+            label = title if method == backbone else f"{METHOD_TITLES[method]} ({title})"
+            lines.append(_row(cells, label, (method, backbone), base_key, PAPER_TABLE3))
+    for method in ("softprompt", "tallrec"):
+        lines.append(_row(cells, METHOD_TITLES[method], (method, "mf"), ("softprompt", "mf"), PAPER_TABLE3))
+    for method in ("collm", "ccf-llm"):
+        best = _best_backbone(cells, method)
+        label = f"{METHOD_TITLES[method]} (Best{f': {BACKBONE_TITLES[best]}' if best else ''})"
+        key = (method, best or "mf")
+        lines.append(_row(cells, label, key, ("softprompt", "mf"), {key: PAPER_BEST[method]}))
+    return "\n".join(lines)
+
+
+def _table4(cells: dict) -> str:
+    name = BACKBONE_TITLES[TABLE4_BACKBONE]
+    lines = [
+        f"## Table 4: training strategies (CCF-LLM with {name}, as the paper)",
+        "",
+        "| strategy | test AUC (measured) | RelaImpr | paper AUC | paper RelaImpr |",
+        "|---|---|---|---|---|",
+    ]
+    default = cells.get(("ccf-llm", TABLE4_BACKBONE, "default"))
+    for variant, title in STRATEGY_TITLES.items():
+        cell = cells.get(("ccf-llm", TABLE4_BACKBONE, variant))
+        measured = cell.text() if cell else "not run"
+        impr = _impr(cell, default) if variant != "default" else "-"
+        paper, paper_impr = PAPER_TABLE4[variant]
+        lines.append(f"| {title} | {measured} | {impr} | {paper:.4f} | {paper_impr} |")
+    return "\n".join(lines)
+
+
+def _figure3a(cells: dict, out: Path) -> str:
+    """How to fuse: α = 1, α ∈ R, CoLLM and CCF-LLM, on LightGCN; a bar chart with error bars."""
+    backbone = TABLE4_BACKBONE
+    bars = {title: cells.get(("ccf-llm", backbone, variant)) for variant, title in FUSION_VARIANTS.items()}
+    bars["CoLLM"] = cells.get(("collm", backbone, "default"))
+    bars["CCF-LLM"] = cells.get(("ccf-llm", backbone, "default"))
+    lines = [
+        f"## Figure 3a: how to fuse ({BACKBONE_TITLES[backbone]})",
+        "",
+        "The paper gives these as a bar chart only (no numbers in its text).",
+        "",
+        "| fusion | test AUC (measured) |",
+        "|---|---|",
+    ]
+    lines += [f"| {title} | {cell.text() if cell else 'not run'} |" for title, cell in bars.items()]
+    measured = {title: cell for title, cell in bars.items() if cell}
+    if measured:
+        _bar_chart(measured, out / "figure3a.png", f"How to fuse ({BACKBONE_TITLES[backbone]})")
+        lines += ["", "![Figure 3a](figure3a.png)"]
+    return "\n".join(lines)
+
+
+def _not_yet() -> str:
+    return "\n".join(
+        [
+            "## Not in this report yet",
+            "",
+            "Table 2 (pilot study: zero-shot and instruct-tuned LLM with CF written as text), Figure 3b "
+            "(two backbones fused at once, Eq. 7), Figure 4 (t-SNE of aligned CF, title and fused "
+            "embeddings) and Table 5 (a case study): the methods they need are not built yet.",
+        ]
+    )
+
+
+# -- pieces ---------------------------------------------------------------------------------------------
+
+
+def _row(cells: dict, label: str, key: tuple, base_key: tuple, paper: dict) -> str:
+    cell, base = cells.get((*key, "default")), cells.get((*base_key, "default"))
+    measured = cell.text() if cell else "not run"
+    uauc = cell.text(cell.uaucs) if cell else ""
+    impr = "-" if key == base_key else _impr(cell, base)
+    paper_auc, paper_impr = paper[key]
+    return f"| {label} | {measured} | {impr} | {uauc} | {paper_auc:.4f} | {paper_impr} |"
+
+
+def _impr(cell: Cell | None, base: Cell | None) -> str:
+    if cell is None or base is None or math.isclose(base.auc, 0.5):
+        return ""
+    return f"{rela_impr(cell.auc, base.auc):.2f}%"
+
+
+def _best_backbone(cells: dict, method: str) -> str | None:
+    measured = {
+        b: cells[(method, b, "default")].auc for b in BACKBONE_TITLES if (method, b, "default") in cells
+    }
+    return max(measured, key=measured.get) if measured else None
+
+
+def _bar_chart(cells: dict[str, Cell], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(cells)
+    means = [cells[n].auc for n in names]
+    errors = [np.std(cells[n].aucs, ddof=1) if cells[n].n > 1 else 0.0 for n in names]
+    figure, axis = plt.subplots(figsize=(1.4 * len(names) + 1.5, 3.2))
+    axis.bar(names, means, yerr=errors, capsize=4, color="#4c72b0")
+    low = min(m - e for m, e in zip(means, errors, strict=True))
+    axis.set_ylim(max(0.0, low - 0.02), max(means) + 0.02)
+    axis.set_ylabel("test AUC")
+    axis.set_title(title)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120)
+    plt.close(figure)

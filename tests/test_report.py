@@ -1,0 +1,65 @@
+"""The report on hand-made results: means, spreads, RelaImpr against the right base, the claims checked
+on the means, the paper's figures beside them, and a chart."""
+
+from __future__ import annotations
+
+import pytest
+
+from ccfllm.errors import CCFLLMError
+from ccfllm.report import write_report
+
+
+def record(method, backbone, seed, auc, variant="default", preset="cpu"):
+    return {
+        "key": f"{preset}/{method}/{backbone}/{variant}/seed{seed}",
+        "method": method,
+        "backbone": backbone,
+        "variant": variant,
+        "seed": seed,
+        "preset": preset,
+        "test_auc": auc,
+        "test_uauc": auc - 0.05,
+        "provenance": {"commit": "abc1234", "machine": "test box", "wall_s": 1800.0},
+    }
+
+
+RECORDS = [
+    record("mf", "mf", 0, 0.70),
+    record("mf", "mf", 1, 0.72),
+    record("collm", "mf", 0, 0.73),
+    record("collm", "mf", 1, 0.75),
+    record("ccf-llm", "mf", 0, 0.72),
+    record("ccf-llm", "mf", 1, 0.74),
+    record("tallrec", "mf", 0, 0.60),
+    record("softprompt", "mf", 0, 0.55),
+    record("ccf-llm", "lightgcn", 0, 0.74),
+    record("ccf-llm", "lightgcn", 0, 0.70, variant="stage1-only"),
+    record("ccf-llm", "lightgcn", 0, 0.66, variant="alpha-one"),
+    record("mf", "mf", 0, 0.99, preset="paper"),  # another preset: not mixed in
+]
+
+
+def test_the_report_gives_means_spreads_relaimpr_and_the_claims(tmp_path):
+    text = write_report(RECORDS, tmp_path, "cpu", "results.jsonl").read_text()
+    assert "11 finished runs, 5.5 hours" in text and "abc1234" in text
+    # MF: 0.71 ± 0.0141 over 2 seeds; CCF-LLM (MF) 0.73: RelaImpr (0.23 / 0.21 - 1) = 9.52%
+    assert "| MF | 0.7100 ± 0.0141 (2 seeds) | - | 0.6600 ± 0.0141 (2 seeds) | 0.6482 | - |" in text
+    assert "| CCF-LLM (MF) | 0.7300 ± 0.0141 (2 seeds) | 9.52% |" in text
+    assert "| CoLLM (MF) | 0.7400 ± 0.0141 (2 seeds) | 14.29% |" in text
+    # TallRec against Softprompt: (0.10 / 0.05 - 1) = 100%; the paper's 1.25%
+    assert "| TallRec | 0.6000 (1 seed) | 100.00% | 0.5500 (1 seed) | 0.7097 | 1.25% |" in text
+    assert "| CoLLM (LightGCN) | not run |" in text
+    assert "| CCF-LLM (Best: LightGCN) | 0.7400 (1 seed) | 380.00% |" in text
+    assert "- CCF-LLM (MF) > CoLLM (MF): does NOT hold (0.7300 vs 0.7400)" in text
+    assert "- CoLLM (MF) > TallRec: holds (0.7400 vs 0.6000)" in text
+    assert "- CCF-LLM (MF) > MF: holds (0.7300 vs 0.7100)" in text
+    # Table 4 on LightGCN: stage 1 only (0.20 / 0.24 - 1) = -16.67%; the paper's -16.56%
+    assert "| Stage 1 Only | 0.7000 (1 seed) | -16.67% | 0.7025 | -16.56% |" in text
+    assert "| End-to-end | not run |" in text
+    assert "| α = 1 | 0.6600 (1 seed) |" in text
+    assert (tmp_path / "figure3a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_report_of_nothing_is_refused(tmp_path):
+    with pytest.raises(CCFLLMError, match="holds no runs of the 'paper' preset"):
+        write_report(RECORDS[:1], tmp_path, "paper", "results.jsonl")
