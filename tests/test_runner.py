@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 import ccfllm.experiment
-from ccfllm.errors import CCFLLMError
+from ccfllm.config import ccf_config
+from ccfllm.errors import CCFLLMError, CheckpointError
+from ccfllm.experiment import run_ccf_llm
 from ccfllm.runner import Planned, make_plan, read_results, run_plan
 
 TINY = dict(
@@ -117,3 +119,34 @@ def test_plans_are_checked_before_anything_runs(tmp_path):
     plan.write_text('[{"method": "ccf-llm", "cf": "mf"}]')
     with pytest.raises(CCFLLMError, match="must be a JSON list of"):
         make_plan(str(plan), [])
+
+
+def test_runs_that_would_train_the_same_stage_one_share_it(tmp_path, tiny_dataset, settings):
+    plan = [
+        Planned("collm", "mf"),
+        Planned("softprompt", "mf"),  # CoLLM's stage 1: text prompt, the same loss
+        Planned("ccf-llm", "mf"),  # Eq. 5: another stage 1
+        Planned("ccf-llm", "mf", "stage1-only"),  # Table 4's row is CCF-LLM's own stage 1
+    ]
+    collm, soft, ccf, only = run_plan(
+        plan, tiny_dataset, tmp_path / "r.jsonl", tmp_path / "runs", "cpu", settings
+    )
+    assert (collm["stage1_from"], soft["stage1_from"], ccf["stage1_from"]) == (None, collm["key"], None)
+    assert only["stage1_from"] == ccf["key"]
+    assert soft["stages"][0]["seconds"] == 0.0 and collm["stages"][0]["seconds"] > 0
+    assert soft["stages"][0]["test_auc"] == collm["stages"][0]["test_auc"]
+    assert soft["stages"][0]["best_valid_auc"] == collm["stages"][0]["best_valid_auc"]
+    # the reused adapter, scored again by the stage-1-only run, gives the donor's stage-1 test AUC exactly
+    assert only["test_auc"] == ccf["stages"][0]["test_auc"]
+
+
+def test_a_donor_that_trained_another_stage_one_is_refused(tmp_path, tiny_dataset, settings):
+    (donor,) = run_plan(
+        [Planned("tallrec", "mf")], tiny_dataset, tmp_path / "r.jsonl", tmp_path / "runs", "cpu", settings
+    )
+    config = ccf_config(
+        "cpu", **{**settings, "method": "tallrec", "lr_lora": 1e-2, "stage1_from": donor["folder"]}
+    )
+    with pytest.raises(CheckpointError, match=r"settings that differ: \['lr_lora'\]"):
+        run_ccf_llm(config, tiny_dataset, tmp_path / "again", progress=False)
+    assert not (tmp_path / "again").exists()

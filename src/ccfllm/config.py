@@ -103,6 +103,11 @@ class CCFConfig:
     gate_hidden: int = _help("hidden width of each of GATE's two MLPs", 64)
     strategy: str = _help("'two-stage', 'stage1-only' or 'end-to-end' (Table 4)", "two-stage")
     stage1_prompt: str = _help("what stage 1 reads: 'text' (CoLLM, TALLRec's prompt) or 'hybrid'", "text")
+    stage1_from: str = _help(
+        "a saved run whose stage 1 (LoRA adapter, valid curve, test row) this run reuses; it must have "
+        "trained stage 1 with the same settings",
+        "",
+    )
     lora_r: int = _help("LoRA rank", 8)
     lora_alpha: int = _help("LoRA alpha", 16)
     lora_dropout: float = _help("LoRA dropout", 0.05)

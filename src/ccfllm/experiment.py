@@ -130,6 +130,8 @@ def run_ccf_llm(
     out = Path(out)
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite.")
+    if config.stage1_from:
+        check_stage1_donor(config, Path(config.stage1_from))  # before any training
     test = test_split(dataset, config)
     method = METHODS[config.method]
     with atomic_path(out) as folder:
@@ -144,15 +146,70 @@ def run_ccf_llm(
         table.append({"model": "mean-label reference (k=5)", **_metrics(test, reference)})
         recommender = build_recommender(config, dataset, backbone, load_llm(**_llm_arguments(config)))
         stages = []
-        for stage in _stages(config.strategy):
+        for number, stage in enumerate(_stages(config.strategy), 1):
             prompts = recommender.prompts_for(stage)
-            stages.append(
-                train_stage(recommender.model, stage, prompts, dataset.train, dataset.valid, config, progress)
-            )
+            last = number == len(_stages(config.strategy))
+            row = {"model": f"{method.title} after stage {stage.value}"}
+            if stage == Stage.LORA and config.stage1_from:
+                stages.append(reuse_stage1(recommender, Path(config.stage1_from)))
+                if not last:  # the donor scored the same weights on the same rows
+                    table.append({**row, **_donor_stage1_row(Path(config.stage1_from))})
+                    continue
+            else:
+                stages.append(
+                    train_stage(
+                        recommender.model, stage, prompts, dataset.train, dataset.valid, config, progress
+                    )
+                )
             scores = score_rows(recommender.model, prompts, test, None, config.eval_batch_size, progress)
-            table.append({"model": f"{method.title} after stage {stage.value}", **_metrics(test, scores)})
+            table.append({**row, **_metrics(test, scores)})
         _save_run(recommender, dataset, folder, cf_reference, table, stages, test, scores)
     return RunResult(out, table, stages, time.perf_counter() - started)
+
+
+# Settings that decide what stage 1 learns, when it reads the text-only prompt: two runs that agree on
+# them train the same LoRA adapter, so one can reuse the other's (the runner shares it among variants).
+STAGE1_SETTINGS = (
+    "llm", "dtype", "loss", "loss_k", "lr_lora", "batch_size", "epochs", "train_rows", "valid_rows",
+    "eval_every", "patience", "max_tokens", "max_history", "lora_r", "lora_alpha", "lora_dropout", "seed",
+    "stage1_prompt", "test_rows",
+)  # fmt: skip
+
+
+def stage1_signature(config: CCFConfig | dict) -> dict | None:
+    """What stage 1 depends on, or None where it depends on more (a hybrid stage-1 prompt reads the
+    method's CF positions) or does not end with the saved adapter (end-to-end)."""
+    settings = config if isinstance(config, dict) else to_dict(config)
+    if settings["stage1_prompt"] != "text" or settings["strategy"] == "end-to-end":
+        return None
+    return {key: settings.get(key) for key in STAGE1_SETTINGS}
+
+
+def check_stage1_donor(config: CCFConfig, donor: Path) -> None:
+    """Refuse a donor run that did not train the stage 1 `config` asks for."""
+    wanted, given = stage1_signature(config), stage1_signature(read_run_config(donor)["config"])
+    if wanted is None or given is None or wanted != given:
+        differ = sorted(k for k in STAGE1_SETTINGS if (wanted or {}).get(k) != (given or {}).get(k))
+        raise CheckpointError(
+            f"{donor} did not train the stage 1 this run needs (both must read the text prompt and end "
+            f"with their stage-1 adapter; settings that differ: {differ or 'strategy or stage1_prompt'})."
+        )
+
+
+def reuse_stage1(recommender: Recommender, donor: Path) -> StageResult:
+    """Load a donor run's stage-1 LoRA adapter into `recommender`; its stage-1 result stands for ours."""
+    check_stage1_donor(recommender.config, donor)
+    adapter = _require(donor / "adapter" / "adapter_model.safetensors")
+    device = str(recommender.llm.model.device)
+    set_peft_model_state_dict(recommender.model.llm, load_file(adapter, device=device))
+    stages = json.loads(_require(donor / "metrics.json").read_text())["stages"]
+    return StageResult(**{**stages[0], "seconds": 0.0})
+
+
+def _donor_stage1_row(donor: Path) -> dict:
+    table = json.loads((donor / "metrics.json").read_text())["table"]
+    row = next(r for r in table if r["model"].endswith("after stage lora"))
+    return {"test_auc": row["test_auc"], "test_uauc": row["test_uauc"], "reused_from": str(donor)}
 
 
 def load_run(

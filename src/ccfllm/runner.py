@@ -163,14 +163,23 @@ def run_plan(
     for number, planned in enumerate(todo, 1):
         print(f"\n[{number}/{len(todo)}] {planned.key(preset)}", flush=True)
         started = time.perf_counter()
-        row = _run_one(planned, dataset, runs, preset, overrides or {}, progress)
+        row = _run_one(planned, dataset, runs, preset, overrides or {}, progress, records)
         records.append(_record(planned, preset, row, {**provenance, "wall_s": time.perf_counter() - started}))
         write_results(results, dataset, records)
     return records
 
 
-def _run_one(planned: Planned, dataset: CTRDataset, runs: Path, preset: str, overrides: dict, progress: bool):
-    """The finished run's test metrics and what it was: {model, test_auc, test_uauc, valid_auc, folder}."""
+def _run_one(
+    planned: Planned,
+    dataset: CTRDataset,
+    runs: Path,
+    preset: str,
+    overrides: dict,
+    progress: bool,
+    records: list[dict],
+) -> dict:
+    """The finished run's test metrics and what it was: {model, test_auc, test_uauc, valid_auc, folder};
+    stage 1 comes from a recorded run that trained the same one, where there is such a run."""
     config = ccf_config(preset, **{**overrides, "cf_model": planned.backbone, "seed": planned.seed})
     cf_folder = _backbone_folder(runs, config, dataset, progress)
     if planned.method in CF_PRESETS:
@@ -188,6 +197,9 @@ def _run_one(planned: Planned, dataset: CTRDataset, runs: Path, preset: str, ove
     settings.update(cf_model=planned.backbone, seed=planned.seed)
     if METHODS[planned.method].cf_source == "backbone":
         settings["cf_checkpoint"] = str(cf_folder.resolve())
+    donor = _stage1_donor(ccf_config(preset, **settings), records)
+    if donor:
+        settings["stage1_from"] = donor["folder"]
     config = ccf_config(preset, **settings)
     folder = runs / planned.key(preset)
     if not (folder / "metrics.json").is_file():
@@ -203,7 +215,23 @@ def _run_one(planned: Planned, dataset: CTRDataset, runs: Path, preset: str, ove
             for row, s in zip(metrics["table"][-len(stages) :], stages, strict=True)
         ],
         "folder": str(folder),
+        "stage1_from": donor["key"] if donor else None,
     }
+
+
+def _stage1_donor(config, records: list[dict]) -> dict | None:
+    """A recorded run (its record) whose stage 1 is the one `config` would train, if any."""
+    from .experiment import read_run_config, stage1_signature
+
+    wanted = stage1_signature(config)
+    if wanted is None:
+        return None
+    for record in records:
+        folder = Path(record["folder"])
+        if record["method"] in METHOD_SETTINGS and (folder / "adapter").is_dir():
+            if stage1_signature(read_run_config(folder)["config"]) == wanted:
+                return record
+    return None
 
 
 def _backbone_folder(runs: Path, config, dataset: CTRDataset, progress: bool) -> Path:
