@@ -34,7 +34,7 @@ from ccfllm.data import load_collm_split
 from ccfllm.data.paths import resolve_data_dir
 from ccfllm.engine import naive_log_probs, naive_score_rows, score_rows
 from ccfllm.errors import CCFLLMError
-from ccfllm.experiment import _stages, load_run, read_run_config
+from ccfllm.experiment import load_run, read_run_config
 from ccfllm.io import write_json
 from ccfllm.metrics import auc
 from ccfllm.train import Stage, loss_for, sample_rows, trainable_parameters, training_step
@@ -110,7 +110,7 @@ def part_matmul(args) -> dict:
         device=_device(recommender),
     )
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
-    prompts = recommender.prompts_for(_stages(recommender.config.strategy)[-1])
+    prompts = recommender.final_prompts()
     return {
         **{name: measure_matmul(dtype, **shapes) for name, dtype in dtypes.items()},
         "work": scoring_flops(recommender.model, prompts, dataset.test),
@@ -120,7 +120,7 @@ def part_matmul(args) -> dict:
 def part_score(args) -> dict:
     dataset = _dataset(args)
     recommender = load_run(args.run, dataset, device=args.device, dtype=args.dtype)
-    prompts = recommender.prompts_for(_stages(recommender.config.strategy)[-1])
+    prompts = recommender.final_prompts()
     test = dataset.test
     rows = np.arange(len(test)) if args.rows == "all" else _sample(test, args.sample)
     score = naive_score_rows if args.path == "naive" else score_rows

@@ -18,7 +18,7 @@ from ccfllm.experiment import build_recommender, evaluate_run, load_run, run_ccf
 from ccfllm.llm import load_llm
 from ccfllm.methods.ccf_llm import Answer
 from ccfllm.methods.collm import collm_loss, yes_logit_score
-from ccfllm.methods.tallrec import tallrec_loss
+from ccfllm.methods.tallrec import similar_items, tallrec_loss
 from ccfllm.prompt import ITEM, ITEM_SLOT, TEXT, USER, PromptBuilder
 from ccfllm.train import Stage, loss_for, trainable_parameters, training_step
 
@@ -188,3 +188,56 @@ def test_the_yes_logit_score_ranks_differently_from_the_normalised_p_yes():
     answer = Answer(*F.log_softmax(logits, -1)[:, :2].T, logits[:, 0])
     assert yes_logit_score(answer)[0] > yes_logit_score(answer)[1]
     assert (answer.log_p_yes - answer.log_p_no)[0] < (answer.log_p_yes - answer.log_p_no)[1]
+
+
+# -- the pilot study (Table 2): CF written as text, and zero-shot ------------------------------------
+
+
+def test_similar_items_are_the_backbones_top_test_items_the_user_did_not_rate(tiny_dataset, backbone):
+    similar = similar_items(backbone, tiny_dataset, k=3)
+    candidates = np.unique(tiny_dataset.test.iid)
+    for uid in (1, 2):
+        history = torch.as_tensor(tiny_dataset.train.history[tiny_dataset.train.uid == uid][-1:])
+        users = backbone.user_embedding(torch.tensor([uid]), history)
+        items = torch.as_tensor(candidates)
+        scores = (users @ backbone.item_embedding(items).T).squeeze(0) + backbone.item_bias(items).squeeze(-1)
+        rated = set(tiny_dataset.train.iid[tiny_dataset.train.uid == uid].tolist())
+        expected = [
+            int(i) for i in candidates[torch.argsort(scores, descending=True).numpy()] if i not in rated
+        ]
+        assert similar[uid] == expected[:3]
+
+
+def test_the_cf_text_prompt_lists_the_users_similar_titles(tiny_llm_dir, tiny_dataset):
+    llm = load_llm(str(tiny_llm_dir), device="cpu", dtype="float32")
+    titles = tiny_dataset.item_titles
+    builder = PromptBuilder(llm.tokenizer, titles, with_cf=False, similar_items={7: [4, 6]})
+    text = builder.render(5, [1, 2], uid=7)
+    assert f'may also enjoy: "{titles[4]}", "{titles[6]}". Using all available' in text
+    prompt = builder.encode(5, [1, 2], uid=7)
+    assert prompt.input_ids.tolist() == llm.tokenizer.encode(text, add_special_tokens=False)
+    assert set(prompt.kind.tolist()) == {TEXT}
+    assert 'enjoy: "". Using' in builder.render(5, [1, 2], uid=8)  # a user without a list
+    with pytest.raises(CCFLLMError, match="encode needs the uid"):
+        builder.encode(5, [1, 2])
+
+
+def test_tallrec_with_cf_as_text_tunes_on_that_prompt(tiny_llm_dir, tiny_dataset, backbone):
+    recommender = build("tallrec-cf", tiny_llm_dir, tiny_dataset, backbone)
+    assert recommender.model.cf is None
+    assert recommender.prompts_for(Stage.LORA).layout == "cf-text"
+    batch, losses = train_rows(recommender, tiny_dataset, Stage.LORA)
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+
+
+def test_zero_shot_scores_the_llm_as_it_comes(tiny_llm_dir, tiny_dataset, tmp_path):
+    config = ccf_config("cpu", llm=str(tiny_llm_dir), method="tallrec", strategy="zero-shot", **TINY)
+    result = run_ccf_llm(config, tiny_dataset, tmp_path / "zero", progress=False)
+    assert [row["model"] for row in result.table] == ["mean-label reference (k=5)", "TALLRec zero-shot"]
+    assert result.stages == []
+    reloaded = load_run(result.folder, tiny_dataset, device="cpu")
+    scores = evaluate_run(reloaded, tiny_dataset, ("test",), progress=False)["test"]
+    assert scores["auc"] == result.table[-1]["test_auc"]
+    # untuned: LoRA's B matrices are still zero, so the adapter changes nothing
+    lora_b = [p for n, p in reloaded.model.llm.named_parameters() if "lora_B" in n]
+    assert lora_b and all(torch.count_nonzero(p) == 0 for p in lora_b)

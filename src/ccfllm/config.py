@@ -69,7 +69,7 @@ def cf_config(model: str, **overrides: Any) -> CFConfig:
     return replace_checked(CFConfig(), {**CF_PRESETS[model], **overrides})
 
 
-STRATEGIES = ("two-stage", "stage1-only", "end-to-end")  # Table 4 of the paper
+STRATEGIES = ("two-stage", "stage1-only", "end-to-end", "zero-shot")  # Table 4; zero-shot: Table 2
 STAGE1_PROMPTS = ("text", "hybrid")
 CF_FEATURES = ("embedding", "embedding+bias")
 FUSIONS = ("gate", "alpha-one", "alpha-scalar")  # Eq. 3-4, and the two ablations of Figure 3a
@@ -78,6 +78,7 @@ LOSSES = ("eq5", "yes-logit", "answer-ce")  # CCF-LLM's Eq. 5, CoLLM's, TALLRec'
 METHOD_SETTINGS: dict[str, dict[str, Any]] = {
     "ccf-llm": {},
     "tallrec": {"strategy": "stage1-only", "loss": "answer-ce"},
+    "tallrec-cf": {"strategy": "stage1-only", "loss": "answer-ce", "stage1_prompt": "hybrid"},
     "collm": {"loss": "yes-logit"},
     "softprompt": {"loss": "yes-logit"},
 }
@@ -87,7 +88,9 @@ METHOD_SETTINGS: dict[str, dict[str, Any]] = {
 class CCFConfig:
     """How CCF-LLM is built, trained and evaluated (paper sections 3.2-3.4 and 4.1)."""
 
-    method: str = _help("'ccf-llm', or the baselines 'tallrec', 'collm', 'softprompt'", "ccf-llm")
+    method: str = _help(
+        "'ccf-llm', or the baselines 'tallrec', 'tallrec-cf', 'collm', 'softprompt'", "ccf-llm"
+    )
     llm: str = _help("causal LM: 'smollm2-135m' (embedded), a local folder, or a hub id", "smollm2-135m")
     allow_download: bool = _help("allow `llm` to be fetched from the Hugging Face hub", False)
     device: str = _help("'auto', 'cpu', 'cuda' or 'cuda:N'", "auto")
@@ -101,8 +104,10 @@ class CCFConfig:
     fusion: str = _help("'gate' (Eq. 3-4), or the ablations 'alpha-one' and 'alpha-scalar'", "gate")
     alg_hidden: int = _help("hidden width of the ALG alignment MLP (l -> hidden -> d)", 256)
     gate_hidden: int = _help("hidden width of each of GATE's two MLPs", 64)
-    strategy: str = _help("'two-stage', 'stage1-only' or 'end-to-end' (Table 4)", "two-stage")
-    stage1_prompt: str = _help("what stage 1 reads: 'text' (CoLLM, TALLRec's prompt) or 'hybrid'", "text")
+    strategy: str = _help("'two-stage', 'stage1-only', 'end-to-end' (Table 4) or 'zero-shot'", "two-stage")
+    stage1_prompt: str = _help(
+        "what stage 1 reads: 'text' (CoLLM, TALLRec's prompt) or 'hybrid' (the method's own prompt)", "text"
+    )
     stage1_from: str = _help(
         "a saved run whose stage 1 (LoRA adapter, valid curve, test row) this run reuses; it must have "
         "trained stage 1 with the same settings",
@@ -161,10 +166,10 @@ class CCFConfig:
         for name in ("train_rows", "fusion_rows", "valid_rows", "test_rows", "eval_every", "max_history"):
             if getattr(self, name) < 0:
                 raise CCFLLMError(f"CCFConfig.{name} must be >= 0, got {getattr(self, name)}.")
-        if self.method == "tallrec" and self.strategy != "stage1-only":
+        if self.method.startswith("tallrec") and self.strategy not in ("stage1-only", "zero-shot"):
             raise CCFLLMError(
-                "CCFConfig: tallrec has no CF positions to train in a second stage; its strategy is "
-                f"'stage1-only', got {self.strategy!r}."
+                f"CCFConfig: {self.method} has no CF positions to train in a second stage; its strategy is "
+                f"'stage1-only' or 'zero-shot', got {self.strategy!r}."
             )
         if self.lr_lora <= 0 or self.lr_fusion <= 0 or self.loss_k < 0 or not 0 <= self.lora_dropout < 1:
             raise CCFLLMError(

@@ -46,7 +46,7 @@ def score_rows(
     """
     model.eval()
     rows = np.arange(len(split)) if rows is None else np.asarray(rows)
-    prompts = [builder.encode(int(split.iid[r]), split.history[r]) for r in rows]
+    prompts = [builder.encode(int(split.iid[r]), split.history[r], int(split.uid[r])) for r in rows]
     groups = _rows_by_prefix(prompts, split.uid[rows])
     groups.sort(key=lambda members: prompts[members[0]].prefix_length)
     scores = np.empty(len(rows), dtype=np.float64)

@@ -34,9 +34,10 @@ from .engine import score_rows
 from .errors import CCFLLMError, CheckpointError
 from .io import atomic_path
 from .llm import LoadedLLM, add_lora, load_llm
-from .methods import LOSSES, METHODS
+from .methods import LOSSES, METHODS, uses_backbone
 from .methods.ccf_llm import CCFLLM, CFFeatures
 from .methods.softprompt import FreeFeatures
+from .methods.tallrec import similar_items
 from .metrics import split_metrics
 from .prompt import PromptBuilder
 from .train import Stage, StageResult, sample_rows, train_stage
@@ -59,6 +60,11 @@ class Recommender:
         text_first = stage == Stage.LORA and self.config.stage1_prompt == "text"
         return self.text_prompts if text_first else self.hybrid_prompts
 
+    def final_prompts(self) -> PromptBuilder:
+        """What the finished model reads: its last stage's prompt; the method's own one zero-shot."""
+        stages = _stages(self.config.strategy)
+        return self.prompts_for(stages[-1]) if stages else self.hybrid_prompts
+
 
 @dataclass
 class RunResult:
@@ -80,8 +86,9 @@ def build_recommender(
     peft_model = add_lora(llm.model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
     score = LOSSES[config.loss].score
     model = CCFLLM(peft_model, features, config, llm.yes_id, llm.no_id, score).to(device)
+    similar = similar_items(backbone, dataset) if method.prompt == "cf-text" else None
     builders = [
-        make_prompts(llm, dataset.item_titles, dataset.domain, config, prompt)
+        make_prompts(llm, dataset.item_titles, dataset.domain, config, prompt, similar)
         for prompt in ("text", method.prompt)
     ]
     return Recommender(model, *builders, config=config, llm=llm)
@@ -91,7 +98,7 @@ def _cf_features(config: CCFConfig, dataset: CTRDataset, backbone: CFModel | Non
     """x^CF for the method: a frozen backbone's, free trainable tables (Softprompt) or none (TALLRec).
     Users and items absent from the training rows are marked unknown: they get zero vectors."""
     source = METHODS[config.method].cf_source
-    if source == "none":
+    if source in ("none", "text"):
         return None
     known_users = torch.zeros(dataset.n_users, dtype=torch.bool)
     known_users[np.unique(dataset.train.uid)] = True
@@ -108,17 +115,24 @@ def _cf_features(config: CCFConfig, dataset: CTRDataset, backbone: CFModel | Non
 
 
 def make_prompts(
-    llm: LoadedLLM, titles: np.ndarray, domain: str, config: CCFConfig, prompt: str
+    llm: LoadedLLM,
+    titles: np.ndarray,
+    domain: str,
+    config: CCFConfig,
+    prompt: str,
+    similar: dict[int, list[int]] | None = None,
 ) -> PromptBuilder:
-    """The builder of a prompt kind: 'text', 'fused' (CCF-LLM) or 'slots' (CoLLM)."""
+    """The builder of a prompt kind: 'text', 'fused' (CCF-LLM), 'slots' (CoLLM) or 'cf-text' (Table 2,
+    which lists each user's `similar` items)."""
     return PromptBuilder(
         llm.tokenizer,
         titles,
         domain,
         max_tokens=config.max_tokens,
-        with_cf=prompt != "text",
+        with_cf=prompt in ("fused", "slots"),
         max_history=config.max_history,
         cf_slots=prompt == "slots",
+        similar_items=similar if prompt == "cf-text" else None,
     )
 
 
@@ -138,7 +152,7 @@ def run_ccf_llm(
         folder.mkdir()
         table = []
         backbone, cf_reference = None, ""
-        if method.cf_source == "backbone":
+        if uses_backbone(method):
             backbone, cf_reference = _backbone(config, dataset, folder, progress)
             scores = predict_split(backbone, test)
             table.append({"model": f"{config.cf_model} (CF backbone alone)", **_metrics(test, scores)})
@@ -163,6 +177,10 @@ def run_ccf_llm(
                 )
             scores = score_rows(recommender.model, prompts, test, None, config.eval_batch_size, progress)
             table.append({**row, **_metrics(test, scores)})
+        if not stages:  # zero-shot: the LLM as it comes, reading the method's prompt
+            prompts = recommender.final_prompts()
+            scores = score_rows(recommender.model, prompts, test, None, config.eval_batch_size, progress)
+            table.append({"model": f"{method.title} zero-shot", **_metrics(test, scores)})
         _save_run(recommender, dataset, folder, cf_reference, table, stages, test, scores)
     return RunResult(out, table, stages, time.perf_counter() - started)
 
@@ -178,9 +196,9 @@ STAGE1_SETTINGS = (
 
 def stage1_signature(config: CCFConfig | dict) -> dict | None:
     """What stage 1 depends on, or None where it depends on more (a hybrid stage-1 prompt reads the
-    method's CF positions) or does not end with the saved adapter (end-to-end)."""
+    method's CF positions), does not end with the saved adapter (end-to-end) or does not exist."""
     settings = config if isinstance(config, dict) else to_dict(config)
-    if settings["stage1_prompt"] != "text" or settings["strategy"] == "end-to-end":
+    if settings["stage1_prompt"] != "text" or settings["strategy"] in ("end-to-end", "zero-shot"):
         return None
     return {key: settings.get(key) for key in STAGE1_SETTINGS}
 
@@ -225,7 +243,7 @@ def load_run(
     if record["dataset"] != dataset.fingerprint():
         raise CheckpointError(f"{folder} was trained on {record['dataset']}, not on {dataset.fingerprint()}.")
     backbone = None
-    if METHODS[config.method].cf_source == "backbone":
+    if uses_backbone(METHODS[config.method]):
         cf_folder = _resolve_cf(folder, record["cf_checkpoint"])
         backbone = load_cf(cf_folder, dataset=dataset, expect_model=config.cf_model, device="cpu")
     llm = load_llm(**_llm_arguments(config))
@@ -256,7 +274,7 @@ def evaluate_run(
     recommender: Recommender, dataset: CTRDataset, splits=("valid", "test"), progress=True
 ) -> dict:
     """{split: {"auc", "uauc"}} of a loaded run, scored with the prompt its final stage read."""
-    prompts = recommender.prompts_for(_stages(recommender.config.strategy)[-1])
+    prompts = recommender.final_prompts()
     results = {}
     for name in splits:
         split = dataset.splits[name]
@@ -287,9 +305,11 @@ def predict_rows(recommender: Recommender, dataset: CTRDataset, rows: pd.DataFra
         history=histories,
         warm=np.zeros(len(frame), dtype=bool),
     )
-    prompts = recommender.prompts_for(_stages(recommender.config.strategy)[-1])
+    prompts = recommender.final_prompts()
     if len(titles) != len(dataset.item_titles):
-        prompts = make_prompts(recommender.llm, titles, dataset.domain, recommender.config, prompts.layout)
+        prompts = make_prompts(
+            recommender.llm, titles, dataset.domain, recommender.config, prompts.layout, prompts.similar_items
+        )
     scores = score_rows(recommender.model, prompts, split, None, recommender.config.eval_batch_size)
     features = recommender.model.cf
     if features is None:  # a text-only method reads no CF signal
@@ -308,9 +328,12 @@ def predict_rows(recommender: Recommender, dataset: CTRDataset, rows: pd.DataFra
 
 
 def _stages(strategy: str) -> list[Stage]:
-    return {"two-stage": [Stage.LORA, Stage.FUSION], "stage1-only": [Stage.LORA], "end-to-end": [Stage.ALL]}[
-        strategy
-    ]
+    return {
+        "two-stage": [Stage.LORA, Stage.FUSION],
+        "stage1-only": [Stage.LORA],
+        "end-to-end": [Stage.ALL],
+        "zero-shot": [],
+    }[strategy]
 
 
 def _llm_arguments(config: CCFConfig) -> dict:
@@ -355,7 +378,7 @@ def _metrics(test: Split, scores: np.ndarray) -> dict:
 def _fusion_prefixes(config: CCFConfig) -> tuple[str, ...]:
     """The weights a run saves beside its adapter: what the non-LoRA stages can train."""
     source = METHODS[config.method].cf_source
-    if source == "none":
+    if source in ("none", "text"):
         return ()
     tables = {
         "free": ("cf.user_table.", "cf.item_table."),

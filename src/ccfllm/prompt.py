@@ -60,6 +60,14 @@ TEMPLATES = {d: (_QUESTION + _USER_SENTENCE + _ASK).format(items=p, item=s) for 
 # The text-only prompt (TALLRec; CoLLM's first stage): the same words without the user-feature sentence,
 # so that what the text-only stage learns reads the same question in the hybrid stage.
 TEXT_TEMPLATES = {d: (_QUESTION + _ASK).format(items=p, item=s) for d, (p, s) in _NOUNS.items()}
+# The pilot study's prompt (section 4.2, Table 2): the user-feature sentence replaced by collaborative
+# signal written as text, the titles of the user's top items by a CF model.
+_SIMILAR_SENTENCE = (
+    " Additionally, we have information that users like these {items} may also enjoy: {{similar}}."
+)
+CF_TEXT_TEMPLATES = {
+    d: (_QUESTION + _SIMILAR_SENTENCE + _ASK).format(items=p, item=s) for d, (p, s) in _NOUNS.items()
+}
 
 QUOTE, SEPARATOR = '"', ","
 SLOT_TEXT = " [ItemCF]"  # how `render` shows an ITEM_SLOT position
@@ -133,6 +141,7 @@ class PromptBuilder:
         with_cf: bool = True,
         max_history: int | None = None,
         cf_slots: bool = False,
+        similar_items: dict[int, list[int]] | None = None,
     ) -> None:
         if domain not in TEMPLATES:
             raise CCFLLMError(f"No prompt template for domain {domain!r}; known: {sorted(TEMPLATES)}.")
@@ -141,6 +150,9 @@ class PromptBuilder:
         self.tokenizer, self.item_titles, self.domain = tokenizer, item_titles, domain
         self.max_tokens, self.with_cf, self.max_history = max_tokens, with_cf, max_history
         self.cf_slots = with_cf and cf_slots
+        self.similar_items = similar_items  # uid -> item ids: the pilot study's CF-as-text prompt
+        if similar_items is not None and with_cf:
+            raise CCFLLMError("CF written as text is a text-only prompt: pass with_cf=False.")
         self.filler_id = _filler_id(tokenizer)
         self.pad_id = next(
             i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, self.filler_id) if i is not None
@@ -148,7 +160,7 @@ class PromptBuilder:
         self._marker_ids = tokenizer.encode(_MARKER, add_special_tokens=False)
         self._with_offsets = bool(getattr(tokenizer, "is_fast", False))
         self._items: dict[tuple[int, str], _Piece] = {}
-        self._cut_template((TEMPLATES if with_cf else TEXT_TEMPLATES)[domain])
+        self._cut_template(self._template())
         if self.fixed_length() >= max_tokens:
             raise CCFLLMError(
                 f"max_tokens={max_tokens} is too small: the fixed part of the prompt needs "
@@ -157,8 +169,15 @@ class PromptBuilder:
 
     @property
     def layout(self) -> str:
-        """'text', 'fused' (CF in the title tokens) or 'slots' (CoLLM's extra positions)."""
+        """'text', 'fused' (CF in the title tokens), 'slots' (CoLLM's extra positions) or 'cf-text'."""
+        if self.similar_items is not None:
+            return "cf-text"
         return "slots" if self.cf_slots else "fused" if self.with_cf else "text"
+
+    def _template(self) -> str:
+        if self.similar_items is not None:
+            return CF_TEXT_TEMPLATES[self.domain]
+        return (TEMPLATES if self.with_cf else TEXT_TEMPLATES)[self.domain]
 
     def _cut_template(self, template: str) -> None:
         """The template's text pieces, cut at the spaces before the history, the [User] and the [Item]."""
@@ -176,21 +195,28 @@ class PromptBuilder:
         if self.with_cf:
             before_user, after_user = between.split(" [User]")
             self.middle = [self._text(before_user), _user_piece(self.filler_id), self._text(after_user)]
+        elif self.similar_items is not None:  # the user's list goes between these two
+            before_similar, after_similar = between.split("{similar}")
+            self.similar_close = after_similar[0]
+            self.middle = [self._text(before_similar.rstrip(" ")), self._text(after_similar[1:])]
         else:
             self.middle = [self._text(between)]
         self.tail = self._text(after_target[1:])
         self.empty_history = self._text(f" {EMPTY_HISTORY}{self.history_close}")
 
-    def fixed_length(self, iid: int | None = None) -> int:
-        """Tokens of the prompt for target `iid` with an empty history: the part never dropped.
-        Without `iid`, the tokens of that prompt outside the target's piece (its quoted title)."""
+    def fixed_length(self, iid: int | None = None, uid: int | None = None) -> int:
+        """Tokens of the prompt for target `iid` (and user `uid`) with an empty history: the part never
+        dropped. Without `iid`, the tokens of that prompt outside the target's piece (its quoted title)."""
         fixed = len(self.head) + len(self.empty_history) + sum(map(len, self.middle)) + len(self.tail)
+        fixed += sum(map(len, self._similar_pieces(uid, strict=False)))
         return fixed if iid is None else fixed + len(self._target_piece(iid))
 
-    def encode(self, iid: int, history: Sequence[int]) -> EncodedPrompt:
-        """One row's prompt; `history` holds liked item ids, oldest first (PAD entries ignored)."""
-        target, shown = self._target_piece(iid), self._shown_history(iid, history)
-        pieces = [self.head, *self._history_pieces(shown), *self.middle, target, self.tail]
+    def encode(self, iid: int, history: Sequence[int], uid: int | None = None) -> EncodedPrompt:
+        """One row's prompt; `history` holds liked item ids, oldest first (PAD entries ignored); `uid`
+        only matters to the CF-as-text prompt."""
+        target, shown = self._target_piece(iid), self._shown_history(iid, history, uid)
+        middle = [self.middle[0], *self._similar_pieces(uid), *self.middle[1:]]
+        pieces = [self.head, *self._history_pieces(shown), *middle, target, self.tail]
         ids = np.concatenate([p.ids for p in pieces])
         return EncodedPrompt(
             input_ids=ids,
@@ -201,26 +227,27 @@ class PromptBuilder:
             prefix_length=len(ids) - len(target) - len(self.tail),
         )
 
-    def render(self, iid: int, history: Sequence[int]) -> str:
+    def render(self, iid: int, history: Sequence[int], uid: int | None = None) -> str:
         """The prompt `encode` gives, as text, without the BOS; "[User]" marks the USER position."""
-        shown = self._shown_history(iid, history)
+        shown = self._shown_history(iid, history, uid)
+        similar = ", ".join(f"{QUOTE}{self._title(i)}{QUOTE}" for i in self._similar(uid)) or EMPTY_HISTORY
         slot = SLOT_TEXT if self.cf_slots else ""
         titles = ", ".join(f"{QUOTE}{self._title(i)}{QUOTE}{slot}" for i in shown) or EMPTY_HISTORY
         target = f"{QUOTE}{self._title(int(iid))}{QUOTE}{slot}"
-        template = (TEMPLATES if self.with_cf else TEXT_TEMPLATES)[self.domain]
-        return template.replace("{history}", titles).replace("[Item]", target)
+        text = self._template().replace("{history}", titles).replace("[Item]", target)
+        return text.replace("{similar}", similar)
 
     def batch(self, uid, iid, history, label=None) -> PromptBatch:
         """Encode rows and left-pad them into one batch; `history` is the (B, H) left-padded matrix."""
         history = np.asarray(history, dtype=np.int64)
-        prompts = [self.encode(int(i), row) for i, row in zip(iid, history, strict=True)]
+        prompts = [self.encode(int(i), row, int(u)) for u, i, row in zip(uid, iid, history, strict=True)]
         return collate(prompts, uid, iid, self.pad_id, history.shape[1], label)
 
     # -- the history ------------------------------------------------------------------------------
 
-    def _shown_history(self, iid: int, history: Sequence[int]) -> list[int]:
+    def _shown_history(self, iid: int, history: Sequence[int], uid: int | None = None) -> list[int]:
         """The most recent titled items (at most max_history) whose pieces fit beside the fixed part."""
-        fixed = self.fixed_length(int(iid))
+        fixed = self.fixed_length(int(iid), uid)
         if fixed > self.max_tokens:
             raise CCFLLMError(
                 f"max_tokens={self.max_tokens} is too small: the fixed part of the prompt for target item "
@@ -245,6 +272,26 @@ class PromptBuilder:
         return [self._item_piece(i, SEPARATOR) for i in shown[:-1]] + [
             self._item_piece(shown[-1], self.history_close)
         ]
+
+    def _similar(self, uid: int | None, strict: bool = True) -> list[int]:
+        """The titled similar items of `uid`; with `strict`, a missing uid is an error, else no items."""
+        if self.similar_items is None:
+            return []
+        if uid is None:
+            if strict:
+                raise CCFLLMError("The CF-as-text prompt lists a user's similar items: encode needs the uid.")
+            return []
+        return [i for i in self.similar_items.get(int(uid), []) if self._title(i)]
+
+    def _similar_pieces(self, uid: int | None, strict: bool = True) -> list[_Piece]:
+        """` "Title",` per similar item, the last one closed like the sentence; `""` for none."""
+        if self.similar_items is None:
+            return []
+        similar = self._similar(uid, strict)
+        if not similar:
+            return [self._text(f" {EMPTY_HISTORY}{self.similar_close}")]
+        closes = [SEPARATOR] * (len(similar) - 1) + [self.similar_close]
+        return [self._item_piece(i, close) for i, close in zip(similar, closes, strict=True)]
 
     # -- items --------------------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from .config import CF_PRESETS, METHOD_SETTINGS, ccf_config
 from .data.dataset import CTRDataset
 from .errors import CCFLLMError
 from .io import atomic_path
-from .methods import METHODS
+from .methods import METHODS, uses_backbone
 
 RESULTS_FORMAT = "ccfllm-results/1"
 
@@ -39,6 +39,7 @@ VARIANTS: dict[str, dict] = {
     "stage1-only": {"strategy": "stage1-only"},
     "end-to-end": {"strategy": "end-to-end"},
     "eq5": {"loss": "eq5"},
+    "zero-shot": {"strategy": "zero-shot"},
 }
 
 
@@ -80,15 +81,21 @@ def _main_plan(seeds: list[int]) -> list[Planned]:
 
 
 def _full_plan(seeds: list[int]) -> list[Planned]:
-    """Table 3 in full, Table 4's strategies and Figure 3a's fusions, on every backbone."""
+    """Table 3 on every backbone; Table 2's pilot (MF); Table 4's strategies and Figure 3a's fusions on
+    LightGCN, as the paper runs them."""
     runs = []
     for seed in seeds:
         runs += [Planned(method, "mf", "default", seed) for method in ("tallrec", "softprompt")]
         for backbone in ("mf", "lightgcn", "sasrec"):
             runs += [Planned(m, backbone, "default", seed) for m in (backbone, "collm", "ccf-llm")]
         runs += [
-            Planned("ccf-llm", "mf", v, seed)
+            Planned("ccf-llm", "lightgcn", v, seed)
             for v in ("stage1-only", "end-to-end", "alpha-one", "alpha-scalar")
+        ]
+        runs += [
+            Planned("tallrec", "mf", "zero-shot", seed),
+            Planned("tallrec-cf", "mf", "zero-shot", seed),
+            Planned("tallrec-cf", "mf", "default", seed),
         ]
     return runs
 
@@ -195,7 +202,7 @@ def _run_one(
 
     settings = {**overrides, **VARIANTS[planned.variant], "method": planned.method}
     settings.update(cf_model=planned.backbone, seed=planned.seed)
-    if METHODS[planned.method].cf_source == "backbone":
+    if uses_backbone(METHODS[planned.method]):
         settings["cf_checkpoint"] = str(cf_folder.resolve())
     donor = _stage1_donor(ccf_config(preset, **settings), records)
     if donor:
@@ -209,7 +216,7 @@ def _run_one(
     final = metrics["table"][-1]
     return {
         **final,
-        "valid_auc": max(s["best_valid_auc"] for s in stages),
+        "valid_auc": max((s["best_valid_auc"] for s in stages), default=None),
         "stages": [
             {**row, "stage": s["stage"], "best_valid_auc": s["best_valid_auc"], "seconds": s["seconds"]}
             for row, s in zip(metrics["table"][-len(stages) :], stages, strict=True)

@@ -4,6 +4,7 @@ method's own idea lives in its module:
 
   ccf-llm     ccf_llm.py     title tokens fused with ALG(x^CF) through GATE (Eqs. 2-4), loss Eq. 5
   tallrec     tallrec.py     text-only prompt, LoRA, cross-entropy on the answer token
+  tallrec-cf  tallrec.py     TALLRec with the CF model's top items written into the prompt (Table 2)
   collm       collm.py       an extra slot per item carrying ALG(x^CF), BCE on the "Yes" logit
   softprompt  softprompt.py  CoLLM's slots, filled from free trainable tables instead of a CF model
 
@@ -23,8 +24,9 @@ from .ccf_llm import Answer, eq5_loss, normalised_p_yes
 from .collm import collm_loss, yes_logit_score
 from .tallrec import tallrec_loss
 
-PROMPTS = ("text", "fused", "slots")  # no CF position; CF in the title tokens; CoLLM's extra slots
-CF_SOURCES = ("none", "backbone", "free")
+# no CF position; CF in the title tokens; CoLLM's extra slots; the CF model's top items as titles
+PROMPTS = ("text", "fused", "slots", "cf-text")
+CF_SOURCES = ("none", "backbone", "free", "text")  # "text": a backbone's ranking, read as words
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ METHODS: dict[str, Method] = _registry(
     [
         Method("ccf-llm", "CCF-LLM", prompt="fused", cf_source="backbone"),
         Method("tallrec", "TALLRec", prompt="text", cf_source="none"),
+        Method("tallrec-cf", "TALLRec w/ CF as text", prompt="cf-text", cf_source="text"),
         Method("collm", "CoLLM", prompt="slots", cf_source="backbone"),
         Method("softprompt", "Softprompt", prompt="slots", cf_source="free"),
     ],
@@ -65,8 +68,15 @@ LOSSES: dict[str, Loss] = {
     "yes-logit": Loss(collm_loss, yes_logit_score),
     "answer-ce": Loss(tallrec_loss, normalised_p_yes),
 }
-assert set(METHODS) == set(METHOD_SETTINGS) and set(LOSSES) == set(LOSS_NAMES), "config and methods disagree"
-assert all(m.prompt in PROMPTS and m.cf_source in CF_SOURCES for m in METHODS.values())
+if set(METHODS) != set(METHOD_SETTINGS) or set(LOSSES) != set(LOSS_NAMES):
+    raise RuntimeError("config.METHOD_SETTINGS / config.LOSSES and the method registry disagree.")
+if any(m.prompt not in PROMPTS or m.cf_source not in CF_SOURCES for m in METHODS.values()):
+    raise RuntimeError(f"A method names an unknown prompt or CF source; known: {PROMPTS}, {CF_SOURCES}.")
+
+
+def uses_backbone(method: Method) -> bool:
+    """Whether the method needs a trained CF backbone (as embeddings, or for its ranking as text)."""
+    return method.cf_source in ("backbone", "text")
 
 
 def get_method(name: str) -> Method:
