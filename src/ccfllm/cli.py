@@ -352,13 +352,28 @@ def compare(plan, seeds, preset, data_dir, results, runs, settings, dry_run, qui
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder for report.md and PNGs.")
 @click.option("--preset", type=click.Choice(sorted(CCF_PRESETS)), default="cpu", show_default=True)
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), help=DATA_OPTION_HELP)
-def report(results, out, preset, data_dir) -> None:
+@click.option(
+    "--run",
+    "run_dir",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="A saved CCF-LLM run for Figure 4 and Table 5 (default: the results' first CCF-LLM (MF) run).",
+)
+@click.option("--device", default="auto", show_default=True, help="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+def report(results, out, preset, data_dir, run_dir, device) -> None:
     """Turn a results file into the paper's tables and figures, beside the paper's figures."""
+    from .experiment import load_run
     from .report import write_report
     from .runner import read_results
 
     dataset = load_collm_split(resolve_data_dir(data_dir), max_history=CF_HISTORY)
-    path = write_report(read_results(Path(results), dataset), Path(out), preset, results)
+    records = read_results(Path(results), dataset)
+    if run_dir is None:
+        run_dir = next((r["folder"] for r in records if r["key"].endswith("/ccf-llm/mf/default/seed0")), None)
+    inside = None
+    if run_dir and Path(run_dir, "config.json").is_file():
+        inside = (load_run(run_dir, dataset, device=device), Path(run_dir), dataset)
+    path = write_report(records, Path(out), preset, results, inside)
     click.echo(path.read_text())
     click.echo(f"written to {path}")
 

@@ -295,6 +295,16 @@ class PromptBuilder:
 
     # -- items --------------------------------------------------------------------------------------
 
+    def title_tokens(self, iid: int) -> np.ndarray:
+        """The ids of an item's title tokens as its prompts carry them (the ITEM positions of the
+        fused prompt). An item without a title has none."""
+        if not self._title(int(iid)):
+            return np.zeros(0, dtype=np.int64)
+        start = len(f" {QUOTE}")
+        title = self._title(int(iid))
+        ids, in_title = self._tokens_in_span(f" {QUOTE}{title}{QUOTE}{SEPARATOR}", start, start + len(title))
+        return ids[in_title]
+
     def _title(self, iid: int) -> str:
         """The item's title, stripped; "" when it has none. An id outside the table is an error."""
         if not 0 < iid < len(self.item_titles):

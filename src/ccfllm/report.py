@@ -95,8 +95,11 @@ def summarise(records: list[dict], preset: str) -> dict[tuple[str, str, str], Ce
     return cells
 
 
-def write_report(records: list[dict], out: Path, preset: str, source: str) -> Path:
-    """Write report.md (and the figures' PNGs) into `out`; return the markdown file."""
+def write_report(
+    records: list[dict], out: Path, preset: str, source: str, inside: tuple | None = None
+) -> Path:
+    """Write report.md (and the figures' PNGs) into `out`; return the markdown file. `inside`, a
+    (loaded CCF-LLM run, its folder, dataset), adds Figure 4 and Table 5."""
     cells = summarise(records, preset)
     if not cells:
         raise CCFLLMError(f"{source} holds no runs of the {preset!r} preset; nothing to report.")
@@ -108,7 +111,8 @@ def write_report(records: list[dict], out: Path, preset: str, source: str) -> Pa
         _table3(cells),
         _table4(cells),
         _figure3a(cells, out),
-        _not_yet(),
+        *(_inside(*inside, out) if inside else []),
+        _not_yet(inside is not None),
     ]
     path = out / "report.md"
     with atomic_path(path) as tmp:
@@ -241,15 +245,54 @@ def _figure3a(cells: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
-def _not_yet() -> str:
-    return "\n".join(
-        [
-            "## Not in this report yet",
-            "",
-            "Figure 3b (two backbones fused at once, Eq. 7), Figure 4 (t-SNE of aligned CF, title and "
-            "fused embeddings) and Table 5 (a case study): what they need is not built yet.",
-        ]
-    )
+def _inside(recommender, folder: Path, dataset, out: Path) -> list[str]:
+    """Figure 4 and Table 5, from one saved CCF-LLM run."""
+    from .analysis import VIEWS, case_study, item_views, tsne_figure
+
+    views = item_views(recommender, dataset)
+    tsne_figure(views, out / "figure4.png")
+    table = case_study(recommender, dataset)
+    ranks = [c for c in table.columns if c.startswith("rank by")]
+    rows = [
+        "| " + " | ".join([str(r["iid"]), r["title"], _liked(r["label"]), *(str(r[c]) for c in ranks)]) + " |"
+        for r in table.to_dict("records")
+    ]
+    return [
+        "\n".join(
+            [
+                f"## Figure 4: t-SNE of {len(views['iid'])} items' {', '.join(VIEWS)} embeddings",
+                "",
+                f"From the run `{folder}`: ALG(x_i^CF), the mean of the title tokens' input embeddings "
+                "and the mean of the fused title tokens (Eq. 4), each view scaled to unit mean norm, "
+                "in one t-SNE.",
+                "",
+                "![Figure 4](figure4.png)",
+            ]
+        ),
+        "\n".join(
+            [
+                f"## Table 5: case study, user {int(table.uid.iloc[0])}'s test items ranked three ways",
+                "",
+                "Rank 1 is the scorer's most recommended of the five; the zero-shot LLM is the same LLM with "
+                "the LoRA adapter switched off, reading TALLRec's prompt.",
+                "",
+                "| item | title | label | " + " | ".join(ranks) + " |",
+                "|---|---|---|" + "---|" * len(ranks),
+                *rows,
+            ]
+        ),
+    ]
+
+
+def _liked(label: int) -> str:
+    return "liked" if label else "not liked"
+
+
+def _not_yet(with_inside: bool) -> str:
+    missing = "Figure 3b (two backbones fused at once, Eq. 7): its fusion is not built yet."
+    if not with_inside:
+        missing += " Figure 4 and Table 5 need a saved CCF-LLM run (`ccfllm report --run`)."
+    return "\n".join(["## Not in this report yet", "", missing])
 
 
 # -- pieces ---------------------------------------------------------------------------------------------
