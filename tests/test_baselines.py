@@ -241,3 +241,59 @@ def test_zero_shot_scores_the_llm_as_it_comes(tiny_llm_dir, tiny_dataset, tmp_pa
     # untuned: LoRA's B matrices are still zero, so the adapter changes nothing
     lora_b = [p for n, p in reloaded.model.llm.named_parameters() if "lora_B" in n]
     assert lora_b and all(torch.count_nonzero(p) == 0 for p in lora_b)
+
+
+# -- two backbones fused at once (Eq. 7, Figure 3b) --------------------------------------------------
+
+
+def test_two_backbones_are_fused_with_a_second_gate(tiny_llm_dir, tiny_dataset, backbone):
+    settings = dict(dim=4, lr=1e-2, weight_decay=1e-4, bias_decay=1e-4, max_epochs=3, device="cpu")
+    second = train_cf(cf_config("lightgcn", **settings), tiny_dataset, progress=False).model
+    config = ccf_config("cpu", llm=str(tiny_llm_dir), cf_model2="lightgcn", **TINY)
+    llm = load_llm(str(tiny_llm_dir), device="cpu", dtype="float32")
+    recommender = build_recommender(config, tiny_dataset, backbone, llm, second)
+    model = recommender.model
+    assert model.second_cf.dim == 4 + 2 and model.alignment2 is not None
+    batch = recommender.hybrid_prompts.batch(
+        *(getattr(tiny_dataset.train, f)[:4] for f in ("uid", "iid", "history"))
+    )
+    titles = model.llm.get_input_embeddings()(batch.input_ids)
+    is_item = batch.kind == ITEM
+    with torch.no_grad():
+        for mlp in (model.gate.from_cf, model.gate.from_text, model.gate2.from_cf, model.gate2.from_text):
+            mlp[-1].bias.fill_(0.5)  # alpha = beta = 1
+        aligned = model.alignment(model.cf.items(batch.item[is_item]))
+        aligned2 = model.alignment2(model.second_cf.items(batch.item[is_item]))
+        fused = model.input_embeddings(batch)[is_item]
+    torch.testing.assert_close(fused, titles[is_item] + aligned + aligned2)  # Eq. 7
+    assert names(trainable_parameters(model, Stage.FUSION, tune_cf=False), model) == {
+        "alignment",
+        "gate",
+        "alignment2",
+        "gate2",
+    }
+    with pytest.raises(CCFLLMError, match="cf_model2 must be another backbone than cf_model"):
+        ccf_config("cpu", cf_model2="mf")
+    with pytest.raises(CCFLLMError, match="two fused backbones"):
+        ccf_config("cpu", method="collm", cf_model2="sasrec")
+
+
+def test_a_two_backbone_run_reloads_to_the_same_scores(tiny_llm_dir, tiny_dataset, tmp_path):
+    config = ccf_config("cpu", llm=str(tiny_llm_dir), cf_model2="lightgcn", **{**TINY, "test_rows": 64})
+    result = run_ccf_llm(config, tiny_dataset, tmp_path / "pair", progress=False)
+    models = [row["model"] for row in result.table]
+    assert models[:2] == ["mf (CF backbone alone)", "lightgcn (CF backbone alone)"]
+    assert sorted(p.name for p in result.folder.iterdir() if p.is_dir()) == ["adapter", "cf", "cf2"]
+    reloaded = load_run(result.folder, tiny_dataset, device="cpu")
+    from ccfllm.engine import score_rows
+    from ccfllm.experiment import test_split
+    from ccfllm.metrics import auc
+
+    test = test_split(tiny_dataset, reloaded.config)
+    scores = score_rows(reloaded.model, reloaded.final_prompts(), test, None, 8)
+    assert auc(test.label, scores) == result.table[-1]["test_auc"]
+
+
+def names(parameters, model) -> set[str]:
+    chosen = {id(p) for p in parameters}
+    return {name.split(".")[0] for name, p in model.named_parameters() if id(p) in chosen}

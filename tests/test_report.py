@@ -36,13 +36,14 @@ RECORDS = [
     record("ccf-llm", "lightgcn", 0, 0.70, variant="stage1-only"),
     record("ccf-llm", "lightgcn", 0, 0.66, variant="alpha-one"),
     record("tallrec", "mf", 0, 0.52, variant="zero-shot"),
+    record("ccf-llm", "lightgcn+mf", 0, 0.745),
     record("mf", "mf", 0, 0.99, preset="paper"),  # another preset: not mixed in
 ]
 
 
 def test_the_report_gives_means_spreads_relaimpr_and_the_claims(tmp_path):
     text = write_report(RECORDS, tmp_path, "cpu", "results.jsonl").read_text()
-    assert "12 finished runs, 6.0 hours" in text and "abc1234" in text
+    assert "13 finished runs, 6.5 hours" in text and "abc1234" in text
     # MF: 0.71 ± 0.0141 over 2 seeds; CCF-LLM (MF) 0.73: RelaImpr (0.23 / 0.21 - 1) = 9.52%
     assert "| MF | 0.7100 ± 0.0141 (2 seeds) | - | 0.6600 ± 0.0141 (2 seeds) | 0.6482 | - |" in text
     assert "| CCF-LLM (MF) | 0.7300 ± 0.0141 (2 seeds) | 9.52% |" in text
@@ -61,6 +62,9 @@ def test_the_report_gives_means_spreads_relaimpr_and_the_claims(tmp_path):
     assert "| Zero-shot, w/o CF | 0.5200 (1 seed) | 0.6184 |" in text
     assert "| Instruct-tuning, w/o CF | 0.6000 (1 seed) | 0.7084 |" in text
     assert "| Zero-shot, w/ CF | not run | 0.6202 |" in text
+    assert "| L+M | 0.7450 (1 seed) |" in text and "| M+S | not run |" in text
+    assert "| M | 0.7300 ± 0.0141 (2 seeds) |" in text
+    assert (tmp_path / "figure3b.png").is_file()
     assert (tmp_path / "figure3a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

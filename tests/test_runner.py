@@ -111,6 +111,11 @@ def test_plans_are_checked_before_anything_runs(tmp_path):
     assert len(make_plan("main", [0, 1, 2])) == 15
     with pytest.raises(CCFLLMError, match="unknown variant 'alpha-two'"):
         Planned("ccf-llm", "mf", "alpha-two")
+    assert Planned("ccf-llm", "lightgcn+mf").backbones == ["lightgcn", "mf"]
+    with pytest.raises(CCFLLMError, match="two different ones joined by"):
+        Planned("ccf-llm", "mf+mf")
+    with pytest.raises(CCFLLMError, match="are CCF-LLM's alone"):
+        Planned("collm", "mf+sasrec")
     with pytest.raises(CCFLLMError, match="a CF backbone alone is itself"):
         Planned("mf", "sasrec")
     plan = tmp_path / "plan.json"

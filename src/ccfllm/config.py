@@ -97,6 +97,10 @@ class CCFConfig:
     dtype: str = _help("'auto' (bf16 where native), 'bfloat16', 'float16' or 'float32'", "auto")
     cf_model: str = _help("CF backbone whose embeddings are fused: mf, lightgcn or sasrec", "mf")
     cf_checkpoint: str = _help("trained backbone run folder; empty: train one with its preset", "")
+    cf_model2: str = _help(
+        "a second backbone fused at once, with its own ALG and GATE (Eq. 7); empty: none", ""
+    )
+    cf_checkpoint2: str = _help("trained run folder of the second backbone; empty: train one", "")
     cf_features: str = _help(
         "x^CF: 'embedding', or 'embedding+bias' (the backbone's biases appended)", "embedding+bias"
     )
@@ -166,6 +170,15 @@ class CCFConfig:
         for name in ("train_rows", "fusion_rows", "valid_rows", "test_rows", "eval_every", "max_history"):
             if getattr(self, name) < 0:
                 raise CCFLLMError(f"CCFConfig.{name} must be >= 0, got {getattr(self, name)}.")
+        if self.cf_model2 and (self.cf_model2 not in CF_PRESETS or self.cf_model2 == self.cf_model):
+            raise CCFLLMError(
+                f"CCFConfig.cf_model2 must be another backbone than cf_model ({self.cf_model!r}), one of "
+                f"{list(CF_PRESETS)}; got {self.cf_model2!r}."
+            )
+        if self.cf_model2 and self.method != "ccf-llm":
+            raise CCFLLMError(
+                "CCFConfig: two fused backbones (Eq. 7) are CCF-LLM's; method must be 'ccf-llm'."
+            )
         if self.method.startswith("tallrec") and self.strategy not in ("stage1-only", "zero-shot"):
             raise CCFLLMError(
                 f"CCFConfig: {self.method} has no CF positions to train in a second stage; its strategy is "

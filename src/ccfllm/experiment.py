@@ -75,17 +75,22 @@ class RunResult:
 
 
 def build_recommender(
-    config: CCFConfig, dataset: CTRDataset, backbone: CFModel | None, llm: LoadedLLM
+    config: CCFConfig,
+    dataset: CTRDataset,
+    backbone: CFModel | None,
+    llm: LoadedLLM,
+    second_backbone: CFModel | None = None,
 ) -> Recommender:
     """Wrap the LLM with LoRA, attach the method's CF features (the frozen backbone's, free tables or
-    none) and fresh ALG + GATE."""
+    none; and a second backbone's for Eq. 7) and fresh ALG + GATE."""
     seed_everything(config.seed)
     method = METHODS[config.method]
     device = llm.model.device
     features = _cf_features(config, dataset, backbone)
+    second = _cf_features(config, dataset, second_backbone) if config.cf_model2 else None
     peft_model = add_lora(llm.model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
     score = LOSSES[config.loss].score
-    model = CCFLLM(peft_model, features, config, llm.yes_id, llm.no_id, score).to(device)
+    model = CCFLLM(peft_model, features, config, llm.yes_id, llm.no_id, score, second).to(device)
     similar = similar_items(backbone, dataset) if method.prompt == "cf-text" else None
     builders = [
         make_prompts(llm, dataset.item_titles, dataset.domain, config, prompt, similar)
@@ -150,15 +155,19 @@ def run_ccf_llm(
     method = METHODS[config.method]
     with atomic_path(out) as folder:
         folder.mkdir()
-        table = []
-        backbone, cf_reference = None, ""
-        if uses_backbone(method):
-            backbone, cf_reference = _backbone(config, dataset, folder, progress)
+        table, backbones, cf_references = [], [], []
+        names = [n for n in (config.cf_model, config.cf_model2) if n] if uses_backbone(method) else []
+        for number, name in enumerate(names):
+            backbone, reference = _backbone(config, dataset, folder, progress, second=number == 1)
             scores = predict_split(backbone, test)
-            table.append({"model": f"{config.cf_model} (CF backbone alone)", **_metrics(test, scores)})
+            table.append({"model": f"{name} (CF backbone alone)", **_metrics(test, scores)})
+            backbones.append(backbone)
+            cf_references.append(reference)
         reference = reference_scores(dataset, test, 5.0)
         table.append({"model": "mean-label reference (k=5)", **_metrics(test, reference)})
-        recommender = build_recommender(config, dataset, backbone, load_llm(**_llm_arguments(config)))
+        llm = load_llm(**_llm_arguments(config))
+        first, second = (backbones + [None, None])[:2]
+        recommender = build_recommender(config, dataset, first, llm, second)
         stages = []
         for number, stage in enumerate(_stages(config.strategy), 1):
             prompts = recommender.prompts_for(stage)
@@ -181,7 +190,7 @@ def run_ccf_llm(
             prompts = recommender.final_prompts()
             scores = score_rows(recommender.model, prompts, test, None, config.eval_batch_size, progress)
             table.append({"model": f"{method.title} zero-shot", **_metrics(test, scores)})
-        _save_run(recommender, dataset, folder, cf_reference, table, stages, test, scores)
+        _save_run(recommender, dataset, folder, cf_references, table, stages, test, scores)
     return RunResult(out, table, stages, time.perf_counter() - started)
 
 
@@ -242,10 +251,13 @@ def load_run(
     )
     if record["dataset"] != dataset.fingerprint():
         raise CheckpointError(f"{folder} was trained on {record['dataset']}, not on {dataset.fingerprint()}.")
-    backbone = None
+    backbone = second = None
     if uses_backbone(METHODS[config.method]):
         cf_folder = _resolve_cf(folder, record["cf_checkpoint"])
         backbone = load_cf(cf_folder, dataset=dataset, expect_model=config.cf_model, device="cpu")
+    if config.cf_model2:
+        cf_folder = _resolve_cf(folder, record.get("cf_checkpoint2", ""))
+        second = load_cf(cf_folder, dataset=dataset, expect_model=config.cf_model2, device="cpu")
     llm = load_llm(**_llm_arguments(config))
     if _without_name(llm.fingerprint) != _without_name(
         record["llm"]
@@ -253,7 +265,7 @@ def load_run(
         raise CheckpointError(
             f"{folder} was trained with the LLM {record['llm']}, but {config.llm} loads as {llm.fingerprint}."
         )
-    recommender = build_recommender(config, dataset, backbone, llm)
+    recommender = build_recommender(config, dataset, backbone, llm, second)
     adapter = _require(folder / "adapter" / "adapter_model.safetensors")
     set_peft_model_state_dict(recommender.model.llm, load_file(adapter, device=str(llm.model.device)))
     fusion = load_file(_require(folder / "fusion.safetensors"), device=str(llm.model.device))
@@ -345,19 +357,28 @@ def _llm_arguments(config: CCFConfig) -> dict:
     }
 
 
-def _backbone(config: CCFConfig, dataset: CTRDataset, folder: Path, progress: bool) -> tuple[CFModel, str]:
-    """The named CF checkpoint, or a backbone trained now with its preset and saved under cf/."""
-    if config.cf_checkpoint:
-        return load_cf(
-            config.cf_checkpoint, dataset=dataset, expect_model=config.cf_model, device="cpu"
-        ), str(Path(config.cf_checkpoint).resolve())
-    return train_backbone(config, dataset, folder / "cf", progress), "cf"
+def _backbone(
+    config: CCFConfig, dataset: CTRDataset, folder: Path, progress: bool, second: bool = False
+) -> tuple[CFModel, str]:
+    """The named CF checkpoint, or a backbone trained now with its preset and saved under cf/ (the
+    second backbone of Eq. 7: cf2/)."""
+    name, checkpoint = (
+        (config.cf_model2, config.cf_checkpoint2) if second else (config.cf_model, config.cf_checkpoint)
+    )
+    if checkpoint:
+        model = load_cf(checkpoint, dataset=dataset, expect_model=name, device="cpu")
+        return model, str(Path(checkpoint).resolve())
+    subfolder = "cf2" if second else "cf"
+    return train_backbone(config, dataset, folder / subfolder, progress, name), subfolder
 
 
-def train_backbone(config: CCFConfig, dataset: CTRDataset, folder: Path, progress: bool = True) -> CFModel:
-    """Train the backbone `config.cf_model` with its preset (the run's seed and history length) and
-    save it, with its valid and test metrics, in `folder`."""
-    cf = cf_config(config.cf_model, seed=config.seed, device="cpu", max_history=max(config.max_history, 1))
+def train_backbone(
+    config: CCFConfig, dataset: CTRDataset, folder: Path, progress: bool = True, name: str | None = None
+) -> CFModel:
+    """Train the backbone `name` (default `config.cf_model`) with its preset, the run's seed and history
+    length, and save it with its valid and test metrics in `folder`."""
+    history = max(config.max_history, 1)
+    cf = cf_config(name or config.cf_model, seed=config.seed, device="cpu", max_history=history)
     result = train_cf(cf, dataset, progress=progress)
     metrics = {**evaluate_cf(result.model, dataset), "best_epoch": result.best_epoch}
     save_cf(result.model, dataset, folder, metrics)
@@ -384,10 +405,13 @@ def _fusion_prefixes(config: CCFConfig) -> tuple[str, ...]:
         "free": ("cf.user_table.", "cf.item_table."),
         "backbone": ("cf.backbone.",) if config.tune_cf else (),
     }
-    return ("alignment.", "gate.", *tables[source])
+    second = ("alignment2.", "gate2.") if config.cf_model2 else ()
+    if config.cf_model2 and config.tune_cf:
+        second += ("second_cf.backbone.",)
+    return ("alignment.", "gate.", *tables[source], *second)
 
 
-def _save_run(recommender, dataset, folder, cf_reference, table, stages, test, scores) -> None:
+def _save_run(recommender, dataset, folder, cf_references, table, stages, test, scores) -> None:
     model, config = recommender.model, recommender.config
     model.llm.save_pretrained(folder / "adapter")
     state = {
@@ -400,7 +424,8 @@ def _save_run(recommender, dataset, folder, cf_reference, table, stages, test, s
         "format": RUN_FORMAT,
         "config": to_dict(config),
         "llm": recommender.llm.fingerprint,
-        "cf_checkpoint": cf_reference,
+        "cf_checkpoint": cf_references[0] if cf_references else "",
+        "cf_checkpoint2": cf_references[1] if len(cf_references) > 1 else "",
         "dataset": dataset.fingerprint(),
     }
     (folder / "config.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

@@ -45,7 +45,8 @@ VARIANTS: dict[str, dict] = {
 
 @dataclass(frozen=True)
 class Planned:
-    """One run of a plan. `method` is an LLM method or a CF backbone alone (mf, lightgcn, sasrec)."""
+    """One run of a plan. `method` is an LLM method or a CF backbone alone (mf, lightgcn, sasrec);
+    `backbone` one backbone, or two joined by '+' that CCF-LLM fuses at once (Eq. 7, Figure 3b)."""
 
     method: str
     backbone: str
@@ -56,16 +57,24 @@ class Planned:
         if self.method not in METHOD_SETTINGS and self.method not in CF_PRESETS:
             known = [*METHOD_SETTINGS, *CF_PRESETS]
             raise CCFLLMError(f"Planned run {self}: unknown method {self.method!r}; known: {known}.")
-        if self.backbone not in CF_PRESETS:
+        parts = self.backbones
+        if not 1 <= len(parts) <= 2 or len(set(parts)) != len(parts) or not set(parts) <= set(CF_PRESETS):
             raise CCFLLMError(
-                f"Planned run {self}: unknown backbone {self.backbone!r}; known: {list(CF_PRESETS)}."
+                f"Planned run {self}: backbone {self.backbone!r} must be one of {list(CF_PRESETS)} or two "
+                "different ones joined by '+'."
             )
+        if len(parts) == 2 and self.method != "ccf-llm":
+            raise CCFLLMError(f"Planned run {self}: two fused backbones (Eq. 7) are CCF-LLM's alone.")
         if self.variant not in VARIANTS:
             raise CCFLLMError(
                 f"Planned run {self}: unknown variant {self.variant!r}; known: {list(VARIANTS)}."
             )
         if self.method in CF_PRESETS and (self.method != self.backbone or self.variant != "default"):
             raise CCFLLMError(f"Planned run {self}: a CF backbone alone is itself, with the default variant.")
+
+    @property
+    def backbones(self) -> list[str]:
+        return self.backbone.split("+")
 
     def key(self, preset: str) -> str:
         return f"{preset}/{self.method}/{self.backbone}/{self.variant}/seed{self.seed}"
@@ -82,7 +91,7 @@ def _main_plan(seeds: list[int]) -> list[Planned]:
 
 def _full_plan(seeds: list[int]) -> list[Planned]:
     """Table 3 on every backbone; Table 2's pilot (MF); Table 4's strategies and Figure 3a's fusions on
-    LightGCN, as the paper runs them."""
+    LightGCN, as the paper runs them; Figure 3b's pairs of backbones."""
     runs = []
     for seed in seeds:
         runs += [Planned(method, "mf", "default", seed) for method in ("tallrec", "softprompt")]
@@ -91,6 +100,10 @@ def _full_plan(seeds: list[int]) -> list[Planned]:
         runs += [
             Planned("ccf-llm", "lightgcn", v, seed)
             for v in ("stage1-only", "end-to-end", "alpha-one", "alpha-scalar")
+        ]
+        runs += [
+            Planned("ccf-llm", pair, "default", seed)
+            for pair in ("lightgcn+mf", "lightgcn+sasrec", "mf+sasrec")
         ]
         runs += [
             Planned("tallrec", "mf", "zero-shot", seed),
@@ -187,8 +200,16 @@ def _run_one(
 ) -> dict:
     """The finished run's test metrics and what it was: {model, test_auc, test_uauc, valid_auc, folder};
     stage 1 comes from a recorded run that trained the same one, where there is such a run."""
-    config = ccf_config(preset, **{**overrides, "cf_model": planned.backbone, "seed": planned.seed})
-    cf_folder = _backbone_folder(runs, config, dataset, progress)
+    cf_folders = [
+        _backbone_folder(
+            runs,
+            ccf_config(preset, **{**overrides, "cf_model": name, "seed": planned.seed}),
+            dataset,
+            progress,
+        )
+        for name in planned.backbones
+    ]
+    cf_folder = cf_folders[0]
     if planned.method in CF_PRESETS:
         metrics = json.loads((cf_folder / "metrics.json").read_text())
         return {
@@ -201,9 +222,11 @@ def _run_one(
     from .experiment import run_ccf_llm
 
     settings = {**overrides, **VARIANTS[planned.variant], "method": planned.method}
-    settings.update(cf_model=planned.backbone, seed=planned.seed)
+    settings.update(cf_model=planned.backbones[0], seed=planned.seed)
     if uses_backbone(METHODS[planned.method]):
         settings["cf_checkpoint"] = str(cf_folder.resolve())
+    if len(cf_folders) == 2:
+        settings.update(cf_model2=planned.backbones[1], cf_checkpoint2=str(cf_folders[1].resolve()))
     donor = _stage1_donor(ccf_config(preset, **settings), records)
     if donor:
         settings["stage1_from"] = donor["folder"]

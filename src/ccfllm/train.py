@@ -53,7 +53,8 @@ def trainable_parameters(model: CCFLLM, stage: Stage, tune_cf: bool) -> list[tor
         for parameter in lora:
             parameter.requires_grad_(True)
     if stage in (Stage.FUSION, Stage.ALL):
-        chosen = model.fusion_modules() + ([model.cf.backbone] if tune_cf else [])
+        backbones = [f.backbone for f in (model.cf, model.second_cf) if f is not None] if tune_cf else []
+        chosen = model.fusion_modules() + backbones
         for module in chosen:
             module.requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]

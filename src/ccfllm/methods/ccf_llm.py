@@ -131,6 +131,7 @@ class CCFLLM(nn.Module):
         yes_id: int,
         no_id: int,
         score: Callable[[Answer], torch.Tensor] | None = None,
+        second_cf: CFFeatures | None = None,
     ):
         super().__init__()
         self.click_score = score or normalised_p_yes  # what the engine ranks by
@@ -139,13 +140,18 @@ class CCFLLM(nn.Module):
         llm_dim = llm.get_input_embeddings().embedding_dim
         self.alignment = None if cf is None else Alignment(cf.dim, config.alg_hidden, llm_dim)
         self.gate = None if cf is None else Gate(llm_dim, config.gate_hidden, config.fusion)
+        # Eq. 7: a second backbone fused at once, with its own ALG and a second GATE giving beta
+        self.second_cf = second_cf
+        self.alignment2 = None if second_cf is None else Alignment(second_cf.dim, config.alg_hidden, llm_dim)
+        self.gate2 = None if second_cf is None else Gate(llm_dim, config.gate_hidden, config.fusion)
         self.yes_id, self.no_id = yes_id, no_id
 
     def fusion_modules(self) -> list[nn.Module]:
         """What stage 2 trains (Θ_A and Θ_G; and free user/item tables, where `cf` holds them)."""
         if self.cf is None:
             return []
-        return [self.alignment, self.gate] + ([self.cf] if self.cf.trainable else [])
+        second = [self.alignment2, self.gate2] if self.second_cf is not None else []
+        return [self.alignment, self.gate, *second] + ([self.cf] if self.cf.trainable else [])
 
     def input_embeddings(self, batch: PromptBatch) -> torch.Tensor:
         """Section 3.3: the embedding sequence fed to the LLM. -> (B, T, d)"""
@@ -158,12 +164,18 @@ class CCFLLM(nn.Module):
         embeddings = embeddings.clone()
         if is_user.any():
             users = self.alignment(self.cf.users(batch.uid, batch.history).float())  # (B, d), Eq. 2
+            if self.second_cf is not None:  # the paper fuses items only; the user token sums both
+                users = users + self.alignment2(self.second_cf.users(batch.uid, batch.history).float())
             embeddings[is_user] = users[is_user.nonzero()[:, 0]].to(dtype)
         if is_item.any():
             titles = embeddings[is_item].float()  # (N, d): x_i^SM[t] of every title token in the batch
             aligned = self.alignment(self.cf.items(batch.item[is_item]).float())  # (N, d), Eq. 2
             alpha = self.gate(aligned, titles)  # Eq. 3
-            embeddings[is_item] = fuse(titles, aligned, alpha).to(dtype)  # Eq. 4
+            fused = fuse(titles, aligned, alpha)  # Eq. 4
+            if self.second_cf is not None:  # Eq. 7: ... + beta ⊙ ALG2(x_i^CF2), beta from GATE2
+                aligned2 = self.alignment2(self.second_cf.items(batch.item[is_item]).float())
+                fused = fused + self.gate2(aligned2, titles) * aligned2
+            embeddings[is_item] = fused.to(dtype)
         if is_slot.any():  # CoLLM: the slot after the title is the aligned CF embedding, unfused
             embeddings[is_slot] = self.alignment(self.cf.items(batch.item[is_slot]).float()).to(dtype)
         return embeddings
