@@ -106,3 +106,32 @@ def save_tiny_llama(folder: Path, titles, hidden_size: int = 32, kv_heads: int =
 def tiny_llm_dir(tmp_path_factory, tiny_dataset) -> Path:
     """A saved Llama with hidden size 32 and 2 layers, and its tokenizer, in a local folder."""
     return save_tiny_llama(tmp_path_factory.mktemp("llm") / "tiny-llama", tiny_dataset.item_titles)
+
+
+# Settings that make a CCF-LLM (or a baseline) train in seconds on the tiny data with the tiny Llama.
+TINY_CCF = dict(
+    device="cpu",
+    dtype="float32",
+    alg_hidden=16,
+    gate_hidden=8,
+    batch_size=8,
+    eval_batch_size=8,
+    train_rows=64,
+    fusion_rows=64,
+    valid_rows=64,
+    eval_every=4,
+    epochs=1,
+    lr_lora=5e-3,
+    lr_fusion=5e-3,
+    max_history=3,
+)
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny_dataset):
+    """An MF backbone (dim 8) trained on the tiny data; one per test module, since runs freeze it."""
+    from ccfllm.cf.train import train_cf
+    from ccfllm.config import cf_config
+
+    settings = dict(dim=8, lr=1e-2, weight_decay=1e-4, bias_decay=1e-4, max_epochs=5, device="cpu")
+    return train_cf(cf_config("mf", **settings), tiny_dataset, progress=False).model

@@ -7,24 +7,17 @@ import pytest
 import torch
 
 from ccfllm.analysis import case_study, item_views, tsne_figure
-from ccfllm.cf.train import predict_split, train_cf
-from ccfllm.config import ccf_config, cf_config
+from ccfllm.cf.train import predict_split
+from ccfllm.config import ccf_config
 from ccfllm.errors import CCFLLMError
 from ccfllm.experiment import build_recommender
 from ccfllm.llm import load_llm
 from ccfllm.report import write_report
-
-TINY = dict(device="cpu", dtype="float32", alg_hidden=16, gate_hidden=8, max_history=3)
-
-
-@pytest.fixture(scope="module")
-def backbone(tiny_dataset):
-    settings = dict(dim=8, lr=1e-2, weight_decay=1e-4, bias_decay=1e-4, max_epochs=5, device="cpu")
-    return train_cf(cf_config("mf", **settings), tiny_dataset, progress=False).model
+from conftest import TINY_CCF
 
 
 def build(tiny_llm_dir, tiny_dataset, backbone, method="ccf-llm"):
-    config = ccf_config("cpu", llm=str(tiny_llm_dir), method=method, **TINY)
+    config = ccf_config("cpu", llm=str(tiny_llm_dir), method=method, **TINY_CCF)
     return build_recommender(config, tiny_dataset, backbone, load_llm(str(tiny_llm_dir), device="cpu"))
 
 

@@ -21,33 +21,11 @@ from ccfllm.methods.collm import collm_loss, yes_logit_score
 from ccfllm.methods.tallrec import similar_items, tallrec_loss
 from ccfllm.prompt import ITEM, ITEM_SLOT, TEXT, USER, PromptBuilder
 from ccfllm.train import Stage, loss_for, trainable_parameters, training_step
-
-TINY = dict(
-    device="cpu",
-    dtype="float32",
-    alg_hidden=16,
-    gate_hidden=8,
-    batch_size=8,
-    eval_batch_size=8,
-    train_rows=64,
-    fusion_rows=64,
-    valid_rows=64,
-    eval_every=4,
-    epochs=1,
-    lr_lora=5e-3,
-    lr_fusion=5e-3,
-    max_history=3,
-)
-
-
-@pytest.fixture(scope="module")
-def backbone(tiny_dataset):
-    settings = dict(dim=8, lr=1e-2, weight_decay=1e-4, bias_decay=1e-4, max_epochs=5, device="cpu")
-    return train_cf(cf_config("mf", **settings), tiny_dataset, progress=False).model
+from conftest import TINY_CCF
 
 
 def build(method, tiny_llm_dir, tiny_dataset, backbone, **overrides):
-    config = ccf_config("cpu", llm=str(tiny_llm_dir), method=method, **{**TINY, **overrides})
+    config = ccf_config("cpu", llm=str(tiny_llm_dir), method=method, **{**TINY_CCF, **overrides})
     llm = load_llm(str(tiny_llm_dir), device="cpu", dtype="float32")
     return build_recommender(config, tiny_dataset, backbone, llm)
 
@@ -170,7 +148,7 @@ def test_softprompt_item_rows_change_in_training_while_ccf_llm_cf_tables_do_not(
 
 @pytest.mark.parametrize("method", ["tallrec", "collm", "softprompt"])
 def test_a_baseline_run_reloads_to_the_same_test_scores(method, tiny_llm_dir, tiny_dataset, tmp_path):
-    config = ccf_config("cpu", llm=str(tiny_llm_dir), method=method, **TINY)
+    config = ccf_config("cpu", llm=str(tiny_llm_dir), method=method, **TINY_CCF)
     result = run_ccf_llm(config, tiny_dataset, tmp_path / method, progress=False)
     title = {"tallrec": "TALLRec", "collm": "CoLLM", "softprompt": "Softprompt"}[method]
     assert result.table[-1]["model"].startswith(f"{title} after stage")
@@ -231,7 +209,7 @@ def test_tallrec_with_cf_as_text_tunes_on_that_prompt(tiny_llm_dir, tiny_dataset
 
 
 def test_zero_shot_scores_the_llm_as_it_comes(tiny_llm_dir, tiny_dataset, tmp_path):
-    config = ccf_config("cpu", llm=str(tiny_llm_dir), method="tallrec", strategy="zero-shot", **TINY)
+    config = ccf_config("cpu", llm=str(tiny_llm_dir), method="tallrec", strategy="zero-shot", **TINY_CCF)
     result = run_ccf_llm(config, tiny_dataset, tmp_path / "zero", progress=False)
     assert [row["model"] for row in result.table] == ["mean-label reference (k=5)", "TALLRec zero-shot"]
     assert result.stages == []
@@ -249,7 +227,7 @@ def test_zero_shot_scores_the_llm_as_it_comes(tiny_llm_dir, tiny_dataset, tmp_pa
 def test_two_backbones_are_fused_with_a_second_gate(tiny_llm_dir, tiny_dataset, backbone):
     settings = dict(dim=4, lr=1e-2, weight_decay=1e-4, bias_decay=1e-4, max_epochs=3, device="cpu")
     second = train_cf(cf_config("lightgcn", **settings), tiny_dataset, progress=False).model
-    config = ccf_config("cpu", llm=str(tiny_llm_dir), cf_model2="lightgcn", **TINY)
+    config = ccf_config("cpu", llm=str(tiny_llm_dir), cf_model2="lightgcn", **TINY_CCF)
     llm = load_llm(str(tiny_llm_dir), device="cpu", dtype="float32")
     recommender = build_recommender(config, tiny_dataset, backbone, llm, second)
     model = recommender.model
@@ -279,7 +257,7 @@ def test_two_backbones_are_fused_with_a_second_gate(tiny_llm_dir, tiny_dataset, 
 
 
 def test_a_two_backbone_run_reloads_to_the_same_scores(tiny_llm_dir, tiny_dataset, tmp_path):
-    config = ccf_config("cpu", llm=str(tiny_llm_dir), cf_model2="lightgcn", **{**TINY, "test_rows": 64})
+    config = ccf_config("cpu", llm=str(tiny_llm_dir), cf_model2="lightgcn", **{**TINY_CCF, "test_rows": 64})
     result = run_ccf_llm(config, tiny_dataset, tmp_path / "pair", progress=False)
     models = [row["model"] for row in result.table]
     assert models[:2] == ["mf (CF backbone alone)", "lightgcn (CF backbone alone)"]

@@ -10,8 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ccfllm.cf.train import train_cf
-from ccfllm.config import ccf_config, cf_config
+from ccfllm.config import ccf_config
 from ccfllm.engine import score_rows
 from ccfllm.errors import CCFLLMError, CheckpointError
 from ccfllm.experiment import build_recommender, evaluate_run, load_run, predict_rows, run_ccf_llm
@@ -19,33 +18,12 @@ from ccfllm.llm import load_llm
 from ccfllm.methods.ccf_llm import ccf_loss, click_score
 from ccfllm.metrics import auc
 from ccfllm.train import Stage, trainable_parameters
+from conftest import TINY_CCF
 
 
 def tiny_ccf_config(llm_dir, **overrides):
-    settings = dict(
-        llm=str(llm_dir),
-        device="cpu",
-        dtype="float32",
-        alg_hidden=16,
-        gate_hidden=8,
-        batch_size=8,
-        eval_batch_size=8,
-        train_rows=64,
-        fusion_rows=64,
-        valid_rows=64,
-        eval_every=4,
-        epochs=1,
-        lr_lora=5e-3,
-        lr_fusion=5e-3,
-        max_history=3,
-    )
+    settings = dict(llm=str(llm_dir), **TINY_CCF)
     return ccf_config("cpu", **{**settings, **overrides})
-
-
-@pytest.fixture(scope="module")
-def backbone(tiny_dataset):
-    settings = dict(dim=8, lr=1e-2, weight_decay=1e-4, bias_decay=1e-4, max_epochs=5, device="cpu")
-    return train_cf(cf_config("mf", **settings), tiny_dataset, progress=False).model
 
 
 @pytest.fixture

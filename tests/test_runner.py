@@ -13,22 +13,9 @@ from ccfllm.config import ccf_config
 from ccfllm.errors import CCFLLMError, CheckpointError
 from ccfllm.experiment import run_ccf_llm
 from ccfllm.runner import Planned, make_plan, read_results, run_plan
+from conftest import TINY_CCF
 
-TINY = dict(
-    device="cpu",
-    dtype="float32",
-    alg_hidden=16,
-    gate_hidden=8,
-    batch_size=8,
-    eval_batch_size=8,
-    train_rows=32,
-    fusion_rows=32,
-    valid_rows=32,
-    test_rows=64,
-    eval_every=4,
-    epochs=1,
-    max_history=3,
-)
+TINY = {**TINY_CCF, "train_rows": 32, "fusion_rows": 32, "valid_rows": 32, "test_rows": 64}
 PLAN = [Planned("mf", "mf"), Planned("tallrec", "mf"), Planned("collm", "mf"), Planned("collm", "mf", "eq5")]
 
 

@@ -173,14 +173,10 @@ def _table2(cells: dict) -> str:
     ]
     for (method, variant), title in TABLE2_ROWS.items():
         cell = cells.get((method, "mf", variant))
-        lines.append(
-            f"| {title} | {cell.text() if cell else 'not run'} | {PAPER_TABLE2[(method, variant)]:.4f} |"
-        )
+        lines.append(f"| {title} | {_measured(cell)} | {PAPER_TABLE2[(method, variant)]:.4f} |")
     for method, title in (("mf", "MF"), ("collm", "CoLLM (MF)"), ("ccf-llm", "CCF-LLM (MF)")):
         cell = cells.get((method, "mf", "default"))
-        lines.append(
-            f"| {title} | {cell.text() if cell else 'not run'} | {PAPER_TABLE3[(method, 'mf')][0]:.4f} |"
-        )
+        lines.append(f"| {title} | {_measured(cell)} | {PAPER_TABLE3[(method, 'mf')][0]:.4f} |")
     return "\n".join(lines)
 
 
@@ -217,7 +213,7 @@ def _table4(cells: dict) -> str:
     default = cells.get(("ccf-llm", TABLE4_BACKBONE, "default"))
     for variant, title in STRATEGY_TITLES.items():
         cell = cells.get(("ccf-llm", TABLE4_BACKBONE, variant))
-        measured = cell.text() if cell else "not run"
+        measured = _measured(cell)
         impr = _impr(cell, default) if variant != "default" else "-"
         paper, paper_impr = PAPER_TABLE4[variant]
         lines.append(f"| {title} | {measured} | {impr} | {paper:.4f} | {paper_impr} |")
@@ -225,25 +221,13 @@ def _table4(cells: dict) -> str:
 
 
 def _figure3a(cells: dict, out: Path) -> str:
-    """How to fuse: α = 1, α ∈ R, CoLLM and CCF-LLM, on LightGCN; a bar chart with error bars."""
+    """How to fuse: α = 1, α ∈ R, CoLLM and CCF-LLM, on LightGCN."""
     backbone = TABLE4_BACKBONE
     bars = {title: cells.get(("ccf-llm", backbone, variant)) for variant, title in FUSION_VARIANTS.items()}
     bars["CoLLM"] = cells.get(("collm", backbone, "default"))
     bars["CCF-LLM"] = cells.get(("ccf-llm", backbone, "default"))
-    lines = [
-        f"## Figure 3a: how to fuse ({BACKBONE_TITLES[backbone]})",
-        "",
-        "The paper gives these as a bar chart only (no numbers in its text).",
-        "",
-        "| fusion | test AUC (measured) |",
-        "|---|---|",
-    ]
-    lines += [f"| {title} | {cell.text() if cell else 'not run'} |" for title, cell in bars.items()]
-    measured = {title: cell for title, cell in bars.items() if cell}
-    if measured:
-        _bar_chart(measured, out / "figure3a.png", f"How to fuse ({BACKBONE_TITLES[backbone]})")
-        lines += ["", "![Figure 3a](figure3a.png)"]
-    return "\n".join(lines)
+    title = f"How to fuse ({BACKBONE_TITLES[backbone]})"
+    return _bar_section(f"Figure 3a: {title.lower()}", "fusion", bars, out / "figure3a.png", title)
 
 
 def _figure3b(cells: dict, out: Path) -> str:
@@ -253,19 +237,25 @@ def _figure3b(cells: dict, out: Path) -> str:
     bars = {
         "+".join(letters[b] for b in k.split("+")): cells.get(("ccf-llm", k, "default")) for k in backbones
     }
+    heading = "Figure 3b: what to fuse (CCF-LLM on one backbone, and on two at once, Eq. 7)"
+    return _bar_section(heading, "CF embeddings fused", bars, out / "figure3b.png", "What to fuse")
+
+
+def _bar_section(heading: str, column: str, bars: dict, png: Path, chart_title: str) -> str:
+    """A figure of the paper's that has no numbers in its text: the measured table, and its bar chart."""
     lines = [
-        "## Figure 3b: what to fuse (CCF-LLM on one backbone, and on two at once, Eq. 7)",
+        f"## {heading}",
         "",
         "The paper gives these as a bar chart only (no numbers in its text).",
         "",
-        "| CF embeddings fused | test AUC (measured) |",
+        f"| {column} | test AUC (measured) |",
         "|---|---|",
     ]
-    lines += [f"| {title} | {cell.text() if cell else 'not run'} |" for title, cell in bars.items()]
+    lines += [f"| {title} | {_measured(cell)} |" for title, cell in bars.items()]
     measured = {title: cell for title, cell in bars.items() if cell}
     if measured:
-        _bar_chart(measured, out / "figure3b.png", "What to fuse")
-        lines += ["", "![Figure 3b](figure3b.png)"]
+        _bar_chart(measured, png, chart_title)
+        lines += ["", f"![{heading.split(':')[0]}]({png.name})"]
     return "\n".join(lines)
 
 
@@ -324,11 +314,15 @@ def _not_yet(with_inside: bool) -> str:
 
 def _row(cells: dict, label: str, key: tuple, base_key: tuple, paper: dict) -> str:
     cell, base = cells.get((*key, "default")), cells.get((*base_key, "default"))
-    measured = cell.text() if cell else "not run"
+    measured = _measured(cell)
     uauc = cell.text(cell.uaucs) if cell else ""
     impr = "-" if key == base_key else _impr(cell, base)
     paper_auc, paper_impr = paper[key]
     return f"| {label} | {measured} | {impr} | {uauc} | {paper_auc:.4f} | {paper_impr} |"
+
+
+def _measured(cell: Cell | None) -> str:
+    return cell.text() if cell else "not run"
 
 
 def _impr(cell: Cell | None, base: Cell | None) -> str:
