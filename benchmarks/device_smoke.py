@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from ccfllm.config import ccf_config  # noqa: E402
 from ccfllm.data import load_collm_split  # noqa: E402
 from ccfllm.experiment import evaluate_run, load_run, run_ccf_llm  # noqa: E402
-from conftest import save_tiny_llama, write_tiny_split  # noqa: E402  (the tiny data and tokenizer of the tests)
+from conftest import TINY_CCF, save_tiny_llama, write_tiny_split  # noqa: E402  (the tests' tiny data and LLM)
 
 
 def main() -> None:
@@ -33,16 +33,7 @@ def main() -> None:
         dataset = load_collm_split(write_tiny_split(Path(tmp) / "tiny"), max_history=5)
         llm = save_tiny_llama(Path(tmp) / "llm", dataset.item_titles, hidden_size=64, kv_heads=2)
         config = ccf_config(
-            "cpu",
-            llm=str(llm),
-            device=args.device,
-            dtype=args.dtype,
-            train_rows=64,
-            fusion_rows=64,
-            valid_rows=64,
-            eval_every=4,
-            alg_hidden=16,
-            gate_hidden=8,
+            "cpu", **{**TINY_CCF, "llm": str(llm), "device": args.device, "dtype": args.dtype}
         )
         started = time.perf_counter()
         result = run_ccf_llm(config, dataset, Path(tmp) / "run", progress=False)
