@@ -214,3 +214,24 @@ def test_ccf_llm_train_evaluate_predict_end_to_end(runner, tiny_dir, tiny_llm_di
     )
     assert refused.exit_code == 2 and "need columns uid and iid" in refused.output
     assert not (tmp_path / "never.parquet").exists()
+
+
+def test_a_terminated_run_leaves_nothing_half_written(tiny_dir, tiny_llm_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "runs" / "killed"
+    settings = [f"llm={tiny_llm_dir}", "device=cpu", "dtype=float32", "alg_hidden=8", "gate_hidden=4"]
+    settings += ["train_rows=4000", "batch_size=2", "eval_every=1000", "max_history=3"]  # long enough to kill
+    command = [sys.executable, "-m", "ccfllm.cli", "train", "--data", str(tiny_dir), "--out", str(out)]
+    command += ["--quiet", *[item for s in settings for item in ("--set", s)]]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.parent.glob(".killed.*/killed/cf")) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the run is under way: its backbone is saved in the temporary folder
+    assert process.poll() is None, process.communicate()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    assert list(out.parent.iterdir()) == []  # neither the run folder nor its temporary one

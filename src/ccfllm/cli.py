@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -49,10 +50,17 @@ def _training_run_options(command):
     return command
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    sys.exit(128 + signum)
+
+
 class FriendlyGroup(click.Group):
     """Turns a CCFLLMError anywhere below into one line on stderr and exit status 2, not a traceback."""
 
     def invoke(self, ctx: click.Context):
+        # A terminated run (kill, a job scheduler's SIGTERM) unwinds like Ctrl-C, so that the half-written
+        # run folder or results file beside its place is removed on the way out.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:
             return super().invoke(ctx)
         except CCFLLMError as exc:
