@@ -1,4 +1,5 @@
-"""CTR metrics: AUC over all rows, CoLLM's UAUC, and the paper's RelaImpr (Eq. 6)."""
+"""CTR metrics: AUC over all rows, CoLLM's UAUC, the paper's RelaImpr (Eq. 6). Next-item ranking
+(A-LLMRec): Hit@k and NDCG@k of the answer's rank among its candidates."""
 
 from __future__ import annotations
 
@@ -40,3 +41,22 @@ def rela_impr(auc_model: float, auc_base: float) -> float:
 def split_metrics(uids: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     """AUC and UAUC of one split's scores, the pair every table in this project reports."""
     return {"auc": auc(labels, scores), "uauc": uauc(uids, labels, scores)}
+
+
+def target_ranks(scores: np.ndarray, answer: np.ndarray) -> np.ndarray:
+    """0-based rank of each row's answer among its candidates' scores, ties counted against the answer
+    (a scorer that cannot tell candidates apart earns no hits). (N, C), (N,) -> (N,)"""
+    scores = np.asarray(scores, dtype=np.float64)
+    own = scores[np.arange(len(scores)), answer][:, None]
+    return (scores >= own).sum(axis=1) - 1
+
+
+def hit_at_k(ranks: np.ndarray, k: int) -> float:
+    """Share of rows whose answer is among the top k (Hit@1 is A-LLMRec's headline metric)."""
+    return float((np.asarray(ranks) < k).mean())
+
+
+def ndcg_at_k(ranks: np.ndarray, k: int) -> float:
+    """NDCG@k with one relevant candidate: 1 / log2(rank + 2) inside the top k, else 0, averaged."""
+    ranks = np.asarray(ranks)
+    return float(np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0).mean())

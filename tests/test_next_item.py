@@ -1,0 +1,91 @@
+"""A-LLMRec's next-item task: the leave-last-out rows, the candidate sampler (no leakage of the answer
+or of rated items), the item groups, bad input, and the ranking metrics on hand-made numbers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from ccfllm.data.dataset import PAD
+from ccfllm.data.next_item import next_item_task
+from ccfllm.errors import DataError
+from ccfllm.metrics import hit_at_k, ndcg_at_k, target_ranks
+
+
+def liked_in_order(dataset, uid):
+    rows = [
+        (t, s, r) for s, split in enumerate(dataset.splits.values()) for r, t in enumerate(split.timestamp)
+    ]
+    parts = list(dataset.splits.values())
+    ordered = sorted((t, s, r) for t, s, r in rows if parts[s].uid[r] == uid)
+    items = []
+    for _, s, r in ordered:
+        if parts[s].label[r] == 1 and parts[s].iid[r] not in items:
+            items.append(int(parts[s].iid[r]))
+    return items
+
+
+def test_rows_leave_the_last_two_liked_items_out(tiny_dataset):
+    task = next_item_task(tiny_dataset, n_candidates=5, seed=0, max_history=50)
+    for name, back in (("train", 3), ("valid", 2), ("test", 1)):
+        split = task.splits[name]
+        for row in range(0, len(split), 7):
+            liked = liked_in_order(tiny_dataset, int(split.uid[row]))
+            assert split.target[row] == liked[-back]
+            history = split.history[row][split.history[row] != PAD].tolist()
+            assert history == liked[: len(liked) - back][-50:]
+    assert (
+        task.sequences[int(task.splits["test"].uid[0])].tolist()
+        == liked_in_order(tiny_dataset, int(task.splits["test"].uid[0]))[:-2]
+    )
+
+
+def test_candidates_hold_the_answer_once_and_nothing_the_user_rated(tiny_dataset):
+    task = next_item_task(tiny_dataset, n_candidates=5, seed=3)
+    rated = {}
+    for split in tiny_dataset.splits.values():
+        for u, i in zip(split.uid, split.iid, strict=True):
+            rated.setdefault(int(u), set()).add(int(i))
+    for name in ("valid", "test"):
+        split = task.splits[name]
+        assert split.candidates.shape == (len(split), 5)
+        assert ((split.candidates == split.target[:, None]).sum(axis=1) == 1).all()
+        assert (split.candidates[np.arange(len(split)), split.answer] == split.target).all()
+        for row in range(len(split)):
+            others = set(split.candidates[row].tolist()) - {int(split.target[row])}
+            assert len(others) == 4 and not others & rated[int(split.uid[row])] and PAD not in others
+        # the answer's position is spread, not always last
+        assert len(set(split.answer.tolist())) > 2
+    again = next_item_task(tiny_dataset, n_candidates=5, seed=3)
+    np.testing.assert_array_equal(again.splits["test"].candidates, task.splits["test"].candidates)
+
+
+def test_items_split_into_cold_and_warm_by_training_interactions(tiny_dataset):
+    task = next_item_task(tiny_dataset, n_candidates=5)
+    groups = task.item_popularity_group(0.35)
+    titled = np.flatnonzero([isinstance(t, str) and t != "" for t in tiny_dataset.item_titles])
+    assert (groups[titled] == -1).sum() == (groups[titled] == 1).sum() == int(len(titled) * 0.35)
+    assert task.item_counts[groups == -1].max() <= task.item_counts[groups == 1].min()
+
+
+def test_bad_input_gets_one_clear_error(tiny_dataset):
+    with pytest.raises(DataError, match="n_candidates must be at least 2"):
+        next_item_task(tiny_dataset, n_candidates=1)
+    with pytest.raises(DataError, match="titled items are left that the user never rated"):
+        next_item_task(tiny_dataset, n_candidates=39)
+    untitled = tiny_dataset.item_titles.copy()
+    task = next_item_task(tiny_dataset, n_candidates=5)
+    untitled[task.splits["test"].target[0]] = ""
+    broken = type(tiny_dataset)(**{**tiny_dataset.__dict__, "item_titles": untitled})
+    with pytest.raises(DataError, match="has no title; A-LLMRec names candidates by title"):
+        next_item_task(broken, n_candidates=5)
+
+
+def test_ranking_metrics_on_hand_made_scores():
+    scores = np.array([[0.9, 0.1, 0.5], [0.2, 0.8, 0.1], [0.3, 0.3, 0.3]])
+    ranks = target_ranks(scores, np.array([0, 0, 1]))
+    assert ranks.tolist() == [0, 1, 2]  # a tie counts against the answer
+    assert hit_at_k(ranks, 1) == pytest.approx(1 / 3) and hit_at_k(ranks, 2) == pytest.approx(2 / 3)
+    assert ndcg_at_k(ranks, 2) == pytest.approx((1 + 1 / math.log2(3)) / 3)
