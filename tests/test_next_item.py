@@ -89,3 +89,45 @@ def test_ranking_metrics_on_hand_made_scores():
     assert ranks.tolist() == [0, 1, 2]  # a tie counts against the answer
     assert hit_at_k(ranks, 1) == pytest.approx(1 / 3) and hit_at_k(ranks, 2) == pytest.approx(2 / 3)
     assert ndcg_at_k(ranks, 2) == pytest.approx((1 + 1 / math.log2(3)) / 3)
+
+
+def cyclic_dataset(n_users=60, n_items=30, length=10, seed=0):
+    """Users who like runs of consecutive items (k, k+1, ...): the next item is the last one plus one."""
+    from ccfllm.data.dataset import CTRDataset, Split
+
+    rng = np.random.default_rng(seed)
+    uid, iid, stamp = [], [], []
+    for user in range(1, n_users + 1):
+        start = rng.integers(1, n_items)
+        for step in range(length):
+            uid.append(user)
+            iid.append((start - 1 + step) % (n_items - 1) + 1)
+            stamp.append(1000 * user + step)
+    n = len(uid)
+    split = Split(
+        "train",
+        np.array(uid),
+        np.array(iid),
+        np.ones(n, dtype=np.int64),
+        np.array(stamp),
+        np.zeros((n, 1), dtype=np.int64),
+        np.ones(n, dtype=bool),
+    )
+    titles = np.array([""] + [f"Movie {i}" for i in range(1, n_items)], dtype=object)
+    empty = split.take(np.array([], dtype=np.int64))
+    splits = {"train": split, "valid": empty, "test": empty}
+    return CTRDataset("cyclic", n_users + 1, titles, splits, max_history=1)
+
+
+def test_sasrec_learns_the_next_item():
+    from ccfllm.cf.next_item import next_item_metrics, rank_candidates, train_next_item_sasrec
+    from ccfllm.config import cf_config
+
+    task = next_item_task(cyclic_dataset(), n_candidates=10, seed=0, max_history=10)
+    config = cf_config(
+        "sasrec", dim=32, lr=1e-2, weight_decay=0.0, max_epochs=30, patience=30, max_history=10, device="cpu"
+    )
+    result = train_next_item_sasrec(config, task, progress=False)
+    assert result.epochs[-1]["train_loss"] < result.epochs[0]["train_loss"] / 2
+    metrics = next_item_metrics(rank_candidates(result.model, task.splits["test"]))
+    assert metrics["hit@1"] > 0.9, metrics  # chance is 0.1
