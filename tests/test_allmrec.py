@@ -1,0 +1,60 @@
+"""A-LLMRec stage 1: each loss on hand-made tensors, and a few training steps on tiny data that move the
+alignment (and SBERT, unless frozen) and leave SASRec alone."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from ccfllm.cf.next_item import train_next_item_sasrec
+from ccfllm.config import cf_config
+from ccfllm.data.next_item import next_item_task
+from ccfllm.methods.allmrec import CollaborativeTextAlignment, train_alignment
+from ccfllm.text_encoder import load_sentence_encoder
+from test_next_item import cyclic_dataset
+from test_text_encoder import save_tiny_bert
+
+
+def test_each_loss_on_hand_made_tensors():
+    torch.manual_seed(0)
+    alignment = CollaborativeTextAlignment(cf_dim=4, text_dim=4, latent_dim=3, hidden=5)
+    alignment.text_encoder.load_state_dict(alignment.item_encoder.state_dict())
+    items = torch.randn(6, 4)
+    user = torch.randn(2, 4)
+    positive, negative = items[:2], items[2:4]
+    losses = alignment.losses(items, items.clone(), user, positive, negative)
+    assert losses.matching.item() == 0.0  # the same encoder on the same vectors
+    decoded = alignment.item_decoder(alignment.item_encoder(items))
+    torch.testing.assert_close(losses.item_reconstruction, ((decoded - items) ** 2).mean())
+    text_decoded = alignment.text_decoder(alignment.text_encoder(items))
+    torch.testing.assert_close(losses.text_reconstruction, ((text_decoded - items) ** 2).mean())
+    pos = (user * alignment.item_decoder(alignment.item_encoder(positive))).sum(-1)
+    neg = (user * alignment.item_decoder(alignment.item_encoder(negative))).sum(-1)
+    expected = -F.logsigmoid(pos).mean() - F.logsigmoid(-neg).mean()
+    torch.testing.assert_close(losses.recommendation, expected)
+    total = losses.total(alpha=0.5, beta=0.25)
+    parts = losses.matching + 0.5 * losses.item_reconstruction + 0.25 * losses.text_reconstruction
+    torch.testing.assert_close(total, parts + losses.recommendation)
+
+
+def test_stage_one_moves_the_alignment_and_sbert_and_leaves_sasrec(tmp_path):
+    task = next_item_task(cyclic_dataset(), n_candidates=10, seed=0, max_history=10)
+    config = cf_config(
+        "sasrec", dim=16, lr=1e-2, weight_decay=0.0, max_epochs=3, max_history=10, device="cpu"
+    )
+    sasrec = train_next_item_sasrec(config, task, progress=False).model
+    sasrec_before = copy.deepcopy(sasrec.state_dict())
+    encoder = load_sentence_encoder(str(save_tiny_bert(tmp_path / "sbert", "mean", True)))
+    sbert_before = copy.deepcopy(encoder.state_dict())
+    result = train_alignment(task, sasrec, encoder, latent_dim=8, hidden=16, lr=3e-3, batch_size=8,
+                             epochs=6, progress=False)  # fmt: skip
+    first, last = result.losses[0], result.losses[-1]
+    assert last["matching"] + last["item_reconstruction"] < first["matching"] + first["item_reconstruction"]
+    assert all(torch.equal(v, sasrec_before[k]) for k, v in sasrec.state_dict().items())
+    assert any(not torch.equal(v, sbert_before[k]) for k, v in encoder.state_dict().items())
+    frozen = load_sentence_encoder(str(tmp_path / "sbert"))
+    frozen_before = copy.deepcopy(frozen.state_dict())
+    train_alignment(task, sasrec, frozen, latent_dim=8, hidden=16, epochs=1, freeze_text=True, progress=False)
+    assert all(torch.equal(v, frozen_before[k]) for k, v in frozen.state_dict().items())
