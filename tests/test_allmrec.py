@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -58,3 +59,68 @@ def test_stage_one_moves_the_alignment_and_sbert_and_leaves_sasrec(tmp_path):
     frozen_before = copy.deepcopy(frozen.state_dict())
     train_alignment(task, sasrec, frozen, latent_dim=8, hidden=16, epochs=1, freeze_text=True, progress=False)
     assert all(torch.equal(v, frozen_before[k]) for k, v in frozen.state_dict().items())
+
+
+# -- stage 2 -------------------------------------------------------------------------------------------
+
+
+def stage2_model(tmp_path, tiny_llm_dir):
+    from ccfllm.llm import load_llm
+    from ccfllm.methods.allmrec import ALLMRec, NextItemPrompts
+
+    dataset = cyclic_dataset(n_users=24, n_items=30, length=8)
+    task = next_item_task(dataset, n_candidates=6, seed=0, max_history=10)
+    config = cf_config(
+        "sasrec", dim=16, lr=1e-2, weight_decay=0.0, max_epochs=2, max_history=10, device="cpu"
+    )
+    sasrec = train_next_item_sasrec(config, task, progress=False).model
+    alignment = CollaborativeTextAlignment(16, 16, latent_dim=8, hidden=16)
+    llm = load_llm(str(tiny_llm_dir), device="cpu", dtype="float32")
+    torch.manual_seed(0)
+    model = ALLMRec(llm.model, sasrec, alignment, hidden=16)
+    return model, NextItemPrompts(llm.tokenizer, task.item_titles, max_history=4), task, llm
+
+
+def test_the_stage2_prompt_has_a_user_slot_and_one_slot_per_item(tmp_path, tiny_llm_dir):
+    from ccfllm.prompt import ITEM_SLOT, USER
+
+    model, prompts, task, llm = stage2_model(tmp_path, tiny_llm_dir)
+    history, candidates = np.array([0, 3, 4, 5, 6, 7]), np.array([9, 8, 2])
+    prompt = prompts.encode(history, candidates)
+    assert (prompt.kind == USER).sum() == 1 and prompt.kind[0] == USER
+    assert prompt.item[prompt.kind == ITEM_SLOT].tolist() == [4, 5, 6, 7, 9, 8, 2]  # the 4 most recent
+    titles = [f'"{task.item_titles[i]}"' for i in (4, 5, 6, 7, 9, 8, 2)]
+    expected = (
+        f" is a user representation. This user has watched {', '.join(titles[:4])} in the past. Recommend a "
+        f"movie for this user to watch next from the following set of movie titles, {', '.join(titles[4:])}. "
+        "The recommendation is"
+    )
+    text_ids = prompt.input_ids[(prompt.kind != USER) & (prompt.kind != ITEM_SLOT)]
+    assert text_ids.tolist() == llm.tokenizer.encode(expected, add_special_tokens=False)
+    assert prompts.answer_ids(9).tolist() == llm.tokenizer.encode(' "Movie 9"', add_special_tokens=False)
+
+
+def test_cached_candidate_scores_equal_the_naive_path(tmp_path, tiny_llm_dir):
+    from ccfllm.methods.allmrec import candidate_scores, naive_candidate_scores
+
+    model, prompts, task, _ = stage2_model(tmp_path, tiny_llm_dir)
+    test = task.splits["test"]
+    subset = type(test)("test", *(getattr(test, f)[:5] for f in ("uid", "history", "target", "candidates")))
+    fast = candidate_scores(model, prompts, subset, batch_size=2)
+    slow = naive_candidate_scores(model, prompts, subset)
+    assert fast.shape == (5, 6)
+    np.testing.assert_allclose(fast, slow, atol=1e-4)
+    assert np.ptp(slow) > 1e-2  # candidates score apart, so the comparison means something
+
+
+def test_stage2_trains_only_the_projections(tmp_path, tiny_llm_dir):
+    from ccfllm.methods.allmrec import train_stage2
+
+    model, prompts, task, _ = stage2_model(tmp_path, tiny_llm_dir)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses = train_stage2(
+        model, prompts, task, lr=3e-3, batch_size=4, epochs=4, n_candidates=6, progress=False
+    )
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]), losses
+    changed = {n.split(".")[0] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"user_projection", "item_projection"}

@@ -93,7 +93,7 @@ def _prefix_then_suffix(
     """Run the prefixes once, copy each one's cache to its rows (`owner`), run the suffixes on top."""
     _, decoder = model.decoder_parts()
     cache = DynamicCache()
-    with_cache = {_cache_argument(decoder): cache, "use_cache": True}
+    with_cache = {cache_argument(decoder): cache, "use_cache": True}
     decoder(
         inputs_embeds=model.input_embeddings(prefix),
         attention_mask=prefix.attention_mask,
@@ -114,7 +114,7 @@ def _prefix_then_suffix(
     return model.answer_log_probs(hidden[:, -1])
 
 
-def _cache_argument(decoder: torch.nn.Module) -> str:
+def cache_argument(decoder: torch.nn.Module) -> str:
     """transformers 5.23 renamed the decoders' `past_key_values` argument to `cache`; take either."""
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 

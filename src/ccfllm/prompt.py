@@ -194,15 +194,19 @@ class PromptBuilder:
         between = between[1:].rstrip(" ")
         if self.with_cf:
             before_user, after_user = between.split(" [User]")
-            self.middle = [self._text(before_user), _user_piece(self.filler_id), self._text(after_user)]
+            self.middle = [
+                self.text_piece(before_user),
+                user_piece(self.filler_id),
+                self.text_piece(after_user),
+            ]
         elif self.similar_items is not None:  # the user's list goes between these two
             before_similar, after_similar = between.split("{similar}")
             self.similar_close = after_similar[0]
-            self.middle = [self._text(before_similar.rstrip(" ")), self._text(after_similar[1:])]
+            self.middle = [self.text_piece(before_similar.rstrip(" ")), self.text_piece(after_similar[1:])]
         else:
-            self.middle = [self._text(between)]
-        self.tail = self._text(after_target[1:])
-        self.empty_history = self._text(f" {EMPTY_HISTORY}{self.history_close}")
+            self.middle = [self.text_piece(between)]
+        self.tail = self.text_piece(after_target[1:])
+        self.empty_history = self.text_piece(f" {EMPTY_HISTORY}{self.history_close}")
 
     def fixed_length(self, iid: int | None = None, uid: int | None = None) -> int:
         """Tokens of the prompt for target `iid` (and user `uid`) with an empty history: the part never
@@ -259,7 +263,7 @@ class PromptBuilder:
         budget = self.max_tokens - (fixed - len(self.empty_history))
         shown: list[int] = []
         for liked in reversed(titled):  # most recent first: it is the one that ends the list
-            cost = len(self._item_piece(liked, self.history_close if not shown else SEPARATOR))
+            cost = len(self.item_piece(liked, self.history_close if not shown else SEPARATOR))
             if cost > budget:
                 break
             budget -= cost
@@ -269,8 +273,8 @@ class PromptBuilder:
     def _history_pieces(self, shown: list[int]) -> list[_Piece]:
         if not shown:
             return [self.empty_history]
-        return [self._item_piece(i, SEPARATOR) for i in shown[:-1]] + [
-            self._item_piece(shown[-1], self.history_close)
+        return [self.item_piece(i, SEPARATOR) for i in shown[:-1]] + [
+            self.item_piece(shown[-1], self.history_close)
         ]
 
     def _similar(self, uid: int | None, strict: bool = True) -> list[int]:
@@ -289,9 +293,9 @@ class PromptBuilder:
             return []
         similar = self._similar(uid, strict)
         if not similar:
-            return [self._text(f" {EMPTY_HISTORY}{self.similar_close}")]
+            return [self.text_piece(f" {EMPTY_HISTORY}{self.similar_close}")]
         closes = [SEPARATOR] * (len(similar) - 1) + [self.similar_close]
-        return [self._item_piece(i, close) for i, close in zip(similar, closes, strict=True)]
+        return [self.item_piece(i, close) for i, close in zip(similar, closes, strict=True)]
 
     # -- items --------------------------------------------------------------------------------------
 
@@ -304,6 +308,10 @@ class PromptBuilder:
         title = self._title(int(iid))
         ids, in_title = self._tokens_in_span(f" {QUOTE}{title}{QUOTE}{SEPARATOR}", start, start + len(title))
         return ids[in_title]
+
+    def title(self, iid: int) -> str:
+        """The item's title as prompts show it (stripped); "" when it has none."""
+        return self._title(iid)
 
     def _title(self, iid: int) -> str:
         """The item's title, stripped; "" when it has none. An id outside the table is an error."""
@@ -320,9 +328,9 @@ class PromptBuilder:
             raise CCFLLMError(
                 f"Target item {iid} has no title; a prompt needs one (add it to the items table)."
             )
-        return self._item_piece(int(iid), self.target_close)
+        return self.item_piece(int(iid), self.target_close)
 
-    def _item_piece(self, iid: int, close: str) -> _Piece:
+    def item_piece(self, iid: int, close: str) -> _Piece:
         """` "Title"` and the punctuation after it, tokenised once per (item, punctuation)."""
         key = (iid, close)
         if key not in self._items:
@@ -332,7 +340,7 @@ class PromptBuilder:
                 text = f" {QUOTE}{title}{QUOTE}"
                 ids, _ = self._tokens_in_span(text, 0, 0)
                 self._items[key] = _concat(
-                    [_text_piece(ids), _slot_piece(self.filler_id, iid), self._text(close)]
+                    [_text_piece(ids), _slot_piece(self.filler_id, iid), self.text_piece(close)]
                 )
             else:
                 text = f" {QUOTE}{title}{QUOTE}{close}"
@@ -347,7 +355,8 @@ class PromptBuilder:
 
     # -- tokenising pieces ------------------------------------------------------------------------
 
-    def _text(self, text: str) -> _Piece:
+    def text_piece(self, text: str) -> _Piece:
+        """A run of fixed text as it reads inside a prompt."""
         return _text_piece(self._tokens_in_span(text, 0, 0)[0])
 
     def _tokens_in_span(self, text: str, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
@@ -428,7 +437,7 @@ def _concat(pieces: list[_Piece]) -> _Piece:
     )
 
 
-def _user_piece(filler_id: int) -> _Piece:
+def user_piece(filler_id: int) -> _Piece:
     return _Piece(
         ids=np.array([filler_id], dtype=np.int64),
         kind=np.array([USER], dtype=np.int8),

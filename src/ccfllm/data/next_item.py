@@ -97,7 +97,7 @@ def next_item_task(
             np.zeros((len(rows), 0), dtype=np.int64)
             if name == "train"
             else np.stack(
-                [_candidates(target, seen[uid], titled, n_candidates, rng) for uid, _, target in rows]
+                [sample_candidates(target, seen[uid], titled, n_candidates, rng) for uid, _, target in rows]
             )
         )
         splits[name] = NextItemSplit(
@@ -129,7 +129,7 @@ def _liked_sequences(dataset: CTRDataset) -> tuple[dict[int, list[int]], dict[in
     return liked, seen
 
 
-def _candidates(
+def sample_candidates(
     target: int, seen: set[int], titled: np.ndarray, size: int, rng: np.random.Generator
 ) -> np.ndarray:
     """The target and size - 1 titled items the user never rated, shuffled."""

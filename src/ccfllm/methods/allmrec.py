@@ -24,11 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from ..cf.sasrec import SASRec
-from ..data.next_item import NextItemTask
+from ..data.dataset import PAD
+from ..data.next_item import NextItemSplit, NextItemTask, sample_candidates
 from ..device import seed_everything
+from ..engine import cache_argument
+from ..prompt import ITEM_SLOT, USER, EncodedPrompt, PromptBatch, PromptBuilder, collate, user_piece
 from ..text_encoder import SentenceEncoder
+from .ccf_llm import positions_from_mask
 
 
 def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
@@ -168,3 +173,269 @@ def _unliked(liked: set[int], n_items: int, rng: np.random.Generator) -> int:
     while item in liked:
         item = int(rng.integers(1, n_items))
     return item
+
+
+# -- stage 2: soft prompts into a frozen LLM -------------------------------------------------------------
+
+# A-LLMRec's prompt: the user's representation, the history and the candidates as titles each followed
+# by its joint embedding, and the answer: the next item's title, in quotes.
+STAGE2_TEMPLATE = (
+    "[UserRep] is a user representation. This user has watched {history} in the past. Recommend a {item} "
+    "for this user to watch next from the following set of {item} titles, {candidates}. The recommendation is"
+)
+
+
+class NextItemPrompts:
+    """Token ids and CF positions of A-LLMRec's prompt (prompt.py's pieces, with CoLLM-style slots)."""
+
+    def __init__(self, tokenizer, item_titles, item: str = "movie", max_history: int = 10):
+        self.pieces = PromptBuilder(tokenizer, item_titles, with_cf=True, cf_slots=True)
+        self.max_history = max_history
+        before, rest = STAGE2_TEMPLATE.format(
+            item=item, history="{history}", candidates="{candidates}"
+        ).split("{history}")
+        middle, tail = rest.split("{candidates}")
+        user_part, after_user = before.split("[UserRep]")
+        self.head = [user_piece(self.pieces.filler_id), self.pieces.text_piece(after_user.rstrip(" "))]
+        self.middle, self.tail = self.pieces.text_piece(middle.rstrip(" ")), self.pieces.text_piece(tail)
+
+    def encode(self, history: np.ndarray, candidates: np.ndarray) -> EncodedPrompt:
+        """The prompt for one row: the most recent `max_history` liked items, then the candidates."""
+        shown = [int(i) for i in history if i != PAD][-self.max_history :]
+        pieces = [
+            *self.head,
+            *self._listed(shown, ""),
+            self.middle,
+            *self._listed(list(candidates), ""),
+            self.tail,
+        ]
+        return EncodedPrompt(
+            input_ids=np.concatenate([p.ids for p in pieces]),
+            kind=np.concatenate([p.kind for p in pieces]),
+            item=np.concatenate([p.item for p in pieces]),
+            n_history=0,
+            history=np.zeros(0, dtype=np.int64),
+        )
+
+    def answer_ids(self, iid: int) -> np.ndarray:
+        """The tokens of ` "Title"` as the answer after "The recommendation is"."""
+        return self.pieces.text_piece(f' "{self.pieces.title(int(iid))}"').ids
+
+    def _listed(self, items: list[int], close: str) -> list:
+        if not items:
+            return [self.pieces.text_piece(' ""')]
+        closes = [","] * (len(items) - 1) + [close]
+        return [self.pieces.item_piece(i, c) for i, c in zip(items, closes, strict=True)]
+
+
+class ALLMRec(nn.Module):
+    """Stage 2's model: a frozen LLM reading A-LLMRec's prompt, whose [UserRep] position is
+    F_U(x_u) and whose item slots are F_I(e_i); only F_U and F_I train (the language-model loss on the
+    next item's title). With `text_items`, e_i comes from f_T^enc(Q_i) (A-LLMRec(SBERT))."""
+
+    def __init__(
+        self, llm: nn.Module, sasrec: SASRec, alignment: CollaborativeTextAlignment, hidden: int = 256
+    ):
+        super().__init__()
+        self.llm, self.sasrec, self.alignment = llm, sasrec, alignment
+        llm_dim = llm.get_input_embeddings().embedding_dim
+        latent = alignment.item_encoder[-1].out_features
+        self.user_projection = _mlp(sasrec.config.dim, hidden, llm_dim)  # F_U
+        self.item_projection = _mlp(latent, hidden, llm_dim)  # F_I
+        self.text_items: torch.Tensor | None = None  # (n_items, text dim): Q_i, for A-LLMRec(SBERT)
+        for frozen in (llm, sasrec, alignment):
+            frozen.requires_grad_(False)
+
+    def joint(self, iid: torch.Tensor) -> torch.Tensor:
+        """e_i for item ids (any shape): f_I^enc(E_i), or f_T^enc(Q_i) where text_items is set."""
+        if self.text_items is not None:
+            return self.alignment.joint_from_text(self.text_items[iid])
+        return self.alignment.joint(self.sasrec.item_embedding(iid))
+
+    def input_embeddings(self, batch: PromptBatch, history: torch.Tensor) -> torch.Tensor:
+        """(B, T, d): text tokens as the LLM embeds them; [UserRep] = F_U(x_u); slots = F_I(e_i)."""
+        embeddings = self.llm.get_input_embeddings()(batch.input_ids)
+        dtype = embeddings.dtype
+        embeddings = embeddings.clone()
+        is_user, is_slot = batch.kind == USER, batch.kind == ITEM_SLOT
+        with torch.no_grad():
+            user = self.sasrec.user_embedding(
+                torch.zeros_like(batch.uid), history[:, -self.sasrec.config.max_history :]
+            )
+            items = self.joint(batch.item[is_slot])
+        embeddings[is_user] = self.user_projection(user)[is_user.nonzero()[:, 0]].to(dtype)
+        embeddings[is_slot] = self.item_projection(items).to(dtype)
+        return embeddings
+
+    def token_log_probs(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """log p(token) from final hidden states, in float32. (..., d), (...) -> (...)"""
+        head = self.llm.get_output_embeddings()
+        logits = F.linear(hidden.float(), head.weight.float())
+        return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+    def train(self, mode: bool = True) -> ALLMRec:
+        super().train(mode)
+        for frozen in (self.llm, self.sasrec, self.alignment):
+            frozen.eval()  # frozen parts keep eval mode: no dropout on the user representation
+        return self
+
+    def decoder(self) -> nn.Module:
+        return getattr(self.llm, self.llm.base_model_prefix)
+
+
+def _answered(prompts: NextItemPrompts, history: np.ndarray, candidates: np.ndarray, target: np.ndarray):
+    """Prompts with their answer (the target's quoted title) appended, left-padded; answer lengths."""
+    full, lengths = [], []
+    for h, c, t in zip(history, candidates, target, strict=True):
+        prompt, answer = prompts.encode(h, c), prompts.answer_ids(t)
+        zeros = np.zeros(len(answer), dtype=np.int64)
+        full.append(
+            EncodedPrompt(
+                np.concatenate([prompt.input_ids, answer]),
+                np.concatenate([prompt.kind, zeros.astype(np.int8)]),
+                np.concatenate([prompt.item, zeros]),
+                0,
+                np.zeros(0, dtype=np.int64),
+            )
+        )
+        lengths.append(len(answer))
+    return collate(full, np.zeros(len(full)), target, prompts.pieces.pad_id, 0), lengths
+
+
+def next_title_loss(
+    model: ALLMRec, prompts: NextItemPrompts, history: np.ndarray, candidates: np.ndarray, target: np.ndarray
+) -> torch.Tensor:
+    """The language-model loss on the next item's title: mean -log p over its tokens, given the prompt."""
+    device = next(model.user_projection.parameters()).device
+    batch, lengths = _answered(prompts, history, candidates, target)
+    batch = batch.to(device)
+    hidden = model.decoder()(
+        inputs_embeds=model.input_embeddings(batch, torch.as_tensor(history, device=device)),
+        attention_mask=batch.attention_mask,
+        position_ids=positions_from_mask(batch.attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+    width = batch.input_ids.shape[1]
+    rows = torch.as_tensor(np.repeat(np.arange(len(lengths)), lengths), device=device)
+    at = torch.as_tensor(np.concatenate([np.arange(width - n, width) for n in lengths]), device=device)
+    # the answer's tokens sit at the end of each (left-padded) row; each is predicted one position earlier
+    return -model.token_log_probs(hidden[rows, at - 1], batch.input_ids[rows, at]).mean()
+
+
+@torch.no_grad()
+def candidate_scores(
+    model: ALLMRec,
+    prompts: NextItemPrompts,
+    split: NextItemSplit,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> np.ndarray:
+    """Each candidate's mean log-probability per token of its quoted title after the prompt (A-LLMRec
+    names an item by title; the mean keeps long titles from losing by length). The prompt runs once per
+    row and its cache is copied to the row's candidates. -> (N, C)"""
+    model.eval()
+    device = next(model.user_projection.parameters()).device
+    decoder = model.decoder()
+    n_candidates = split.candidates.shape[1]
+    scores = []
+    for start in tqdm(range(0, len(split), batch_size), desc="rank candidates", disable=not progress):
+        rows = slice(start, start + batch_size)
+        history, candidates = split.history[rows], split.candidates[rows]
+        encoded = [prompts.encode(h, c) for h, c in zip(history, candidates, strict=True)]
+        prefix = collate(
+            encoded, np.zeros(len(encoded)), np.zeros(len(encoded)), prompts.pieces.pad_id, 0
+        ).to(device)
+        cache = DynamicCache()
+        with_cache = {cache_argument(decoder): cache, "use_cache": True}
+        last = decoder(
+            inputs_embeds=model.input_embeddings(prefix, torch.as_tensor(history, device=device)),
+            attention_mask=prefix.attention_mask,
+            position_ids=positions_from_mask(prefix.attention_mask),
+            **with_cache,
+        ).last_hidden_state[:, -1]
+        owner = torch.arange(len(encoded), device=device).repeat_interleave(n_candidates)
+        cache.reorder_cache(owner)
+        answers = [prompts.answer_ids(i) for i in candidates.reshape(-1)]
+        width = max(len(a) for a in answers)
+        ids = torch.as_tensor(np.stack([np.pad(a, (0, width - len(a))) for a in answers]), device=device)
+        mask = torch.as_tensor(np.stack([np.arange(width) < len(a) for a in answers]), device=device).long()
+        prefix_mask = prefix.attention_mask[owner]
+        hidden = decoder(
+            inputs_embeds=model.llm.get_input_embeddings()(ids),
+            attention_mask=torch.cat([prefix_mask, mask], dim=-1),
+            position_ids=prefix_mask.sum(-1, keepdim=True) + torch.arange(width, device=device),
+            **with_cache,
+        ).last_hidden_state
+        first = model.token_log_probs(last[owner], ids[:, 0])
+        rest = (model.token_log_probs(hidden[:, :-1], ids[:, 1:]) * mask[:, 1:]).sum(-1)
+        scores.append(((first + rest) / mask.sum(-1)).view(len(encoded), n_candidates).cpu().numpy())
+    return np.concatenate(scores)
+
+
+@torch.no_grad()
+def naive_candidate_scores(model: ALLMRec, prompts: NextItemPrompts, split: NextItemSplit) -> np.ndarray:
+    """The same scores the slow way, each (prompt, candidate) run whole: the oracle of the tests."""
+    rows = []
+    for row in range(len(split)):
+        history = np.repeat(split.history[row : row + 1], split.candidates.shape[1], axis=0)
+        candidates = np.repeat(split.candidates[row : row + 1], split.candidates.shape[1], axis=0)
+        batch, lengths = _answered(prompts, history, candidates, split.candidates[row])
+        hidden = model.decoder()(
+            inputs_embeds=model.input_embeddings(batch, torch.as_tensor(history)),
+            attention_mask=batch.attention_mask,
+            position_ids=positions_from_mask(batch.attention_mask),
+            use_cache=False,
+        ).last_hidden_state
+        width = batch.input_ids.shape[1]
+        rows.append(
+            [
+                model.token_log_probs(hidden[k, width - n - 1 : width - 1], batch.input_ids[k, width - n :])
+                .mean()
+                .item()
+                for k, n in enumerate(lengths)
+            ]
+        )
+    return np.array(rows)
+
+
+def train_stage2(
+    model: ALLMRec,
+    prompts: NextItemPrompts,
+    task: NextItemTask,
+    *,
+    lr: float = 1e-4,
+    batch_size: int = 4,
+    epochs: int = 1,
+    n_candidates: int = 20,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[float]:
+    """Train F_U and F_I on the task's training rows, each with candidates drawn afresh (its next item
+    and items its user never liked); return the loss of every step."""
+    generator = seed_everything(seed)
+    rng = np.random.default_rng(seed)
+    optimiser = torch.optim.Adam(
+        [*model.user_projection.parameters(), *model.item_projection.parameters()], lr=lr
+    )
+    train = task.splits["train"]
+    titled = np.array([bool(prompts.pieces.title(i)) if i else False for i in range(task.n_items)])
+    losses = []
+    for _ in range(epochs):
+        order = torch.randperm(len(train), generator=generator).split(batch_size)
+        for batch in tqdm(order, desc="A-LLMRec stage 2", unit="step", disable=not progress):
+            rows = batch.numpy()
+            seen = [set(task.sequences[int(u)].tolist()) for u in train.uid[rows]]
+            candidates = np.stack(
+                [
+                    sample_candidates(int(t), s, titled, n_candidates, rng)
+                    for t, s in zip(train.target[rows], seen, strict=True)
+                ]
+            )
+            model.train()
+            loss = next_title_loss(model, prompts, train.history[rows], candidates, train.target[rows])
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            losses.append(loss.item())
+    model.eval()
+    return losses
