@@ -124,3 +124,35 @@ def test_stage2_trains_only_the_projections(tmp_path, tiny_llm_dir):
     assert np.mean(losses[-4:]) < np.mean(losses[:4]), losses
     changed = {n.split(".")[0] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {"user_projection", "item_projection"}
+
+
+def test_a_run_reports_every_model_on_all_cold_and_warm_answers(tmp_path, tiny_llm_dir):
+    from ccfllm.config import allmrec_config
+    from ccfllm.next_item_experiment import run_allmrec
+
+    encoder = save_tiny_bert(tmp_path / "sbert", "mean", True)
+    settings = dict(
+        llm=str(tiny_llm_dir), encoder=str(encoder), device="cpu", dtype="float32", n_candidates=6
+    )
+    settings.update(sasrec_dim=16, sasrec_history=10, sasrec_epochs=3, latent_dim=8, hidden=16)
+    settings.update(stage1_epochs=2, stage1_batch=8, stage2_batch=4, stage2_lr=3e-3, prompt_history=4)
+    config = allmrec_config("cpu", **settings)
+    result = run_allmrec(
+        config, cyclic_dataset(n_users=24, n_items=30, length=8), tmp_path / "run", progress=False
+    )
+    models = [row["model"] for row in result.table]
+    assert models == ["SASRec", "LLM alone (zero-shot, titles)", "A-LLMRec", "A-LLMRec (SBERT)"]
+    for row in result.table:
+        assert row["rows"] == 24 and 0 <= row["hit@1"] <= row["hit@5"] <= 1
+    assert sorted(p.name for p in result.folder.iterdir()) == [
+        "alignment.safetensors",
+        "config.json",
+        "item_projection.safetensors",
+        "item_texts.safetensors",
+        "metrics.json",
+        "sasrec.safetensors",
+        "user_projection.safetensors",
+    ]
+    mlp = run_allmrec(allmrec_config("cpu", variant="mlp-llm", **settings), cyclic_dataset(24, 30, 8),
+                      tmp_path / "mlp", progress=False)  # fmt: skip
+    assert mlp.table[2]["model"] == "MLP-LLM"

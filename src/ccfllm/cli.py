@@ -13,10 +13,13 @@ import click
 import pandas as pd
 
 from .config import (
+    ALLMREC_PRESETS,
     CCF_PRESETS,
     METHOD_SETTINGS,
+    AllmrecConfig,
     CCFConfig,
     CFConfig,
+    allmrec_config,
     ccf_config,
     cf_config,
     parse_overrides,
@@ -294,6 +297,44 @@ def ccf_predict(run_dir, input_path, output, data_dir, device) -> None:
         scored.to_parquet(tmp, index=False)
     counts = scored["cf"].value_counts().to_dict()
     click.echo(f"wrote {len(scored)} scores to {output}; CF embedding available for: {counts}")
+
+
+# -- A-LLMRec --------------------------------------------------------------------------------------
+
+
+@main.group()
+def allmrec() -> None:
+    """A-LLMRec on the next-item task: SASRec, alignment with item text, soft prompts into a frozen LLM."""
+
+
+@allmrec.command("train", epilog=_settings_epilog(AllmrecConfig, "the preset"))
+@click.option("--preset", type=click.Choice(sorted(ALLMREC_PRESETS)), default="cpu", show_default=True)
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), help=DATA_OPTION_HELP)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    help="Run folder (default: runs/allmrec/VARIANT-PRESET-seedSEED).",
+)
+@click.option("--seed", type=int, default=None, help="Seed for sampling, initialisation and data order.")
+@_training_run_options
+def allmrec_train(preset, data_dir, out, seed, settings, overwrite, quiet) -> None:
+    """Train SASRec, A-LLMRec's two stages, and rank the test candidates with each model."""
+    from .next_item_experiment import run_allmrec
+
+    config = allmrec_config(preset, **_overrides(settings, seed))
+    out = _unused_run_folder(out or f"runs/allmrec/{config.variant}-{preset}-seed{config.seed}", overwrite)
+    dataset = load_collm_split(resolve_data_dir(data_dir), max_history=CF_HISTORY)
+    result = run_allmrec(config, dataset, out, overwrite=overwrite, progress=not quiet)
+    click.echo(
+        f"\n{config.variant} ({preset} preset) on {dataset.name}: {result.seconds / 60:.1f} min; {out}"
+    )
+    click.echo(
+        "| model | rows | Hit@1 | Hit@5 | NDCG@10 | Hit@1 cold | Hit@1 warm |\n|---|---|---|---|---|---|---|"
+    )
+    for row in result.table:
+        cells = [row["hit@1"], row["hit@5"], row["ndcg@10"], row["hit@1 cold"], row["hit@1 warm"]]
+        shown = " | ".join("-" if v is None else f"{v:.4f}" for v in cells)
+        click.echo(f"| {row['model']} | {row['rows']} | {shown} |")
 
 
 # -- comparisons ---------------------------------------------------------------------------------

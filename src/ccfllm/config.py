@@ -233,6 +233,80 @@ def ccf_config(preset: str = "cpu", **overrides: Any) -> CCFConfig:
     return replace_checked(CCFConfig(), {**CCF_PRESETS[preset], **METHOD_SETTINGS[method], **overrides})
 
 
+ALLMREC_VARIANTS = ("a-llmrec", "mlp-llm")  # MLP-LLM: A-LLMRec without the matching loss
+
+
+@dataclass
+class AllmrecConfig:
+    """How A-LLMRec is built, trained and evaluated on the next-item task (methods/allmrec.py)."""
+
+    variant: str = _help("'a-llmrec', or 'mlp-llm' (stage 1 without the matching loss)", "a-llmrec")
+    llm: str = _help(
+        "frozen causal LM: 'smollm2-135m' (embedded), a local folder, or a hub id", "smollm2-135m"
+    )
+    allow_download: bool = _help("allow `llm` to be fetched from the Hugging Face hub", False)
+    encoder: str = _help(
+        "sentence encoder: 'all-minilm-l6-v2' (embedded) or a model folder", "all-minilm-l6-v2"
+    )
+    freeze_text: bool = _help("keep the sentence encoder frozen in stage 1 (the paper tunes it)", False)
+    device: str = _help("'auto', 'cpu', 'cuda' or 'cuda:N'", "auto")
+    dtype: str = _help("the LLM's dtype: 'auto' (bf16 where native), 'bfloat16' or 'float32'", "auto")
+    n_candidates: int = _help("candidates per ranked row: the next item and items the user never rated", 20)
+    sasrec_dim: int = _help("SASRec's embedding dimension", 64)
+    sasrec_history: int = _help("SASRec's longest history", 50)
+    sasrec_epochs: int = _help("most epochs of SASRec's next-item training (early-stopped)", 200)
+    latent_dim: int = _help("the joint collaborative-text space", 128)
+    hidden: int = _help("hidden width of the encoders, decoders and projections", 256)
+    alpha: float = _help("weight of the item reconstruction loss", 0.5)
+    beta: float = _help("weight of the text reconstruction loss", 0.5)
+    stage1_lr: float = _help("stage 1 learning rate", 1e-4)
+    stage1_epochs: int = _help("stage 1 epochs over the training rows", 10)
+    stage1_batch: int = _help("stage 1 rows per step", 32)
+    stage2_lr: float = _help("stage 2 learning rate", 1e-4)
+    stage2_epochs: int = _help("stage 2 epochs over the training rows", 1)
+    stage2_batch: int = _help("stage 2 rows per step", 4)
+    prompt_history: int = _help("most recent liked items the prompt shows", 10)
+    test_rows: int = _help("test rows ranked (a seeded sample); 0 = all", 0)
+    seed: int = _help("seed for sampling, initialisation and data order", 0)
+
+    def __post_init__(self) -> None:
+        if self.variant not in ALLMREC_VARIANTS:
+            raise CCFLLMError(
+                f"AllmrecConfig.variant must be one of {list(ALLMREC_VARIANTS)}, got {self.variant!r}."
+            )
+        for name in ("n_candidates", "sasrec_dim", "latent_dim", "hidden", "stage1_batch", "stage2_batch"):
+            if getattr(self, name) <= 0:
+                raise CCFLLMError(f"AllmrecConfig.{name} must be positive, got {getattr(self, name)}.")
+        if self.n_candidates < 2:
+            raise CCFLLMError("AllmrecConfig.n_candidates must be at least 2 (the answer and one other).")
+
+
+# `cpu`: sized for the 2-core machine and the embedded 135M LLM. `paper`: a GPU budget (more stage-2
+# epochs); the A-LLMRec talk this project works from lists no hyperparameters, so neither is the paper's.
+ALLMREC_PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "sasrec_dim": 64,
+        "stage1_epochs": 10,
+        "stage2_epochs": 1,
+        "stage2_batch": 4,
+        "prompt_history": 10,
+    },
+    "paper": {
+        "sasrec_dim": 64,
+        "stage1_epochs": 10,
+        "stage2_epochs": 5,
+        "stage2_batch": 4,
+        "prompt_history": 10,
+    },
+}
+
+
+def allmrec_config(preset: str = "cpu", **overrides: Any) -> AllmrecConfig:
+    if preset not in ALLMREC_PRESETS:
+        raise CCFLLMError(f"Unknown preset {preset!r}; choose one of {sorted(ALLMREC_PRESETS)}.")
+    return replace_checked(AllmrecConfig(), {**ALLMREC_PRESETS[preset], **overrides})
+
+
 def replace_checked(config: ConfigT, overrides: dict[str, Any]) -> ConfigT:
     """dataclasses.replace that refuses unknown keys (suggesting the closest) and coerces strings to type."""
     fields = {f.name: f for f in dataclasses.fields(config)}

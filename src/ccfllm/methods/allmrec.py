@@ -47,13 +47,10 @@ class AlignmentLosses:
     text_reconstruction: torch.Tensor
     recommendation: torch.Tensor
 
-    def total(self, alpha: float, beta: float) -> torch.Tensor:
-        return (
-            self.matching
-            + alpha * self.item_reconstruction
-            + beta * self.text_reconstruction
-            + self.recommendation
-        )
+    def total(self, alpha: float, beta: float, matching: float = 1.0) -> torch.Tensor:
+        """L; `matching=0` is MLP-LLM, A-LLMRec without the matching loss."""
+        reconstruction = alpha * self.item_reconstruction + beta * self.text_reconstruction
+        return matching * self.matching + reconstruction + self.recommendation
 
 
 class CollaborativeTextAlignment(nn.Module):
@@ -120,6 +117,7 @@ def train_alignment(
     batch_size: int = 32,
     epochs: int = 1,
     freeze_text: bool = False,
+    matching: float = 1.0,
     seed: int = 0,
     progress: bool = True,
 ) -> AlignmentResult:
@@ -156,7 +154,7 @@ def train_alignment(
             losses = alignment.losses(
                 torch.cat([positive_cf, negative_cf]), text, user, positive_cf, negative_cf
             )
-            loss = losses.total(alpha, beta)
+            loss = losses.total(alpha, beta, matching)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -186,17 +184,24 @@ STAGE2_TEMPLATE = (
 
 
 class NextItemPrompts:
-    """Token ids and CF positions of A-LLMRec's prompt (prompt.py's pieces, with CoLLM-style slots)."""
+    """Token ids and CF positions of A-LLMRec's prompt (prompt.py's pieces, with CoLLM-style slots).
+    With `soft=False`, the same words without the user sentence and the slots: the LLM alone."""
 
-    def __init__(self, tokenizer, item_titles, item: str = "movie", max_history: int = 10):
-        self.pieces = PromptBuilder(tokenizer, item_titles, with_cf=True, cf_slots=True)
+    def __init__(self, tokenizer, item_titles, item: str = "movie", max_history: int = 10, soft: bool = True):
+        self.pieces = PromptBuilder(tokenizer, item_titles, with_cf=soft, cf_slots=soft)
         self.max_history = max_history
-        before, rest = STAGE2_TEMPLATE.format(
-            item=item, history="{history}", candidates="{candidates}"
-        ).split("{history}")
+        template = (
+            STAGE2_TEMPLATE if soft else STAGE2_TEMPLATE.replace("[UserRep] is a user representation. ", "")
+        )
+        before, rest = template.format(item=item, history="{history}", candidates="{candidates}").split(
+            "{history}"
+        )
         middle, tail = rest.split("{candidates}")
-        user_part, after_user = before.split("[UserRep]")
-        self.head = [user_piece(self.pieces.filler_id), self.pieces.text_piece(after_user.rstrip(" "))]
+        if soft:
+            after_user = before.split("[UserRep]")[1]
+            self.head = [user_piece(self.pieces.filler_id), self.pieces.text_piece(after_user.rstrip(" "))]
+        else:
+            self.head = [self.pieces.text_piece(before.rstrip(" "))]
         self.middle, self.tail = self.pieces.text_piece(middle.rstrip(" ")), self.pieces.text_piece(tail)
 
     def encode(self, history: np.ndarray, candidates: np.ndarray) -> EncodedPrompt:

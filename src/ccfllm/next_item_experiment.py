@@ -1,0 +1,179 @@
+"""A-LLMRec from a dataset to an evaluated run on the next-item task: SASRec, stage 1 (alignment),
+stage 2 (soft prompts into the frozen LLM), and Hit@k / NDCG@k on the test split for SASRec alone, the
+LLM alone (zero-shot, titles only), A-LLMRec (or MLP-LLM) and A-LLMRec(SBERT), over all test rows and
+over the rows whose answer is a cold or a warm item.
+
+A run folder holds config.json, metrics.json (the table and the training curves) and the trained parts
+in safetensors: SASRec, the alignment, the projections, and the items' sentence embeddings (the
+fine-tuned encoder's output, which is all that A-LLMRec(SBERT) reads).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from .cf.next_item import next_item_metrics, rank_candidates, train_next_item_sasrec
+from .config import AllmrecConfig, cf_config, to_dict
+from .data.dataset import CTRDataset
+from .data.next_item import NextItemSplit, NextItemTask, next_item_task
+from .device import resolve_device
+from .errors import CheckpointError
+from .io import atomic_path
+from .llm import load_llm
+from .methods.allmrec import ALLMRec, NextItemPrompts, candidate_scores, train_alignment, train_stage2
+from .metrics import target_ranks
+from .text_encoder import load_sentence_encoder
+
+NOUNS = {"movies": "movie", "books": "book"}
+
+
+@dataclass
+class AllmrecResult:
+    folder: Path
+    table: list[dict]  # per model: Hit@1 / Hit@5 / NDCG@10 over all test rows, Hit@1 on cold / warm answers
+    seconds: float
+
+
+def run_allmrec(
+    config: AllmrecConfig,
+    dataset: CTRDataset,
+    out: str | Path,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> AllmrecResult:
+    started = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite.")
+    task = next_item_task(dataset, config.n_candidates, config.seed, config.sasrec_history)
+    test = _sample(task.splits["test"], config.test_rows, config.seed)
+    groups = task.item_popularity_group()[test.target]  # -1 cold, 1 warm answers
+    device = resolve_device(config.device)
+    with atomic_path(out) as folder:
+        folder.mkdir()
+        timings = {}
+        clock = time.perf_counter()
+        sasrec_config = cf_config(
+            "sasrec",
+            dim=config.sasrec_dim,
+            max_history=config.sasrec_history,
+            max_epochs=config.sasrec_epochs,
+            seed=config.seed,
+            device=str(device),
+        )
+        sasrec = train_next_item_sasrec(sasrec_config, task, progress).model
+        timings["sasrec_s"] = time.perf_counter() - clock
+        table = [_row("SASRec", rank_candidates(sasrec, test), groups)]
+
+        clock = time.perf_counter()
+        encoder = load_sentence_encoder(config.encoder, device)
+        stage1 = train_alignment(
+            task,
+            sasrec,
+            encoder,
+            latent_dim=config.latent_dim,
+            hidden=config.hidden,
+            alpha=config.alpha,
+            beta=config.beta,
+            lr=config.stage1_lr,
+            batch_size=config.stage1_batch,
+            epochs=config.stage1_epochs,
+            freeze_text=config.freeze_text,
+            matching=0.0 if config.variant == "mlp-llm" else 1.0,
+            seed=config.seed,
+            progress=progress,
+        )
+        timings["stage1_s"] = time.perf_counter() - clock
+
+        llm = load_llm(
+            config.llm, device=config.device, dtype=config.dtype, allow_download=config.allow_download
+        )
+        noun = NOUNS.get(dataset.domain, "item")
+        soft = NextItemPrompts(llm.tokenizer, task.item_titles, noun, config.prompt_history)
+        plain = NextItemPrompts(llm.tokenizer, task.item_titles, noun, config.prompt_history, soft=False)
+        model = ALLMRec(llm.model, sasrec, stage1.alignment, config.hidden).to(device)
+        clock = time.perf_counter()
+        zero_shot = candidate_scores(model, plain, test, progress=progress)
+        timings["zero_shot_inference_s"] = time.perf_counter() - clock
+        table.append(_row("LLM alone (zero-shot, titles)", target_ranks(zero_shot, test.answer), groups))
+
+        clock = time.perf_counter()
+        losses = train_stage2(
+            model,
+            soft,
+            task,
+            lr=config.stage2_lr,
+            batch_size=config.stage2_batch,
+            epochs=config.stage2_epochs,
+            n_candidates=config.n_candidates,
+            seed=config.seed,
+            progress=progress,
+        )
+        timings["stage2_s"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        scores = candidate_scores(model, soft, test, progress=progress)
+        timings["inference_s"] = time.perf_counter() - clock
+        name = "MLP-LLM" if config.variant == "mlp-llm" else "A-LLMRec"
+        table.append(_row(name, target_ranks(scores, test.answer), groups))
+
+        with torch.no_grad():
+            model.text_items = _item_texts(encoder, task)
+        sbert = candidate_scores(model, soft, test, progress=progress)
+        table.append(_row(f"{name} (SBERT)", target_ranks(sbert, test.answer), groups))
+
+        _save(folder, config, model, task, table, timings, stage1.losses, losses)
+    return AllmrecResult(out, table, time.perf_counter() - started)
+
+
+def _row(model: str, ranks: np.ndarray, groups: np.ndarray) -> dict:
+    """The table's metrics for one model's ranks: all rows, then the cold- and warm-answer rows."""
+    metrics = next_item_metrics(ranks)
+    return {
+        "model": model,
+        "rows": len(ranks),
+        **{k: metrics[k] for k in ("hit@1", "hit@5", "ndcg@10")},
+        "hit@1 cold": float((ranks[groups == -1] == 0).mean()) if (groups == -1).any() else None,
+        "hit@1 warm": float((ranks[groups == 1] == 0).mean()) if (groups == 1).any() else None,
+    }
+
+
+def _sample(split: NextItemSplit, rows: int, seed: int) -> NextItemSplit:
+    if rows == 0 or rows >= len(split):
+        return split
+    chosen = np.sort(np.random.default_rng(seed + 2).choice(len(split), rows, replace=False))
+    fields = ("uid", "history", "target", "candidates")
+    return NextItemSplit(split.name, *(getattr(split, f)[chosen] for f in fields))
+
+
+@torch.no_grad()
+def _item_texts(encoder, task: NextItemTask, batch_size: int = 256) -> torch.Tensor:
+    """Q_i of every item (zeros for the padding id and untitled items). -> (n_items, text dim)"""
+    titles = [t if isinstance(t, str) else "" for t in task.item_titles]
+    vectors = [encoder(titles[start : start + batch_size]) for start in range(0, len(titles), batch_size)]
+    table = torch.cat(vectors)
+    table[[i for i, t in enumerate(titles) if not t.strip()]] = 0.0
+    return table
+
+
+def _save(folder: Path, config, model: ALLMRec, task, table, timings, stage1_losses, stage2_losses) -> None:
+    parts = {
+        "sasrec": model.sasrec,
+        "alignment": model.alignment,
+        "user_projection": model.user_projection,
+        "item_projection": model.item_projection,
+    }
+    for name, module in parts.items():
+        state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        save_file(state, folder / f"{name}.safetensors")
+    save_file({"text_items": model.text_items.detach().cpu().contiguous()}, folder / "item_texts.safetensors")
+    record = {"format": "ccfllm-allmrec/1", "config": to_dict(config), "dataset": task.name}
+    (folder / "config.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    metrics = {"table": table, "timings": timings, "stage1": stage1_losses, "stage2_losses": stage2_losses}
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
