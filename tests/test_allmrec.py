@@ -4,6 +4,7 @@ alignment (and SBERT, unless frozen) and leave SASRec alone."""
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import torch
@@ -141,7 +142,15 @@ def test_a_run_reports_every_model_on_all_cold_and_warm_answers(tmp_path, tiny_l
         config, cyclic_dataset(n_users=24, n_items=30, length=8), tmp_path / "run", progress=False
     )
     models = [row["model"] for row in result.table]
-    assert models == ["SASRec", "LLM alone (zero-shot, titles)", "A-LLMRec", "A-LLMRec (SBERT)"]
+    assert models == [
+        "SASRec",
+        "LLM alone (zero-shot, titles)",
+        "A-LLMRec",
+        "A-LLMRec (SBERT)",
+        "TALLRec (LoRA, titles)",
+    ]
+    timings = json.loads((result.folder / "metrics.json").read_text())["timings"]
+    assert timings["train_speedup_vs_tallrec"] > 0 and timings["inference_speedup_vs_tallrec"] > 0
     for row in result.table:
         assert row["rows"] == 24 and 0 <= row["hit@1"] <= row["hit@5"] <= 1
     assert sorted(p.name for p in result.folder.iterdir()) == [

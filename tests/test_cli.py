@@ -235,3 +235,18 @@ def test_a_terminated_run_leaves_nothing_half_written(tiny_dir, tiny_llm_dir, tm
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 128 + signal.SIGTERM
     assert list(out.parent.iterdir()) == []  # neither the run folder nor its temporary one
+
+
+def test_allmrec_train_prints_its_table(runner, tiny_dir, tiny_llm_dir, tmp_path):
+    from test_text_encoder import save_tiny_bert
+
+    encoder = save_tiny_bert(tmp_path / "sbert", "mean", True)
+    settings = [f"llm={tiny_llm_dir}", f"encoder={encoder}", "device=cpu", "dtype=float32", "n_candidates=5"]
+    settings += ["sasrec_dim=16", "sasrec_history=10", "sasrec_epochs=2", "latent_dim=8", "hidden=16"]
+    settings += ["stage1_epochs=1", "stage1_batch=8", "prompt_history=4", "test_rows=12"]
+    arguments = ["allmrec", "train", "--data", str(tiny_dir), "--out", str(tmp_path / "run"), "--quiet"]
+    result = runner.invoke(main, arguments + [item for s in settings for item in ("--set", s)])
+    assert result.exit_code == 0, result.output
+    assert "| A-LLMRec (SBERT) | 12 |" in result.output and "A-LLMRec against TALLRec" in result.output
+    refused = runner.invoke(main, ["allmrec", "train", "--set", "variant=mlp"])
+    assert refused.exit_code == 2 and "variant must be one of ['a-llmrec', 'mlp-llm']" in refused.output

@@ -335,6 +335,13 @@ def allmrec_train(preset, data_dir, out, seed, settings, overwrite, quiet) -> No
         cells = [row["hit@1"], row["hit@5"], row["ndcg@10"], row["hit@1 cold"], row["hit@1 warm"]]
         shown = " | ".join("-" if v is None else f"{v:.4f}" for v in cells)
         click.echo(f"| {row['model']} | {row['rows']} | {shown} |")
+    t = result.timings
+    click.echo(
+        f"\nA-LLMRec against TALLRec on the same rows: training {t['train_speedup_vs_tallrec']:.2f}x as fast "
+        f"({t['stage2_s']:.0f} s vs {t['tallrec_train_s']:.0f} s), inference "
+        f"{t['inference_speedup_vs_tallrec']:.2f}x "
+        f"({t['inference_s']:.0f} s vs {t['tallrec_inference_s']:.0f} s)"
+    )
 
 
 # -- comparisons ---------------------------------------------------------------------------------

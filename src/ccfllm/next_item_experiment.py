@@ -1,7 +1,8 @@
 """A-LLMRec from a dataset to an evaluated run on the next-item task: SASRec, stage 1 (alignment),
 stage 2 (soft prompts into the frozen LLM), and Hit@k / NDCG@k on the test split for SASRec alone, the
-LLM alone (zero-shot, titles only), A-LLMRec (or MLP-LLM) and A-LLMRec(SBERT), over all test rows and
-over the rows whose answer is a cold or a warm item.
+LLM alone (zero-shot, titles only), A-LLMRec (or MLP-LLM), A-LLMRec(SBERT) and a TALLRec-style LoRA
+model on the same prompt without soft tokens, over all test rows and over the rows whose answer is a
+cold or a warm item; and the training and inference time of A-LLMRec against that TALLRec model.
 
 A run folder holds config.json, metrics.json (the table and the training curves) and the trained parts
 in safetensors: SASRec, the alignment, the projections, and the items' sentence embeddings (the
@@ -26,7 +27,7 @@ from .data.next_item import NextItemSplit, NextItemTask, next_item_task
 from .device import resolve_device
 from .errors import CheckpointError
 from .io import atomic_path
-from .llm import load_llm
+from .llm import add_lora, load_llm
 from .methods.allmrec import ALLMRec, NextItemPrompts, candidate_scores, train_alignment, train_stage2
 from .metrics import target_ranks
 from .text_encoder import load_sentence_encoder
@@ -38,6 +39,7 @@ NOUNS = {"movies": "movie", "books": "book"}
 class AllmrecResult:
     folder: Path
     table: list[dict]  # per model: Hit@1 / Hit@5 / NDCG@10 over all test rows, Hit@1 on cold / warm answers
+    timings: dict  # seconds of each part, and A-LLMRec's speed-ups over the TALLRec baseline
     seconds: float
 
 
@@ -128,8 +130,42 @@ def run_allmrec(
         sbert = candidate_scores(model, soft, test, progress=progress)
         table.append(_row(f"{name} (SBERT)", target_ranks(sbert, test.answer), groups))
 
+        tallrec_ranks = _tallrec(config, task, test, sasrec, stage1.alignment, plain, timings, progress)
+        table.append(_row("TALLRec (LoRA, titles)", tallrec_ranks, groups))
+        timings["train_speedup_vs_tallrec"] = timings["tallrec_train_s"] / timings["stage2_s"]
+        timings["inference_speedup_vs_tallrec"] = timings["tallrec_inference_s"] / timings["inference_s"]
+
         _save(folder, config, model, task, table, timings, stage1.losses, losses)
-    return AllmrecResult(out, table, time.perf_counter() - started)
+    return AllmrecResult(out, table, timings, time.perf_counter() - started)
+
+
+def _tallrec(config, task, test, sasrec, alignment, plain, timings, progress) -> np.ndarray:
+    """The TALLRec-style baseline on the same task: a fresh copy of the LLM tuned with LoRA on the
+    titles-only prompt, with the same loss, rows and epochs as stage 2; its ranks, and its timings."""
+    llm = load_llm(config.llm, device=config.device, dtype=config.dtype, allow_download=config.allow_download)
+    tuned = add_lora(llm.model)
+    model = ALLMRec(tuned, sasrec, alignment, config.hidden).to(next(sasrec.parameters()).device)
+    lora = [p for n, p in tuned.named_parameters() if "lora_" in n]
+    for parameter in lora:
+        parameter.requires_grad_(True)
+    clock = time.perf_counter()
+    train_stage2(
+        model,
+        plain,
+        task,
+        lr=config.stage2_lr,
+        batch_size=config.stage2_batch,
+        epochs=config.stage2_epochs,
+        n_candidates=config.n_candidates,
+        seed=config.seed,
+        parameters=lora,
+        progress=progress,
+    )
+    timings["tallrec_train_s"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    scores = candidate_scores(model, plain, test, progress=progress)
+    timings["tallrec_inference_s"] = time.perf_counter() - clock
+    return target_ranks(scores, test.answer)
 
 
 def _row(model: str, ranks: np.ndarray, groups: np.ndarray) -> dict:

@@ -285,7 +285,9 @@ class ALLMRec(nn.Module):
         return self
 
     def decoder(self) -> nn.Module:
-        return getattr(self.llm, self.llm.base_model_prefix)
+        """The decoder stack under the LM head (under peft's wrapper, where LoRA was added)."""
+        causal_lm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        return getattr(causal_lm, causal_lm.base_model_prefix)
 
 
 def _answered(prompts: NextItemPrompts, history: np.ndarray, candidates: np.ndarray, target: np.ndarray):
@@ -413,15 +415,17 @@ def train_stage2(
     epochs: int = 1,
     n_candidates: int = 20,
     seed: int = 0,
+    parameters: list[nn.Parameter] | None = None,
     progress: bool = True,
 ) -> list[float]:
-    """Train F_U and F_I on the task's training rows, each with candidates drawn afresh (its next item
-    and items its user never liked); return the loss of every step."""
+    """Train F_U and F_I (or the given `parameters`: the LoRA weights of the TALLRec baseline) on the
+    task's training rows, each with candidates drawn afresh (its next item and items its user never
+    liked); return the loss of every step."""
     generator = seed_everything(seed)
     rng = np.random.default_rng(seed)
-    optimiser = torch.optim.Adam(
-        [*model.user_projection.parameters(), *model.item_projection.parameters()], lr=lr
-    )
+    if parameters is None:
+        parameters = [*model.user_projection.parameters(), *model.item_projection.parameters()]
+    optimiser = torch.optim.Adam(parameters, lr=lr)
     train = task.splits["train"]
     titled = np.array([bool(prompts.pieces.title(i)) if i else False for i in range(task.n_items)])
     losses = []
