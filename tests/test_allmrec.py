@@ -165,3 +165,15 @@ def test_a_run_reports_every_model_on_all_cold_and_warm_answers(tmp_path, tiny_l
     mlp = run_allmrec(allmrec_config("cpu", variant="mlp-llm", **settings), cyclic_dataset(24, 30, 8),
                       tmp_path / "mlp", progress=False)  # fmt: skip
     assert mlp.table[2]["model"] == "MLP-LLM"
+
+
+def test_untitled_history_items_are_left_out_and_no_history_reads_empty_quotes(tmp_path, tiny_llm_dir):
+    from ccfllm.prompt import ITEM_SLOT
+
+    model, prompts, task, llm = stage2_model(tmp_path, tiny_llm_dir)
+    prompts.pieces.item_titles[5] = ""  # item 5 loses its title
+    prompt = prompts.encode(np.array([3, 5, 6]), np.array([9, 8]))
+    assert prompt.item[prompt.kind == ITEM_SLOT].tolist() == [3, 6, 9, 8]
+    empty = prompts.encode(np.array([0, 0]), np.array([9, 8]))
+    assert empty.item[empty.kind == ITEM_SLOT].tolist() == [9, 8]
+    assert llm.tokenizer.encode(' ""', add_special_tokens=False)[0] in empty.input_ids.tolist()

@@ -131,3 +131,13 @@ def test_sasrec_learns_the_next_item():
     assert result.epochs[-1]["train_loss"] < result.epochs[0]["train_loss"] / 2
     metrics = next_item_metrics(rank_candidates(result.model, task.splits["test"]))
     assert metrics["hit@1"] > 0.9, metrics  # chance is 0.1
+
+
+def test_a_candidate_set_with_the_answer_twice_or_missing_is_refused():
+    from ccfllm.data.next_item import NextItemSplit
+
+    history = np.zeros((2, 3), dtype=np.int64)
+    with pytest.raises(DataError, match="row 1 \\(user 8\\): its answer 5 appears 2 times"):
+        NextItemSplit("test", np.array([7, 8]), history, np.array([4, 5]), np.array([[4, 1, 2], [5, 5, 2]]))
+    with pytest.raises(DataError, match="its answer 4 appears 0 times"):
+        NextItemSplit("test", np.array([7, 8]), history, np.array([4, 5]), np.array([[3, 1, 2], [5, 1, 2]]))

@@ -33,6 +33,19 @@ class NextItemSplit:
     target: np.ndarray  # (N,) int64
     candidates: np.ndarray  # (N, C) int64; the target appears exactly once. (N, 0) for train
 
+    def __post_init__(self) -> None:
+        if self.candidates.shape[1] == 0:
+            return
+        counts = (self.candidates == self.target[:, None]).sum(axis=1)
+        wrong = np.flatnonzero(counts != 1)
+        if len(wrong):
+            row = int(wrong[0])
+            user, answer = int(self.uid[row]), int(self.target[row])
+            raise DataError(
+                f"{self.name} row {row} (user {user}): its answer {answer} appears {int(counts[row])} times "
+                "among its candidates; a candidate set must hold it exactly once."
+            )
+
     def __len__(self) -> int:
         return len(self.uid)
 

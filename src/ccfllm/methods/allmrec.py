@@ -206,7 +206,8 @@ class NextItemPrompts:
 
     def encode(self, history: np.ndarray, candidates: np.ndarray) -> EncodedPrompt:
         """The prompt for one row: the most recent `max_history` liked items, then the candidates."""
-        shown = [int(i) for i in history if i != PAD][-self.max_history :]
+        # an untitled history item is left out, as in CCF-LLM's prompt; no history at all reads `""`
+        shown = [int(i) for i in history if i != PAD and self.pieces.title(int(i))][-self.max_history :]
         pieces = [
             *self.head,
             *self._listed(shown, ""),
