@@ -14,6 +14,7 @@ from ccfllm.cf.next_item import train_next_item_sasrec
 from ccfllm.config import cf_config
 from ccfllm.data.next_item import next_item_task
 from ccfllm.methods.allmrec import CollaborativeTextAlignment, train_alignment
+from ccfllm.prompt import ITEM_SLOT, USER
 from ccfllm.text_encoder import load_sentence_encoder
 from test_next_item import cyclic_dataset
 from test_text_encoder import save_tiny_bert
@@ -177,3 +178,14 @@ def test_untitled_history_items_are_left_out_and_no_history_reads_empty_quotes(t
     empty = prompts.encode(np.array([0, 0]), np.array([9, 8]))
     assert empty.item[empty.kind == ITEM_SLOT].tolist() == [9, 8]
     assert llm.tokenizer.encode(' ""', add_special_tokens=False)[0] in empty.input_ids.tolist()
+
+
+def test_the_soft_prompt_answers_a_free_question(tmp_path, tiny_llm_dir):
+    from ccfllm.methods.allmrec import ask
+
+    model, prompts, task, llm = stage2_model(tmp_path, tiny_llm_dir)
+    history = np.array([0, 3, 4, 5])
+    prompt = prompts.encode_question(history, "Specify the genres this user would enjoy.")
+    assert prompt.kind[0] == USER and prompt.item[prompt.kind == ITEM_SLOT].tolist() == [3, 4, 5]
+    answer = ask(model, prompts, history, max_tokens=5)
+    assert isinstance(answer, str) and 0 < len(llm.tokenizer.encode(answer, add_special_tokens=False)) <= 5

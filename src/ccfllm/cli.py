@@ -342,6 +342,8 @@ def allmrec_train(preset, data_dir, out, seed, settings, overwrite, quiet) -> No
         f"{t['inference_speedup_vs_tallrec']:.2f}x "
         f"({t['inference_s']:.0f} s vs {t['tallrec_inference_s']:.0f} s)"
     )
+    for example in t["generation"][:1]:
+        click.echo(f"asked of user {example['uid']}: {example['question']!r} -> {example['answer']!r}")
 
 
 # -- comparisons ---------------------------------------------------------------------------------

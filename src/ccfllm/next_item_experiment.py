@@ -28,7 +28,15 @@ from .device import resolve_device
 from .errors import CheckpointError
 from .io import atomic_path
 from .llm import add_lora, load_llm
-from .methods.allmrec import ALLMRec, NextItemPrompts, candidate_scores, train_alignment, train_stage2
+from .methods.allmrec import (
+    GENRE_QUESTION,
+    ALLMRec,
+    NextItemPrompts,
+    ask,
+    candidate_scores,
+    train_alignment,
+    train_stage2,
+)
 from .metrics import target_ranks
 from .text_encoder import load_sentence_encoder
 
@@ -125,6 +133,10 @@ def run_allmrec(
         name = "MLP-LLM" if config.variant == "mlp-llm" else "A-LLMRec"
         table.append(_row(name, target_ranks(scores, test.answer), groups))
 
+        timings["generation"] = [
+            {"uid": int(u), "question": GENRE_QUESTION, "answer": ask(model, soft, h)}
+            for u, h in zip(test.uid[:3], test.history[:3], strict=True)
+        ]
         with torch.no_grad():
             model.text_items = _item_texts(encoder, task)
         sbert = candidate_scores(model, soft, test, progress=progress)

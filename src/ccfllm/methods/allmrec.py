@@ -223,6 +223,19 @@ class NextItemPrompts:
             history=np.zeros(0, dtype=np.int64),
         )
 
+    def encode_question(self, history: np.ndarray, question: str) -> EncodedPrompt:
+        """The user part of the prompt (representation and history) followed by a free question: A-LLMRec's
+        language-generation use, e.g. "Specify the genres this user would enjoy." """
+        shown = [int(i) for i in history if i != PAD and self.pieces.title(int(i))][-self.max_history :]
+        pieces = [*self.head, *self._listed(shown, ""), self.pieces.text_piece(f" in the past. {question}")]
+        return EncodedPrompt(
+            input_ids=np.concatenate([p.ids for p in pieces]),
+            kind=np.concatenate([p.kind for p in pieces]),
+            item=np.concatenate([p.item for p in pieces]),
+            n_history=0,
+            history=np.zeros(0, dtype=np.int64),
+        )
+
     def answer_ids(self, iid: int) -> np.ndarray:
         """The tokens of ` "Title"` as the answer after "The recommendation is"."""
         return self.pieces.text_piece(f' "{self.pieces.title(int(iid))}"').ids
@@ -449,3 +462,30 @@ def train_stage2(
             losses.append(loss.item())
     model.eval()
     return losses
+
+
+GENRE_QUESTION = "Specify the genres this user would enjoy."
+
+
+@torch.no_grad()
+def ask(
+    model: ALLMRec,
+    prompts: NextItemPrompts,
+    history: np.ndarray,
+    question: str = GENRE_QUESTION,
+    max_tokens: int = 24,
+) -> str:
+    """The frozen LLM's greedy answer to `question` about the user whose history the soft prompt carries."""
+    model.eval()
+    device = next(model.user_projection.parameters()).device
+    prompt = prompts.encode_question(history, question)
+    batch = collate([prompt], [0], [0], prompts.pieces.pad_id, 0).to(device)
+    embeddings = model.input_embeddings(batch, torch.as_tensor(history[None], device=device))
+    output = model.llm.generate(
+        inputs_embeds=embeddings,
+        attention_mask=batch.attention_mask,
+        max_new_tokens=max_tokens,
+        do_sample=False,
+        pad_token_id=prompts.pieces.pad_id,
+    )
+    return prompts.pieces.tokenizer.decode(output[0], skip_special_tokens=True).strip()
