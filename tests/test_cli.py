@@ -248,6 +248,8 @@ def test_allmrec_train_prints_its_table(runner, tiny_dir, tiny_llm_dir, tmp_path
     result = runner.invoke(main, arguments + [item for s in settings for item in ("--set", s)])
     assert result.exit_code == 0, result.output
     assert "| A-LLMRec (SBERT) | 12 |" in result.output and "A-LLMRec against TALLRec" in result.output
-    assert "Specify the genres this user would enjoy." in result.output
+    assert (
+        "Specify the genres this user would enjoy." in result.output and "Hit@1 cold users" in result.output
+    )
     refused = runner.invoke(main, ["allmrec", "train", "--set", "variant=mlp"])
     assert refused.exit_code == 2 and "variant must be one of ['a-llmrec', 'mlp-llm']" in refused.output

@@ -141,3 +141,18 @@ def test_a_candidate_set_with_the_answer_twice_or_missing_is_refused():
         NextItemSplit("test", np.array([7, 8]), history, np.array([4, 5]), np.array([[4, 1, 2], [5, 5, 2]]))
     with pytest.raises(DataError, match="its answer 4 appears 0 times"):
         NextItemSplit("test", np.array([7, 8]), history, np.array([4, 5]), np.array([[3, 1, 2], [5, 1, 2]]))
+
+
+def test_cold_users_are_kept_out_of_training_and_asked_after_three_items(tiny_dataset):
+    task = next_item_task(tiny_dataset, n_candidates=5, seed=0, cold_user_share=0.25)
+    cold = task.splits["cold_users"]
+    assert len(cold) == int(len([u for u in task.sequences] + cold.uid.tolist()) * 0.25)
+    assert not set(cold.uid.tolist()) & set(task.sequences)  # in no training sequence
+    for name in ("train", "valid", "test"):
+        assert not set(cold.uid.tolist()) & set(task.splits[name].uid.tolist())
+    for row in range(len(cold)):
+        liked = liked_in_order(tiny_dataset, int(cold.uid[row]))
+        assert cold.history[row][cold.history[row] != PAD].tolist() == liked[:3]
+        assert cold.target[row] == liked[3]
+    with pytest.raises(DataError, match="cold_user_share must be in"):
+        next_item_task(tiny_dataset, cold_user_share=1.0)

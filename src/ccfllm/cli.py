@@ -329,10 +329,13 @@ def allmrec_train(preset, data_dir, out, seed, settings, overwrite, quiet) -> No
         f"\n{config.variant} ({preset} preset) on {dataset.name}: {result.seconds / 60:.1f} min; {out}"
     )
     click.echo(
-        "| model | rows | Hit@1 | Hit@5 | NDCG@10 | Hit@1 cold | Hit@1 warm |\n|---|---|---|---|---|---|---|"
+        "| model | rows | Hit@1 | Hit@5 | NDCG@10 | Hit@1 cold items | Hit@1 warm items "
+        "| Hit@1 cold users |\n|---|---|---|---|---|---|---|---|"
     )
     for row in result.table:
-        cells = [row["hit@1"], row["hit@5"], row["ndcg@10"], row["hit@1 cold"], row["hit@1 warm"]]
+        cells = [
+            row[k] for k in ("hit@1", "hit@5", "ndcg@10", "hit@1 cold", "hit@1 warm", "hit@1 cold users")
+        ]
         shown = " | ".join("-" if v is None else f"{v:.4f}" for v in cells)
         click.echo(f"| {row['model']} | {row['rows']} | {shown} |")
     t = result.timings

@@ -267,6 +267,7 @@ class AllmrecConfig:
     stage2_batch: int = _help("stage 2 rows per step", 4)
     prompt_history: int = _help("most recent liked items the prompt shows", 10)
     test_rows: int = _help("test rows ranked (a seeded sample); 0 = all", 0)
+    cold_user_share: float = _help("share of users held out of training as cold users (3 interactions)", 0.1)
     seed: int = _help("seed for sampling, initialisation and data order", 0)
 
     def __post_init__(self) -> None:

@@ -62,7 +62,9 @@ def run_allmrec(
     out = Path(out)
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite.")
-    task = next_item_task(dataset, config.n_candidates, config.seed, config.sasrec_history)
+    task = next_item_task(
+        dataset, config.n_candidates, config.seed, config.sasrec_history, config.cold_user_share
+    )
     test = _sample(task.splits["test"], config.test_rows, config.seed)
     groups = task.item_popularity_group()[test.target]  # -1 cold, 1 warm answers
     device = resolve_device(config.device)
@@ -80,7 +82,12 @@ def run_allmrec(
         )
         sasrec = train_next_item_sasrec(sasrec_config, task, progress).model
         timings["sasrec_s"] = time.perf_counter() - clock
-        table = [_row("SASRec", rank_candidates(sasrec, test), groups)]
+        cold_users = task.splits.get("cold_users")
+
+        def row(name: str, ranks_of) -> dict:  # ranks_of(split) -> the answers' ranks
+            return _row(name, ranks_of(test), groups, ranks_of(cold_users) if cold_users else None)
+
+        table = [row("SASRec", lambda split: rank_candidates(sasrec, split))]
 
         clock = time.perf_counter()
         encoder = load_sentence_encoder(config.encoder, device)
@@ -110,9 +117,10 @@ def run_allmrec(
         plain = NextItemPrompts(llm.tokenizer, task.item_titles, noun, config.prompt_history, soft=False)
         model = ALLMRec(llm.model, sasrec, stage1.alignment, config.hidden).to(device)
         clock = time.perf_counter()
-        zero_shot = candidate_scores(model, plain, test, progress=progress)
+        table.append(
+            row("LLM alone (zero-shot, titles)", lambda split: _llm_ranks(model, plain, split, progress))
+        )
         timings["zero_shot_inference_s"] = time.perf_counter() - clock
-        table.append(_row("LLM alone (zero-shot, titles)", target_ranks(zero_shot, test.answer), groups))
 
         clock = time.perf_counter()
         losses = train_stage2(
@@ -128,10 +136,12 @@ def run_allmrec(
         )
         timings["stage2_s"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        scores = candidate_scores(model, soft, test, progress=progress)
+        ranks = _llm_ranks(model, soft, test, progress)
         timings["inference_s"] = time.perf_counter() - clock
         name = "MLP-LLM" if config.variant == "mlp-llm" else "A-LLMRec"
-        table.append(_row(name, target_ranks(scores, test.answer), groups))
+        table.append(
+            row(name, lambda split: ranks if split is test else _llm_ranks(model, soft, split, progress))
+        )
 
         timings["generation"] = [
             {"uid": int(u), "question": GENRE_QUESTION, "answer": ask(model, soft, h)}
@@ -139,11 +149,10 @@ def run_allmrec(
         ]
         with torch.no_grad():
             model.text_items = _item_texts(encoder, task)
-        sbert = candidate_scores(model, soft, test, progress=progress)
-        table.append(_row(f"{name} (SBERT)", target_ranks(sbert, test.answer), groups))
+        table.append(row(f"{name} (SBERT)", lambda split: _llm_ranks(model, soft, split, progress)))
 
-        tallrec_ranks = _tallrec(config, task, test, sasrec, stage1.alignment, plain, timings, progress)
-        table.append(_row("TALLRec (LoRA, titles)", tallrec_ranks, groups))
+        tallrec = _tallrec(config, task, test, sasrec, stage1.alignment, plain, timings, progress)
+        table.append(row("TALLRec (LoRA, titles)", lambda split: _llm_ranks(tallrec, plain, split, progress)))
         timings["train_speedup_vs_tallrec"] = timings["tallrec_train_s"] / timings["stage2_s"]
         timings["inference_speedup_vs_tallrec"] = timings["tallrec_inference_s"] / timings["inference_s"]
 
@@ -151,9 +160,10 @@ def run_allmrec(
     return AllmrecResult(out, table, timings, time.perf_counter() - started)
 
 
-def _tallrec(config, task, test, sasrec, alignment, plain, timings, progress) -> np.ndarray:
+def _tallrec(config, task, test, sasrec, alignment, plain, timings, progress) -> ALLMRec:
     """The TALLRec-style baseline on the same task: a fresh copy of the LLM tuned with LoRA on the
-    titles-only prompt, with the same loss, rows and epochs as stage 2; its ranks, and its timings."""
+    titles-only prompt, with the same loss, rows and epochs as stage 2; its training and inference
+    (of the test split) are timed."""
     llm = load_llm(config.llm, device=config.device, dtype=config.dtype, allow_download=config.allow_download)
     tuned = add_lora(llm.model)
     model = ALLMRec(tuned, sasrec, alignment, config.hidden).to(next(sasrec.parameters()).device)
@@ -175,13 +185,18 @@ def _tallrec(config, task, test, sasrec, alignment, plain, timings, progress) ->
     )
     timings["tallrec_train_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    scores = candidate_scores(model, plain, test, progress=progress)
+    candidate_scores(model, plain, test, progress=progress)
     timings["tallrec_inference_s"] = time.perf_counter() - clock
-    return target_ranks(scores, test.answer)
+    return model
 
 
-def _row(model: str, ranks: np.ndarray, groups: np.ndarray) -> dict:
-    """The table's metrics for one model's ranks: all rows, then the cold- and warm-answer rows."""
+def _llm_ranks(model: ALLMRec, prompts: NextItemPrompts, split: NextItemSplit, progress: bool) -> np.ndarray:
+    return target_ranks(candidate_scores(model, prompts, split, progress=progress), split.answer)
+
+
+def _row(model: str, ranks: np.ndarray, groups: np.ndarray, cold_user_ranks: np.ndarray | None) -> dict:
+    """The table's metrics for one model's ranks: all test rows, the cold- and warm-answer rows, and
+    the held-out cold users."""
     metrics = next_item_metrics(ranks)
     return {
         "model": model,
@@ -189,6 +204,7 @@ def _row(model: str, ranks: np.ndarray, groups: np.ndarray) -> dict:
         **{k: metrics[k] for k in ("hit@1", "hit@5", "ndcg@10")},
         "hit@1 cold": float((ranks[groups == -1] == 0).mean()) if (groups == -1).any() else None,
         "hit@1 warm": float((ranks[groups == 1] == 0).mean()) if (groups == 1).any() else None,
+        "hit@1 cold users": None if cold_user_ranks is None else float((cold_user_ranks == 0).mean()),
     }
 
 

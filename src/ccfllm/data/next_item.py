@@ -7,8 +7,8 @@ candidate set: its target and `n_candidates - 1` items the user never interacted
 split) and that have a title, drawn with a seed; the target sits at a random position, once.
 
 Users with fewer than 3 liked items have no train item to learn from and are left out (their count is
-kept in `dropped_users`). Cold and warm items (bottom and top 35% by training interactions) and cold
-users are marked for the paper's scenarios.
+kept in `dropped_users`). Cold and warm items are the bottom and top 35% by training interactions;
+cold users (optional) are users held out of training, asked for their fourth liked item after three.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from ..errors import DataError
 from .dataset import PAD, CTRDataset, pad_histories
 
 MIN_LIKED = 3  # one to train on, one to validate, one to test
+COLD_USER_HISTORY = 3  # A-LLMRec's cold users: three interactions, then the next item
 
 
 @dataclass(frozen=True)
@@ -80,11 +81,19 @@ class NextItemTask:
 
 
 def next_item_task(
-    dataset: CTRDataset, n_candidates: int = 20, seed: int = 0, max_history: int = 50
+    dataset: CTRDataset,
+    n_candidates: int = 20,
+    seed: int = 0,
+    max_history: int = 50,
+    cold_user_share: float = 0.0,
 ) -> NextItemTask:
-    """A-LLMRec's task from `dataset` (see the module docstring)."""
+    """A-LLMRec's task from `dataset` (see the module docstring). With `cold_user_share`, that share of
+    the users with at least COLD_USER_HISTORY + 1 liked items (seeded) is kept out of every training
+    split; the "cold_users" split asks for their next item after their first COLD_USER_HISTORY."""
     if n_candidates < 2:
         raise DataError(f"n_candidates must be at least 2 (the target and one other), got {n_candidates}.")
+    if not 0.0 <= cold_user_share < 1.0:
+        raise DataError(f"cold_user_share must be in [0, 1), got {cold_user_share}.")
     liked, seen = _liked_sequences(dataset)
     titled = np.array([isinstance(t, str) and t.strip() != "" for t in dataset.item_titles])
     titled[PAD] = False
@@ -101,6 +110,9 @@ def next_item_task(
                 "candidates by title. Add it to the items table."
             )
     rng = np.random.default_rng(seed)
+    eligible = [u for u in users if len(liked[u]) > COLD_USER_HISTORY]
+    cold = set(rng.choice(eligible, int(len(eligible) * cold_user_share), replace=False).tolist())
+    users = [u for u in users if u not in cold]
     splits = {}
     for name, back in (("train", 3), ("valid", 2), ("test", 1)):
         rows = [
@@ -120,9 +132,21 @@ def next_item_task(
             target=np.array([target for _, _, target in rows], dtype=np.int64),
             candidates=candidates,
         )
+    if cold:
+        rows = [(uid, liked[uid][:COLD_USER_HISTORY], liked[uid][COLD_USER_HISTORY]) for uid in sorted(cold)]
+        splits["cold_users"] = NextItemSplit(
+            "cold_users",
+            uid=np.array([uid for uid, _, _ in rows], dtype=np.int64),
+            history=pad_histories([list(history) for _, history, _ in rows], max_history),
+            target=np.array([target for _, _, target in rows], dtype=np.int64),
+            candidates=np.stack(
+                [sample_candidates(target, seen[uid], titled, n_candidates, rng) for uid, _, target in rows]
+            ),
+        )
     sequences = {uid: np.asarray(liked[uid][:-2], dtype=np.int64) for uid in users}
     counts = np.bincount(np.concatenate(list(sequences.values())), minlength=dataset.n_items)
-    return NextItemTask(dataset.name, dataset.item_titles, sequences, splits, counts, len(liked) - len(users))
+    dropped = len(liked) - len(users) - len(cold)
+    return NextItemTask(dataset.name, dataset.item_titles, sequences, splits, counts, dropped)
 
 
 def _liked_sequences(dataset: CTRDataset) -> tuple[dict[int, list[int]], dict[int, set[int]]]:
