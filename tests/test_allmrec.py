@@ -164,6 +164,13 @@ def test_a_run_reports_every_model_on_all_cold_and_warm_answers(tmp_path, tiny_l
         "sasrec.safetensors",
         "user_projection.safetensors",
     ]
+    from ccfllm.next_item_experiment import evaluate_allmrec, load_allmrec
+
+    reloaded = evaluate_allmrec(
+        load_allmrec(result.folder, cyclic_dataset(24, 30, 8), device="cpu"), progress=False
+    )
+    assert reloaded["A-LLMRec"]["hit@1"] == result.table[2]["hit@1"]  # exactly
+    assert reloaded["A-LLMRec (SBERT)"]["ndcg@10"] == result.table[3]["ndcg@10"]
     mlp = run_allmrec(allmrec_config("cpu", variant="mlp-llm", **settings), cyclic_dataset(24, 30, 8),
                       tmp_path / "mlp", progress=False)  # fmt: skip
     assert mlp.table[2]["model"] == "MLP-LLM"

@@ -349,6 +349,24 @@ def allmrec_train(preset, data_dir, out, seed, settings, overwrite, quiet) -> No
         click.echo(f"asked of user {example['uid']}: {example['question']!r} -> {example['answer']!r}")
 
 
+@allmrec.command("evaluate")
+@click.option(
+    "--run", "run_dir", type=click.Path(exists=True, file_okay=False), required=True, help="Run folder."
+)
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), help=DATA_OPTION_HELP)
+@click.option(
+    "--split", type=click.Choice(["valid", "test", "cold_users"]), default="test", show_default=True
+)
+@click.option("--device", default="auto", show_default=True, help="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+def allmrec_evaluate(run_dir, data_dir, split, device) -> None:
+    """Reload a saved A-LLMRec run and rank a split's candidates with A-LLMRec and A-LLMRec(SBERT)."""
+    from .next_item_experiment import evaluate_allmrec, load_allmrec
+
+    dataset = load_collm_split(resolve_data_dir(data_dir), max_history=CF_HISTORY)
+    for name, metrics in evaluate_allmrec(load_allmrec(run_dir, dataset, device), split).items():
+        click.echo(f"{name:<18} " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+
 # -- comparisons ---------------------------------------------------------------------------------
 
 

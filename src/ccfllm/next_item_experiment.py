@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from .cf.next_item import next_item_metrics, rank_candidates, train_next_item_sasrec
-from .config import AllmrecConfig, cf_config, to_dict
+from .cf.sasrec import SASRec
+from .config import AllmrecConfig, cf_config, replace_checked, to_dict
 from .data.dataset import CTRDataset
 from .data.next_item import NextItemSplit, NextItemTask, next_item_task
 from .device import resolve_device
@@ -31,6 +32,7 @@ from .llm import add_lora, load_llm
 from .methods.allmrec import (
     GENRE_QUESTION,
     ALLMRec,
+    CollaborativeTextAlignment,
     NextItemPrompts,
     ask,
     candidate_scores,
@@ -248,3 +250,71 @@ def _save(folder: Path, config, model: ALLMRec, task, table, timings, stage1_los
     (folder / "config.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     metrics = {"table": table, "timings": timings, "stage1": stage1_losses, "stage2_losses": stage2_losses}
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+
+
+@dataclass
+class LoadedAllmrec:
+    model: ALLMRec
+    prompts: NextItemPrompts
+    task: NextItemTask
+    config: AllmrecConfig
+    text_items: torch.Tensor  # Q_i of every item, for A-LLMRec(SBERT)
+
+
+def load_allmrec(folder: str | Path, dataset: CTRDataset, device: str = "auto") -> LoadedAllmrec:
+    """Rebuild a saved A-LLMRec run: the same task (it is seeded), SASRec, the alignment, the projections."""
+    folder = Path(folder)
+    record = _read_record(folder)
+    if record["dataset"] != dataset.name:
+        raise CheckpointError(f"{folder} was trained on {record['dataset']}, not on {dataset.name}.")
+    config = replace_checked(AllmrecConfig(), {**record["config"], "device": device})
+    task = next_item_task(
+        dataset, config.n_candidates, config.seed, config.sasrec_history, config.cold_user_share
+    )
+    torch_device = resolve_device(device)
+    sasrec_config = cf_config("sasrec", dim=config.sasrec_dim, max_history=config.sasrec_history)
+    sasrec = SASRec(sasrec_config, int(max(task.sequences)) + 1, task.n_items)
+    sasrec.load_state_dict(_weights(folder, "sasrec"))
+    text_items = _weights(folder, "item_texts")["text_items"]
+    alignment = CollaborativeTextAlignment(
+        config.sasrec_dim, text_items.shape[1], config.latent_dim, config.hidden
+    )
+    alignment.load_state_dict(_weights(folder, "alignment"))
+    llm = load_llm(config.llm, device=device, dtype=config.dtype, allow_download=config.allow_download)
+    model = ALLMRec(llm.model, sasrec.to(torch_device), alignment.to(torch_device), config.hidden)
+    model.user_projection.load_state_dict(_weights(folder, "user_projection"))
+    model.item_projection.load_state_dict(_weights(folder, "item_projection"))
+    prompts = NextItemPrompts(
+        llm.tokenizer, task.item_titles, NOUNS.get(dataset.domain, "item"), config.prompt_history
+    )
+    return LoadedAllmrec(model.to(torch_device).eval(), prompts, task, config, text_items.to(torch_device))
+
+
+def evaluate_allmrec(run: LoadedAllmrec, split: str = "test", progress: bool = True) -> dict[str, dict]:
+    """Hit@k and NDCG@k of A-LLMRec and A-LLMRec(SBERT) on a split of the run's task."""
+    rows = run.task.splits[split]
+    if split == "test":
+        rows = _sample(rows, run.config.test_rows, run.config.seed)
+    results = {}
+    for name, text_items in (("A-LLMRec", None), ("A-LLMRec (SBERT)", run.text_items)):
+        run.model.text_items = text_items
+        results[name] = next_item_metrics(_llm_ranks(run.model, run.prompts, rows, progress))
+    run.model.text_items = None
+    return results
+
+
+def _read_record(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: {folder} is not a saved A-LLMRec run.")
+    record = json.loads(path.read_text())
+    if record.get("format") != "ccfllm-allmrec/1":
+        raise CheckpointError(f"{path} is not an A-LLMRec run (format {record.get('format')!r}).")
+    return record
+
+
+def _weights(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    path = folder / f"{name}.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the run folder is incomplete. Retrain the run.")
+    return load_file(path)
