@@ -125,17 +125,7 @@ def run_allmrec(
         timings["zero_shot_inference_s"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        losses = train_stage2(
-            model,
-            soft,
-            task,
-            lr=config.stage2_lr,
-            batch_size=config.stage2_batch,
-            epochs=config.stage2_epochs,
-            n_candidates=config.n_candidates,
-            seed=config.seed,
-            progress=progress,
-        )
+        losses = train_stage2(model, soft, task, **_stage2_settings(config), progress=progress)
         timings["stage2_s"] = time.perf_counter() - clock
         clock = time.perf_counter()
         ranks = _llm_ranks(model, soft, test, progress)
@@ -180,23 +170,23 @@ def _tallrec(config, task, test, sasrec, alignment, plain, timings, progress) ->
     for parameter in lora:
         parameter.requires_grad_(True)
     clock = time.perf_counter()
-    train_stage2(
-        model,
-        plain,
-        task,
-        lr=config.stage2_lr,
-        batch_size=config.stage2_batch,
-        epochs=config.stage2_epochs,
-        n_candidates=config.n_candidates,
-        seed=config.seed,
-        parameters=lora,
-        progress=progress,
-    )
+    train_stage2(model, plain, task, **_stage2_settings(config), parameters=lora, progress=progress)
     timings["tallrec_train_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
     ranks = _llm_ranks(model, plain, test, progress)
     timings["tallrec_inference_s"] = time.perf_counter() - clock
     return model, ranks
+
+
+def _stage2_settings(config: AllmrecConfig) -> dict:
+    """What A-LLMRec's stage 2 and the TALLRec baseline share: the same rows, steps and learning rate."""
+    return dict(
+        lr=config.stage2_lr,
+        batch_size=config.stage2_batch,
+        epochs=config.stage2_epochs,
+        n_candidates=config.n_candidates,
+        seed=config.seed,
+    )
 
 
 def _llm_ranks(model: ALLMRec, prompts: NextItemPrompts, split: NextItemSplit, progress: bool) -> np.ndarray:

@@ -206,8 +206,7 @@ class NextItemPrompts:
 
     def encode(self, history: np.ndarray, candidates: np.ndarray) -> EncodedPrompt:
         """The prompt for one row: the most recent `max_history` liked items, then the candidates."""
-        # an untitled history item is left out, as in CCF-LLM's prompt; no history at all reads `""`
-        shown = [int(i) for i in history if i != PAD and self.pieces.title(int(i))][-self.max_history :]
+        shown = self._shown(history)
         pieces = [
             *self.head,
             *self._listed(shown, ""),
@@ -215,36 +214,42 @@ class NextItemPrompts:
             *self._listed(list(candidates), ""),
             self.tail,
         ]
-        return EncodedPrompt(
-            input_ids=np.concatenate([p.ids for p in pieces]),
-            kind=np.concatenate([p.kind for p in pieces]),
-            item=np.concatenate([p.item for p in pieces]),
-            n_history=0,
-            history=np.zeros(0, dtype=np.int64),
-        )
+        return _encoded(pieces)
 
     def encode_question(self, history: np.ndarray, question: str) -> EncodedPrompt:
         """The user part of the prompt (representation and history) followed by a free question: A-LLMRec's
         language-generation use, e.g. "Specify the genres this user would enjoy." """
-        shown = [int(i) for i in history if i != PAD and self.pieces.title(int(i))][-self.max_history :]
-        pieces = [*self.head, *self._listed(shown, ""), self.pieces.text_piece(f" in the past. {question}")]
-        return EncodedPrompt(
-            input_ids=np.concatenate([p.ids for p in pieces]),
-            kind=np.concatenate([p.kind for p in pieces]),
-            item=np.concatenate([p.item for p in pieces]),
-            n_history=0,
-            history=np.zeros(0, dtype=np.int64),
-        )
+        pieces = [
+            *self.head,
+            *self._listed(self._shown(history), ""),
+            self.pieces.text_piece(f" in the past. {question}"),
+        ]
+        return _encoded(pieces)
 
     def answer_ids(self, iid: int) -> np.ndarray:
         """The tokens of ` "Title"` as the answer after "The recommendation is"."""
         return self.pieces.text_piece(f' "{self.pieces.title(int(iid))}"').ids
+
+    def _shown(self, history: np.ndarray) -> list[int]:
+        """The most recent liked items the prompt shows; an untitled one is left out, as in CCF-LLM's
+        prompt (no history at all reads `""`)."""
+        return [int(i) for i in history if i != PAD and self.pieces.title(int(i))][-self.max_history :]
 
     def _listed(self, items: list[int], close: str) -> list:
         if not items:
             return [self.pieces.text_piece(' ""')]
         closes = [","] * (len(items) - 1) + [close]
         return [self.pieces.item_piece(i, c) for i, c in zip(items, closes, strict=True)]
+
+
+def _encoded(pieces: list) -> EncodedPrompt:
+    return EncodedPrompt(
+        input_ids=np.concatenate([p.ids for p in pieces]),
+        kind=np.concatenate([p.kind for p in pieces]),
+        item=np.concatenate([p.item for p in pieces]),
+        n_history=0,
+        history=np.zeros(0, dtype=np.int64),
+    )
 
 
 class ALLMRec(nn.Module):
