@@ -227,7 +227,8 @@ def _figure3a(cells: dict, out: Path) -> str:
     bars["CoLLM"] = cells.get(("collm", backbone, "default"))
     bars["CCF-LLM"] = cells.get(("ccf-llm", backbone, "default"))
     title = f"How to fuse ({BACKBONE_TITLES[backbone]})"
-    return _bar_section(f"Figure 3a: {title.lower()}", "fusion", bars, out / "figure3a.png", title)
+    heading = f"Figure 3a: how to fuse ({BACKBONE_TITLES[backbone]})"
+    return _bar_section(heading, "fusion", bars, out / "figure3a.png", title)
 
 
 def _figure3b(cells: dict, out: Path) -> str:
