@@ -265,6 +265,9 @@ class AllmrecConfig:
     stage2_lr: float = _help("stage 2 learning rate", 1e-4)
     stage2_epochs: int = _help("stage 2 epochs over the training rows", 1)
     stage2_batch: int = _help("stage 2 rows per step", 4)
+    stage2_rows: int = _help(
+        "training rows stage 2 (and the TALLRec baseline) learn from, seeded; 0 = all", 0
+    )
     prompt_history: int = _help("most recent liked items the prompt shows", 10)
     test_rows: int = _help("test rows ranked (a seeded sample); 0 = all", 0)
     cold_user_share: float = _help("share of users held out of training as cold users (3 interactions)", 0.1)

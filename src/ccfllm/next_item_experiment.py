@@ -186,6 +186,7 @@ def _stage2_settings(config: AllmrecConfig) -> dict:
         epochs=config.stage2_epochs,
         n_candidates=config.n_candidates,
         seed=config.seed,
+        rows=config.stage2_rows,
     )
 
 

@@ -434,6 +434,7 @@ def train_stage2(
     epochs: int = 1,
     n_candidates: int = 20,
     seed: int = 0,
+    rows: int = 0,
     parameters: list[nn.Parameter] | None = None,
     progress: bool = True,
 ) -> list[float]:
@@ -446,10 +447,13 @@ def train_stage2(
         parameters = [*model.user_projection.parameters(), *model.item_projection.parameters()]
     optimiser = torch.optim.Adam(parameters, lr=lr)
     train = task.splits["train"]
+    chosen = np.arange(len(train))  # `rows` > 0: a seeded sample of the training rows
+    if 0 < rows < len(train):
+        chosen = np.sort(rng.choice(len(train), rows, replace=False))
     titled = np.array([bool(prompts.pieces.title(i)) if i else False for i in range(task.n_items)])
     losses = []
     for _ in range(epochs):
-        order = torch.randperm(len(train), generator=generator).split(batch_size)
+        order = torch.as_tensor(chosen)[torch.randperm(len(chosen), generator=generator)].split(batch_size)
         for batch in tqdm(order, desc="A-LLMRec stage 2", unit="step", disable=not progress):
             rows = batch.numpy()
             seen = [set(task.sequences[int(u)].tolist()) for u in train.uid[rows]]
