@@ -111,9 +111,7 @@ def run_allmrec(
         )
         timings["stage1_s"] = time.perf_counter() - clock
 
-        llm = load_llm(
-            config.llm, device=config.device, dtype=config.dtype, allow_download=config.allow_download
-        )
+        llm = _load_llm(config)
         noun = NOUNS.get(dataset.domain, "item")
         soft = NextItemPrompts(llm.tokenizer, task.item_titles, noun, config.prompt_history)
         plain = NextItemPrompts(llm.tokenizer, task.item_titles, noun, config.prompt_history, soft=False)
@@ -163,7 +161,7 @@ def _tallrec(config, task, test, sasrec, alignment, plain, timings, progress) ->
     """The TALLRec-style baseline on the same task: a fresh copy of the LLM tuned with LoRA on the
     titles-only prompt, with the same loss, rows and epochs as stage 2. -> the model and its test ranks;
     its training and its inference of the test split are timed."""
-    llm = load_llm(config.llm, device=config.device, dtype=config.dtype, allow_download=config.allow_download)
+    llm = _load_llm(config)
     tuned = add_lora(llm.model)
     model = ALLMRec(tuned, sasrec, alignment, config.hidden).to(next(sasrec.parameters()).device)
     lora = [p for n, p in tuned.named_parameters() if "lora_" in n]
@@ -176,6 +174,13 @@ def _tallrec(config, task, test, sasrec, alignment, plain, timings, progress) ->
     ranks = _llm_ranks(model, plain, test, progress)
     timings["tallrec_inference_s"] = time.perf_counter() - clock
     return model, ranks
+
+
+def _load_llm(config: AllmrecConfig, device: str | None = None):
+    """The frozen LLM as the config names it (on `device` where given)."""
+    return load_llm(
+        config.llm, device=device or config.device, dtype=config.dtype, allow_download=config.allow_download
+    )
 
 
 def _stage2_settings(config: AllmrecConfig) -> dict:
@@ -271,7 +276,7 @@ def load_allmrec(folder: str | Path, dataset: CTRDataset, device: str = "auto") 
         config.sasrec_dim, text_items.shape[1], config.latent_dim, config.hidden
     )
     alignment.load_state_dict(_weights(folder, "alignment"))
-    llm = load_llm(config.llm, device=device, dtype=config.dtype, allow_download=config.allow_download)
+    llm = _load_llm(config, device)
     model = ALLMRec(llm.model, sasrec.to(torch_device), alignment.to(torch_device), config.hidden)
     model.user_projection.load_state_dict(_weights(folder, "user_projection"))
     model.item_projection.load_state_dict(_weights(folder, "item_projection"))
