@@ -89,6 +89,14 @@ def run_allmrec(
         def row(name: str, ranks_of) -> dict:  # ranks_of(split) -> the answers' ranks
             return _row(name, ranks_of(test), groups, ranks_of(cold_users) if cold_users else None)
 
+        def ranked_by(model: ALLMRec, prompts: NextItemPrompts, test_ranks: np.ndarray | None = None):
+            """ranks_of for an LLM model; `test_ranks` where the test rows are ranked (and timed) already."""
+            return lambda split: (
+                test_ranks
+                if split is test and test_ranks is not None
+                else _llm_ranks(model, prompts, split, config, progress)
+            )
+
         table = [row("SASRec", lambda split: rank_candidates(sasrec, split))]
 
         clock = time.perf_counter()
@@ -117,21 +125,17 @@ def run_allmrec(
         plain = NextItemPrompts(llm.tokenizer, task.item_titles, noun, config.prompt_history, soft=False)
         model = ALLMRec(llm.model, sasrec, stage1.alignment, config.hidden).to(device)
         clock = time.perf_counter()
-        table.append(
-            row("LLM alone (zero-shot, titles)", lambda split: _llm_ranks(model, plain, split, progress))
-        )
+        table.append(row("LLM alone (zero-shot, titles)", ranked_by(model, plain)))
         timings["zero_shot_inference_s"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
         losses = train_stage2(model, soft, task, **_stage2_settings(config), progress=progress)
         timings["stage2_s"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        ranks = _llm_ranks(model, soft, test, progress)
+        ranks = _llm_ranks(model, soft, test, config, progress)
         timings["inference_s"] = time.perf_counter() - clock
         name = "MLP-LLM" if config.variant == "mlp-llm" else "A-LLMRec"
-        table.append(
-            row(name, lambda split: ranks if split is test else _llm_ranks(model, soft, split, progress))
-        )
+        table.append(row(name, ranked_by(model, soft, ranks)))
 
         timings["generation"] = [
             {"uid": int(u), "question": GENRE_QUESTION, "answer": ask(model, soft, h)}
@@ -139,17 +143,12 @@ def run_allmrec(
         ]
         with torch.no_grad():
             model.text_items = _item_texts(encoder, task)
-        table.append(row(f"{name} (SBERT)", lambda split: _llm_ranks(model, soft, split, progress)))
+        table.append(row(f"{name} (SBERT)", ranked_by(model, soft)))
 
         tallrec, tallrec_ranks = _tallrec(
             config, task, test, sasrec, stage1.alignment, plain, timings, progress
         )
-        table.append(
-            row(
-                "TALLRec (LoRA, titles)",
-                lambda split: tallrec_ranks if split is test else _llm_ranks(tallrec, plain, split, progress),
-            )
-        )
+        table.append(row("TALLRec (LoRA, titles)", ranked_by(tallrec, plain, tallrec_ranks)))
         timings["train_speedup_vs_tallrec"] = timings["tallrec_train_s"] / timings["stage2_s"]
         timings["inference_speedup_vs_tallrec"] = timings["tallrec_inference_s"] / timings["inference_s"]
 
@@ -171,7 +170,7 @@ def _tallrec(config, task, test, sasrec, alignment, plain, timings, progress) ->
     train_stage2(model, plain, task, **_stage2_settings(config), parameters=lora, progress=progress)
     timings["tallrec_train_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    ranks = _llm_ranks(model, plain, test, progress)
+    ranks = _llm_ranks(model, plain, test, config, progress)
     timings["tallrec_inference_s"] = time.perf_counter() - clock
     return model, ranks
 
@@ -195,8 +194,11 @@ def _stage2_settings(config: AllmrecConfig) -> dict:
     )
 
 
-def _llm_ranks(model: ALLMRec, prompts: NextItemPrompts, split: NextItemSplit, progress: bool) -> np.ndarray:
-    return target_ranks(candidate_scores(model, prompts, split, progress=progress), split.answer)
+def _llm_ranks(
+    model: ALLMRec, prompts: NextItemPrompts, split: NextItemSplit, config: AllmrecConfig, progress: bool
+) -> np.ndarray:
+    scores = candidate_scores(model, prompts, split, batch_size=config.rank_batch, progress=progress)
+    return target_ranks(scores, split.answer)
 
 
 def _row(model: str, ranks: np.ndarray, groups: np.ndarray, cold_user_ranks: np.ndarray | None) -> dict:
@@ -294,7 +296,7 @@ def evaluate_allmrec(run: LoadedAllmrec, split: str = "test", progress: bool = T
     results = {}
     for name, text_items in (("A-LLMRec", None), ("A-LLMRec (SBERT)", run.text_items)):
         run.model.text_items = text_items
-        results[name] = next_item_metrics(_llm_ranks(run.model, run.prompts, rows, progress))
+        results[name] = next_item_metrics(_llm_ranks(run.model, run.prompts, rows, run.config, progress))
     run.model.text_items = None
     return results
 
