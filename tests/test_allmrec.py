@@ -1,5 +1,5 @@
 """A-LLMRec stage 1: each loss on hand-made tensors, and a few training steps on tiny data that move the
-alignment (and SBERT, unless frozen) and leave SASRec alone."""
+alignment (and SBERT, unless frozen) and leave SASRec alone; stage 2, the run, and its report."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ import copy
 import json
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
+from ccfllm.allmrec_report import write_allmrec_report
 from ccfllm.cf.next_item import train_next_item_sasrec
-from ccfllm.config import cf_config
+from ccfllm.config import allmrec_config, cf_config
 from ccfllm.data.next_item import next_item_task
+from ccfllm.errors import CheckpointError
 from ccfllm.methods.allmrec import CollaborativeTextAlignment, train_alignment
 from ccfllm.prompt import ITEM_SLOT, USER
 from ccfllm.text_encoder import load_sentence_encoder
@@ -174,6 +177,53 @@ def test_a_run_reports_every_model_on_all_cold_and_warm_answers(tmp_path, tiny_l
     mlp = run_allmrec(allmrec_config("cpu", variant="mlp-llm", **settings), cyclic_dataset(24, 30, 8),
                       tmp_path / "mlp", progress=False)  # fmt: skip
     assert mlp.table[2]["model"] == "MLP-LLM"
+    report = write_allmrec_report(mlp.folder).read_text()
+    assert "- MLP-LLM > SASRec (Hit@1):" in report and (mlp.folder / "curves.png").stat().st_size > 0
+    cold, warm = result.table[0]["rows cold"], result.table[0]["rows warm"]
+    assert 0 < cold + warm <= 22 and result.table[0]["rows cold users"] == 2
+
+
+def hand_made_run(folder):
+    folder.mkdir()
+    record = {"format": "ccfllm-allmrec/1", "dataset": "toy", "config": allmrec_config("cpu").__dict__}
+    (folder / "config.json").write_text(json.dumps(record))
+
+    def row(model, hit1, cold):
+        return {"model": model, "rows": 300, "hit@1": hit1, "hit@5": 0.5, "ndcg@10": 0.4, "hit@1 cold": cold,
+                "hit@1 warm": 0.3, "hit@1 cold users": 0.2, "rows cold": 40, "rows warm": 120,
+                "rows cold users": 69}  # fmt: skip
+
+    table = [row("SASRec", 0.40, 0.10), row("LLM alone (zero-shot, titles)", 0.05, 0.05),
+             row("A-LLMRec", 0.30, 0.12), row("A-LLMRec (SBERT)", 0.28, 0.15),
+             row("TALLRec (LoRA, titles)", 0.20, 0.20)]  # fmt: skip
+    timings = {"stage2_s": 600.0, "tallrec_train_s": 900.0, "train_speedup_vs_tallrec": 1.5,
+               "inference_s": 400.0, "tallrec_inference_s": 380.0, "inference_speedup_vs_tallrec": 0.95,
+               "sasrec_s": 500.0, "stage1_s": 100.0,
+               "generation": [{"uid": 7, "question": "Q?", "answer": "Drama"}]}  # fmt: skip
+    metrics = {"table": table, "timings": timings, "stage1": [{"matching": 0.1}], "stage2_losses": [1.0, 0.9]}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+def test_the_report_checks_the_claims_and_sets_the_talks_figures_beside(tmp_path):
+    text = write_allmrec_report(hand_made_run(tmp_path / "run"), tmp_path / "out").read_text()
+    assert "- A-LLMRec > SASRec (Hit@1): does NOT hold (0.3000 vs 0.4000, over 300 rows)" in text
+    assert "- A-LLMRec > LLM alone (Hit@1): holds (0.3000 vs 0.0500, over 300 rows)" in text
+    assert "- A-LLMRec (SBERT) > SASRec on cold items (Hit@1): holds (0.1500 vs 0.1000, over 40 rows)" in text
+    measured = "0.3000 | 0.5000 | 0.4000 | 0.1200 | 0.3000 | 0.2000"
+    printed = "0.6237 / 0.5714 / 0.6880 / 0.5272"
+    assert f"| A-LLMRec | {measured} | {printed} |" in text
+    assert "| training (s) | 600 | 900 | 1.50x | 2.53x |" in text
+    assert "| inference of the test rows (s) | 400 | 380 | 0.95x | 1.71x |" in text
+    assert "- user 7: 'Q?' -> 'Drama'" in text
+    assert (tmp_path / "out" / "curves.png").is_file()
+
+
+def test_the_report_refuses_an_unfinished_run(tmp_path):
+    folder = hand_made_run(tmp_path / "run")
+    (folder / "metrics.json").unlink()
+    with pytest.raises(CheckpointError, match="metrics.json is missing"):
+        write_allmrec_report(folder)
 
 
 def test_untitled_history_items_are_left_out_and_no_history_reads_empty_quotes(tmp_path, tiny_llm_dir):

@@ -247,7 +247,9 @@ def test_allmrec_train_prints_its_table(runner, tiny_dir, tiny_llm_dir, tmp_path
     arguments = ["allmrec", "train", "--data", str(tiny_dir), "--out", str(tmp_path / "run"), "--quiet"]
     result = runner.invoke(main, arguments + [item for s in settings for item in ("--set", s)])
     assert result.exit_code == 0, result.output
-    assert "| A-LLMRec (SBERT) | 12 |" in result.output and "A-LLMRec against TALLRec" in result.output
+    assert "Rows behind each figure: rows: 12," in result.output
+    assert "| A-LLMRec (SBERT) | 0." in result.output
+    assert "## Speed against TALLRec" in result.output and "| training (s) |" in result.output
     assert (
         "Specify the genres this user would enjoy." in result.output and "Hit@1 cold users" in result.output
     )
@@ -257,5 +259,8 @@ def test_allmrec_train_prints_its_table(runner, tiny_dir, tiny_llm_dir, tmp_path
     assert evaluated.exit_code == 0, evaluated.output
     assert "A-LLMRec           hit@1 0." in evaluated.output  # after the progress bars on stderr
     assert "A-LLMRec (SBERT)   hit@1 0." in evaluated.output
+    run = str(tmp_path / "run")
+    reported = runner.invoke(main, ["allmrec", "report", "--run", run, "--out", str(tmp_path)])
+    assert reported.exit_code == 0 and (tmp_path / "report.md").read_text() in reported.output
     refused = runner.invoke(main, ["allmrec", "train", "--set", "variant=mlp"])
     assert refused.exit_code == 2 and "variant must be one of ['a-llmrec', 'mlp-llm']" in refused.output

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 import pandas as pd
 
+from .allmrec_report import write_allmrec_report
 from .config import (
     ALLMREC_PRESETS,
     CCF_PRESETS,
@@ -325,28 +326,8 @@ def allmrec_train(preset, data_dir, out, seed, settings, overwrite, quiet) -> No
     out = _unused_run_folder(out or f"runs/allmrec/{config.variant}-{preset}-seed{config.seed}", overwrite)
     dataset = load_collm_split(resolve_data_dir(data_dir), max_history=CF_HISTORY)
     result = run_allmrec(config, dataset, out, overwrite=overwrite, progress=not quiet)
-    click.echo(
-        f"\n{config.variant} ({preset} preset) on {dataset.name}: {result.seconds / 60:.1f} min; {out}"
-    )
-    click.echo(
-        "| model | rows | Hit@1 | Hit@5 | NDCG@10 | Hit@1 cold items | Hit@1 warm items "
-        "| Hit@1 cold users |\n|---|---|---|---|---|---|---|---|"
-    )
-    for row in result.table:
-        cells = [
-            row[k] for k in ("hit@1", "hit@5", "ndcg@10", "hit@1 cold", "hit@1 warm", "hit@1 cold users")
-        ]
-        shown = " | ".join("-" if v is None else f"{v:.4f}" for v in cells)
-        click.echo(f"| {row['model']} | {row['rows']} | {shown} |")
-    t = result.timings
-    click.echo(
-        f"\nA-LLMRec against TALLRec on the same rows: training {t['train_speedup_vs_tallrec']:.2f}x as fast "
-        f"({t['stage2_s']:.0f} s vs {t['tallrec_train_s']:.0f} s), inference "
-        f"{t['inference_speedup_vs_tallrec']:.2f}x "
-        f"({t['inference_s']:.0f} s vs {t['tallrec_inference_s']:.0f} s)"
-    )
-    for example in t["generation"][:1]:
-        click.echo(f"asked of user {example['uid']}: {example['question']!r} -> {example['answer']!r}")
+    click.echo(f"\n{config.variant} ({preset} preset) on {dataset.name}: {result.seconds / 60:.1f} min")
+    _echo_report(write_allmrec_report(Path(out)))
 
 
 @allmrec.command("evaluate")
@@ -365,6 +346,21 @@ def allmrec_evaluate(run_dir, data_dir, split, device) -> None:
     dataset = load_collm_split(resolve_data_dir(data_dir), max_history=CF_HISTORY)
     for name, metrics in evaluate_allmrec(load_allmrec(run_dir, dataset, device), split).items():
         click.echo(f"{name:<18} " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+
+@allmrec.command("report")
+@click.option(
+    "--run", "run_dir", type=click.Path(exists=True, file_okay=False), required=True, help="Run folder."
+)
+@click.option("--out", type=click.Path(file_okay=False), help="Folder for report.md (default: the run's).")
+def allmrec_report(run_dir, out) -> None:
+    """Write a finished run's report: its table beside the talk's, the claims, speed, curves."""
+    _echo_report(write_allmrec_report(Path(run_dir), Path(out) if out else None))
+
+
+def _echo_report(path: Path) -> None:
+    click.echo(path.read_text())
+    click.echo(f"written to {path}")
 
 
 # -- comparisons ---------------------------------------------------------------------------------
@@ -452,9 +448,7 @@ def report(results, out, preset, data_dir, run_dir, device) -> None:
     inside = None
     if run_dir and Path(run_dir, "config.json").is_file():
         inside = (load_run(run_dir, dataset, device=device), Path(run_dir), dataset)
-    path = write_report(records, Path(out), preset, results, inside)
-    click.echo(path.read_text())
-    click.echo(f"written to {path}")
+    _echo_report(write_report(records, Path(out), preset, results, inside))
 
 
 def _read_rows(path: Path) -> pd.DataFrame:

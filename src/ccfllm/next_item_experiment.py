@@ -212,6 +212,9 @@ def _row(model: str, ranks: np.ndarray, groups: np.ndarray, cold_user_ranks: np.
         "hit@1 cold": float((ranks[groups == -1] == 0).mean()) if (groups == -1).any() else None,
         "hit@1 warm": float((ranks[groups == 1] == 0).mean()) if (groups == 1).any() else None,
         "hit@1 cold users": None if cold_user_ranks is None else float((cold_user_ranks == 0).mean()),
+        "rows cold": int((groups == -1).sum()),
+        "rows warm": int((groups == 1).sum()),
+        "rows cold users": 0 if cold_user_ranks is None else len(cold_user_ranks),
     }
 
 
