@@ -179,39 +179,18 @@ def test_ccf_llm_train_evaluate_predict_end_to_end(runner, tiny_dir, tiny_llm_di
     rows = tmp_path / "rows.csv"
     rows.write_text("uid,iid\n1,2\n999,2\n")
     scores = tmp_path / "scores.parquet"
-    predicted = runner.invoke(
-        main,
-        [
-            "predict",
-            "--run",
-            str(out),
-            "--data",
-            str(tiny_dir),
-            "--input",
-            str(rows),
-            "--output",
-            str(scores),
-        ],
-    )
+
+    def predict(rows, scores):
+        arguments = ["--run", out, "--data", tiny_dir, "--input", rows, "--output", scores]
+        return runner.invoke(main, ["predict", *map(str, arguments)])
+
+    predicted = predict(rows, scores)
     assert predicted.exit_code == 0, predicted.output
     assert pd.read_parquet(scores)["cf"].tolist() == ["user+item", "item only"]
 
     bad = tmp_path / "bad.csv"
     bad.write_text("user,item\n1,2\n")
-    refused = runner.invoke(
-        main,
-        [
-            "predict",
-            "--run",
-            str(out),
-            "--data",
-            str(tiny_dir),
-            "--input",
-            str(bad),
-            "--output",
-            str(tmp_path / "never.parquet"),
-        ],
-    )
+    refused = predict(bad, tmp_path / "never.parquet")
     assert refused.exit_code == 2 and "need columns uid and iid" in refused.output
     assert not (tmp_path / "never.parquet").exists()
 
