@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from .errors import CheckpointError
-from .io import atomic_path
+from .io import atomic_path, new_figure, save_png
 
 # Hit@1 on Movies and TV from the talk: main results, cold / warm items, cold users.
 PAPER_HIT1 = {
@@ -161,12 +161,8 @@ def _generation(answers: list[dict]) -> str:
 
 
 def _curves(metrics: dict, path: Path) -> str:
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.2))
+    figure, (left, right) = new_figure(1, 2, figsize=(10, 3.2))
     for name in metrics["stage1"][0] if metrics["stage1"] else []:
         left.plot([epoch[name] for epoch in metrics["stage1"]], label=name)
     left.set_xlabel("stage 1 epoch")
@@ -175,10 +171,7 @@ def _curves(metrics: dict, path: Path) -> str:
     right.plot(metrics["stage2_losses"], linewidth=0.6)
     right.set_xlabel("stage 2 step")
     right.set_ylabel("next-title loss")
-    figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    plt.close(figure)
+    save_png(figure, path, dpi=110)
     return f"## Training curves\n\n![stage 1 losses per epoch; stage 2 loss per step]({path.name})"
 
 

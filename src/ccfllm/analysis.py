@@ -14,7 +14,7 @@ from .data.dataset import CTRDataset
 from .engine import score_rows
 from .errors import CCFLLMError
 from .experiment import Recommender
-from .io import atomic_path
+from .io import new_figure, save_png
 from .methods.ccf_llm import fuse
 
 VIEWS = ("aligned CF", "LLM title", "fused")
@@ -48,10 +48,6 @@ def item_views(recommender: Recommender, dataset: CTRDataset, n_items: int = 100
 
 def tsne_figure(views: dict, path: Path, seed: int = 0) -> None:
     """One t-SNE of the three views together, coloured by view (Figure 4)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.manifold import TSNE
 
     points = np.concatenate([views[view] for view in VIEWS])
@@ -60,17 +56,14 @@ def tsne_figure(views: dict, path: Path, seed: int = 0) -> None:
         [v / np.linalg.norm(v, axis=1, keepdims=True).mean() for v in np.split(points, len(VIEWS))]
     )
     flat = TSNE(n_components=2, init="pca", random_state=seed, perplexity=30).fit_transform(points)
-    figure, axis = plt.subplots(figsize=(5.5, 5))
+    figure, axis = new_figure(figsize=(5.5, 5))
     for view, part in zip(VIEWS, np.split(flat, len(VIEWS)), strict=True):
         axis.scatter(part[:, 0], part[:, 1], s=4, alpha=0.6, label=view)
     axis.legend(markerscale=4)
     axis.set_title(f"t-SNE of {len(views['iid'])} items' embeddings")
     axis.set_xticks([])
     axis.set_yticks([])
-    figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=120)
-    plt.close(figure)
+    save_png(figure, path, dpi=120)
 
 
 def case_study(

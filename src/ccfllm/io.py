@@ -33,3 +33,23 @@ def atomic_path(final_path: str | os.PathLike) -> Iterator[Path]:
 def write_json(path: str | os.PathLike, payload: dict) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def new_figure(*grid, **subplots_options):
+    """A matplotlib (figure, axes) on the file-only Agg backend (no display needed); imported lazily."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*grid, **subplots_options)
+
+
+def save_png(figure, path: str | os.PathLike, dpi: int = 120) -> None:
+    """Write `figure` to `path` atomically, then free it."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=dpi)
+    plt.close(figure)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CCFLLMError
-from .io import atomic_path
+from .io import atomic_path, new_figure, save_png
 from .metrics import rela_impr
 
 BACKBONE_TITLES = {"mf": "MF", "lightgcn": "LightGCN", "sasrec": "SASRec"}
@@ -340,21 +340,14 @@ def _best_backbone(cells: dict, method: str) -> str | None:
 
 
 def _bar_chart(cells: dict[str, Cell], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     names = list(cells)
     means = [cells[n].auc for n in names]
     errors = [np.std(cells[n].aucs, ddof=1) if cells[n].n > 1 else 0.0 for n in names]
-    figure, axis = plt.subplots(figsize=(1.4 * len(names) + 1.5, 3.2))
+    figure, axis = new_figure(figsize=(1.4 * len(names) + 1.5, 3.2))
     axis.bar(names, means, yerr=errors, capsize=4, color="#4c72b0")
     low = min(m - e for m, e in zip(means, errors, strict=True))
     axis.set_ylim(max(0.0, low - 0.02), max(means) + 0.02)
     axis.set_ylabel("test AUC")
     axis.set_title(title)
-    figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=120)
-    plt.close(figure)
+    save_png(figure, path, dpi=120)
