@@ -68,6 +68,13 @@ def test_the_report_gives_means_spreads_relaimpr_and_the_claims(tmp_path):
     assert (tmp_path / "figure3a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_relaimpr_against_a_base_near_chance_is_not_printed(tmp_path):
+    near_chance = [r for r in RECORDS if r["method"] != "softprompt"] + [record("softprompt", "mf", 0, 0.515)]
+    text = write_report(near_chance, tmp_path, "cpu", "results.jsonl").read_text()
+    assert "| TallRec | 0.6000 (1 seed) | n/a (base 0.5150, near chance) |" in text
+    assert "| CCF-LLM (MF) | 0.7300 ± 0.0141 (2 seeds) | 9.52% |" in text
+
+
 def test_a_report_of_nothing_is_refused(tmp_path):
     with pytest.raises(CCFLLMError, match="holds no runs of the 'paper' preset"):
         write_report(RECORDS[:1], tmp_path, "paper", "results.jsonl")

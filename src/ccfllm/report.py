@@ -8,7 +8,6 @@ for the methods without a CF model, and the default strategy in Table 4.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +57,9 @@ TABLE2_ROWS = {
 }
 STRATEGY_TITLES = {"default": "Default", "stage1-only": "Stage 1 Only", "end-to-end": "End-to-end"}
 TABLE4_BACKBONE = "lightgcn"
+# RelaImpr divides by the base's lift above 0.5: under 0.02 of lift, a 0.001 move of the base moves it by
+# more than 5 points, so against such a base (or one at or below chance) it is not printed.
+BASE_LIFT_MIN = 0.02
 FUSION_VARIANTS = {"alpha-one": "α = 1", "alpha-scalar": "α ∈ R"}
 
 
@@ -327,8 +329,10 @@ def _measured(cell: Cell | None) -> str:
 
 
 def _impr(cell: Cell | None, base: Cell | None) -> str:
-    if cell is None or base is None or math.isclose(base.auc, 0.5):
+    if cell is None or base is None:
         return ""
+    if base.auc - 0.5 < BASE_LIFT_MIN:
+        return f"n/a (base {base.auc:.4f}, near chance)"
     return f"{rela_impr(cell.auc, base.auc):.2f}%"
 
 
