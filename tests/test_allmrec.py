@@ -16,7 +16,7 @@ from ccfllm.cf.next_item import train_next_item_sasrec
 from ccfllm.config import allmrec_config, cf_config
 from ccfllm.data.next_item import next_item_task
 from ccfllm.errors import CheckpointError
-from ccfllm.methods.allmrec import CollaborativeTextAlignment, train_alignment
+from ccfllm.methods.allmrec import CollaborativeTextAlignment, alignment_diagnostics, train_alignment
 from ccfllm.prompt import ITEM_SLOT, USER
 from ccfllm.text_encoder import load_sentence_encoder
 from test_next_item import cyclic_dataset
@@ -43,6 +43,32 @@ def test_each_loss_on_hand_made_tensors():
     total = losses.total(alpha=0.5, beta=0.25)
     parts = losses.matching + 0.5 * losses.item_reconstruction + 0.25 * losses.text_reconstruction
     torch.testing.assert_close(total, parts + losses.recommendation)
+
+
+def test_normalised_latents_cannot_shrink_and_the_joint_space_check_reads_them():
+    torch.manual_seed(0)
+    alignment = CollaborativeTextAlignment(cf_dim=4, text_dim=4, latent_dim=6, hidden=5)
+    items = torch.randn(8, 4)
+    latent = alignment.joint(items)
+    torch.testing.assert_close(latent.mean(-1), torch.zeros(8), atol=1e-6, rtol=0)
+    torch.testing.assert_close(latent.var(-1, unbiased=False), torch.ones(8), atol=1e-3, rtol=0)
+    with torch.no_grad():
+        alignment.item_encoder[2].weight.mul_(0.1)
+        alignment.item_encoder[2].bias.mul_(0.1)
+    shrunk = alignment.joint(items).var(-1, unbiased=False)
+    assert shrunk.min() > 0.9  # a tenth of the weights, yet (but for LayerNorm's eps) the same spread
+    free = CollaborativeTextAlignment(cf_dim=4, text_dim=4, latent_dim=6, hidden=5, latent_norm=False)
+    assert not isinstance(free.item_encoder[-1], torch.nn.LayerNorm)
+
+    alignment.text_encoder.load_state_dict(alignment.item_encoder.state_dict())
+    same = alignment_diagnostics(alignment, items, items.clone(), k=1)
+    assert same["own_text_top1"] == 1.0 and same["own_text_top1_chance"] == 1 / 8
+    assert same["item_latent_spread"] == pytest.approx(same["text_latent_spread"])
+    assert same["item_latent_spread"] > 0.2
+    one_title = alignment_diagnostics(alignment, items, items[:1].expand(8, 4), k=1)
+    assert one_title["text_latent_spread"] == pytest.approx(0.0, abs=1e-6)
+    shifted = alignment_diagnostics(alignment, items, items.roll(1, 0), k=1)  # each title on another item
+    assert shifted["own_text_top1"] == 0.0
 
 
 def test_stage_one_moves_the_alignment_and_sbert_and_leaves_sasrec(tmp_path):
@@ -185,7 +211,7 @@ def test_a_run_reports_every_model_on_all_cold_and_warm_answers(tmp_path, tiny_l
 
 def hand_made_run(folder):
     folder.mkdir()
-    record = {"format": "ccfllm-allmrec/1", "dataset": "toy", "config": allmrec_config("cpu").__dict__}
+    record = {"format": "ccfllm-allmrec/2", "dataset": "toy", "config": allmrec_config("cpu").__dict__}
     (folder / "config.json").write_text(json.dumps(record))
 
     def row(model, hit1, cold):
@@ -200,7 +226,10 @@ def hand_made_run(folder):
                "inference_s": 400.0, "tallrec_inference_s": 380.0, "inference_speedup_vs_tallrec": 0.95,
                "sasrec_s": 500.0, "stage1_s": 100.0,
                "generation": [{"uid": 7, "question": "Q?", "answer": "Drama"}]}  # fmt: skip
-    metrics = {"table": table, "timings": timings, "stage1": [{"matching": 0.1}], "stage2_losses": [1.0, 0.9]}
+    joint_space = {"item_latent_spread": 0.8, "text_latent_spread": 0.07, "own_text_top10": 0.004,
+                   "own_text_top10_chance": 0.003}  # fmt: skip
+    metrics = {"table": table, "timings": timings, "stage1": [{"matching": 0.1}], "joint_space": joint_space,
+               "stage2_losses": [1.0, 0.9]}  # fmt: skip
     (folder / "metrics.json").write_text(json.dumps(metrics))
     return folder
 
@@ -216,6 +245,8 @@ def test_the_report_checks_the_claims_and_sets_the_talks_figures_beside(tmp_path
     assert "| training (s) | 600 | 900 | 1.50x | 2.53x |" in text
     assert "| inference of the test rows (s) | 400 | 380 | 0.95x | 1.71x |" in text
     assert "- user 7: 'Q?' -> 'Drama'" in text
+    assert "nearest its CF latent for 0.4% of the items (chance 0.3%)" in text
+    assert "CF 0.800, text 0.070." in text
     assert (tmp_path / "out" / "curves.png").is_file()
 
 

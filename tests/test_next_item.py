@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ccfllm.data.dataset import PAD
-from ccfllm.data.next_item import next_item_task
+from ccfllm.data.next_item import next_item_task, training_positions
 from ccfllm.errors import DataError
 from ccfllm.metrics import hit_at_k, ndcg_at_k, target_ranks
 
@@ -40,6 +40,31 @@ def test_rows_leave_the_last_two_liked_items_out(tiny_dataset):
         task.sequences[int(task.splits["test"].uid[0])].tolist()
         == liked_in_order(tiny_dataset, int(task.splits["test"].uid[0]))[:-2]
     )
+
+
+def test_more_training_positions_walk_back_the_sequence_and_never_reach_valid_or_test(tiny_dataset):
+    task = next_item_task(tiny_dataset, n_candidates=5, seed=0, max_history=50)
+    train = task.splits["train"]
+    one = training_positions(task, 1)
+    for field in ("uid", "history", "target"):
+        assert np.array_equal(getattr(one, field), getattr(train, field))
+    three, every = training_positions(task, 3), training_positions(task, 0)
+    lengths = [len(task.sequences[u]) for u in train.uid.tolist()]
+    assert len(three) == sum(min(3, n - 1) for n in lengths)
+    assert len(every) == sum(n - 1 for n in lengths)
+    user = int(train.uid[0])
+    sequence = task.sequences[user].tolist()
+    rows = np.flatnonzero(every.uid == user)
+    assert every.target[rows].tolist() == sequence[1:][::-1]  # most recent first
+    assert every.history[rows[-1]][every.history[rows[-1]] != PAD].tolist() == sequence[:1]
+    held_out = {
+        (int(u), int(t))
+        for name in ("valid", "test")
+        for u, t in zip(task.splits[name].uid, task.splits[name].target, strict=True)
+    }
+    assert not held_out & set(zip(every.uid.tolist(), every.target.tolist(), strict=True))
+    with pytest.raises(DataError, match="per_user must be 0"):
+        training_positions(task, -1)
 
 
 def test_candidates_hold_the_answer_once_and_nothing_the_user_rated(tiny_dataset):

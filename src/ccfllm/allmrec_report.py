@@ -27,6 +27,7 @@ PAPER_HIT1 = {
     "A-LLMRec": {"hit@1": 0.6237, "hit@1 cold": 0.5714, "hit@1 warm": 0.6880, "hit@1 cold users": 0.5272},
     "A-LLMRec (SBERT)": {"hit@1": None, "hit@1 cold": 0.5772, "hit@1 warm": 0.6802},
 }
+REPORTABLE = ("ccfllm-allmrec/1", "ccfllm-allmrec/2")  # /1 runs have no joint-space check
 PAPER_SPEEDUP = {"training": 2.53, "inference": 1.71}
 COLUMNS = {
     "hit@1": "Hit@1",
@@ -49,6 +50,7 @@ def write_allmrec_report(run: Path, out: Path | None = None) -> Path:
         _claims(table),
         _results(table),
         _speed(metrics["timings"]),
+        _joint_space(metrics.get("joint_space")),
         _generation(metrics["timings"].get("generation", [])),
         _curves(metrics, out / "curves.png"),
     ]
@@ -64,7 +66,7 @@ def _read_run(run: Path) -> tuple[dict, dict]:
         if not path.is_file():
             raise CheckpointError(f"{path} is missing: {run} is not a finished A-LLMRec run.")
     record, metrics = (json.loads(p.read_text()) for p in paths)
-    if record.get("format") != "ccfllm-allmrec/1":
+    if record.get("format") not in REPORTABLE:
         raise CheckpointError(f"{paths[0]} is not an A-LLMRec run (format {record.get('format')!r}).")
     return record, metrics
 
@@ -149,6 +151,23 @@ def _speed(timings: dict) -> str:
             f"| {PAPER_SPEEDUP['inference']:.2f}x |",
             "",
             f"SASRec {timings['sasrec_s']:.0f} s, stage 1 {timings['stage1_s']:.0f} s.",
+        ]
+    )
+
+
+def _joint_space(check: dict | None) -> str:
+    if check is None:
+        return "## Stage 1's joint space\n\nNot checked by the version that made this run."
+    top = next(k for k in check if k.startswith("own_text_top") and not k.endswith("chance"))
+    k = top.removeprefix("own_text_top")
+    return "\n".join(
+        [
+            "## Stage 1's joint space",
+            "",
+            f"An item's own title is among the {k} text latents nearest its CF latent for "
+            f"{check[top]:.1%} of the items (chance {check[top + '_chance']:.1%}). Spread of the latents "
+            f"across items (0: every item at one point): CF {check['item_latent_spread']:.3f}, "
+            f"text {check['text_latent_spread']:.3f}.",
         ]
     )
 

@@ -256,6 +256,9 @@ class AllmrecConfig:
     sasrec_history: int = _help("SASRec's longest history", 50)
     sasrec_epochs: int = _help("most epochs of SASRec's next-item training (early-stopped)", 200)
     latent_dim: int = _help("the joint collaborative-text space", 128)
+    latent_norm: bool = _help(
+        "layer-normalise the encoders' outputs so that matching cannot shrink them (paper: off)", True
+    )
     hidden: int = _help("hidden width of the encoders, decoders and projections", 256)
     alpha: float = _help("weight of the item reconstruction loss", 0.5)
     beta: float = _help("weight of the text reconstruction loss", 0.5)
@@ -267,6 +270,11 @@ class AllmrecConfig:
     stage2_batch: int = _help("stage 2 rows per step", 4)
     stage2_rows: int = _help(
         "training rows stage 2 (and the TALLRec baseline) learn from, seeded; 0 = all", 0
+    )
+    stage2_positions: int = _help(
+        "last positions of each user's training sequence stage 2 (and TALLRec) learn from; "
+        "1 = A-LLMRec's one row per user, 0 = every position",
+        1,
     )
     prompt_history: int = _help("most recent liked items the prompt shows", 10)
     rank_batch: int = _help("rows ranked per forward pass (on a CPU, 1 wastes nothing on padding)", 1)
@@ -292,6 +300,11 @@ class AllmrecConfig:
                 raise CCFLLMError(f"AllmrecConfig.{name} must be positive, got {getattr(self, name)}.")
         if self.n_candidates < 2:
             raise CCFLLMError("AllmrecConfig.n_candidates must be at least 2 (the answer and one other).")
+        if self.stage2_positions < 0:
+            raise CCFLLMError(
+                f"AllmrecConfig.stage2_positions must be 0 (every position) or positive, got "
+                f"{self.stage2_positions}."
+            )
 
 
 # `cpu`: sized for the 2-core machine and the embedded 135M LLM, about 75 minutes: SASRec capped at 40

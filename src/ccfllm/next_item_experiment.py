@@ -34,6 +34,7 @@ from .methods.allmrec import (
     ALLMRec,
     CollaborativeTextAlignment,
     NextItemPrompts,
+    alignment_diagnostics,
     ask,
     candidate_scores,
     train_alignment,
@@ -43,6 +44,8 @@ from .metrics import target_ranks
 from .text_encoder import load_sentence_encoder
 
 NOUNS = {"movies": "movie", "books": "book"}
+# /2: the encoders may end in a LayerNorm (config.latent_norm), so /1 weights no longer load as they were.
+FORMAT = "ccfllm-allmrec/2"
 
 
 @dataclass
@@ -107,6 +110,7 @@ def run_allmrec(
             encoder,
             latent_dim=config.latent_dim,
             hidden=config.hidden,
+            latent_norm=config.latent_norm,
             alpha=config.alpha,
             beta=config.beta,
             lr=config.stage1_lr,
@@ -118,6 +122,9 @@ def run_allmrec(
             progress=progress,
         )
         timings["stage1_s"] = time.perf_counter() - clock
+        with torch.no_grad():
+            text_items = item_text_embeddings(encoder, task)
+        joint_space = joint_space_check(stage1.alignment, sasrec, text_items)
 
         llm = _load_llm(config)
         noun = NOUNS.get(dataset.domain, "item")
@@ -141,8 +148,7 @@ def run_allmrec(
             {"uid": int(u), "question": GENRE_QUESTION, "answer": ask(model, soft, h)}
             for u, h in zip(test.uid[:3], test.history[:3], strict=True)
         ]
-        with torch.no_grad():
-            model.text_items = _item_texts(encoder, task)
+        model.text_items = text_items
         table.append(row(f"{name} (SBERT)", ranked_by(model, soft)))
 
         tallrec, tallrec_ranks = _tallrec(
@@ -152,7 +158,7 @@ def run_allmrec(
         timings["train_speedup_vs_tallrec"] = timings["tallrec_train_s"] / timings["stage2_s"]
         timings["inference_speedup_vs_tallrec"] = timings["tallrec_inference_s"] / timings["inference_s"]
 
-        _save(folder, config, model, task, table, timings, stage1.losses, losses)
+        _save(folder, config, model, task, table, timings, stage1.losses, joint_space, losses)
     return AllmrecResult(out, table, timings, time.perf_counter() - started)
 
 
@@ -191,6 +197,7 @@ def _stage2_settings(config: AllmrecConfig) -> dict:
         n_candidates=config.n_candidates,
         seed=config.seed,
         rows=config.stage2_rows,
+        positions=config.stage2_positions,
     )
 
 
@@ -227,7 +234,7 @@ def _sample(split: NextItemSplit, rows: int, seed: int) -> NextItemSplit:
 
 
 @torch.no_grad()
-def _item_texts(encoder, task: NextItemTask, batch_size: int = 256) -> torch.Tensor:
+def item_text_embeddings(encoder, task: NextItemTask, batch_size: int = 256) -> torch.Tensor:
     """Q_i of every item (zeros for the padding id and untitled items). -> (n_items, text dim)"""
     titles = [t if isinstance(t, str) else "" for t in task.item_titles]
     vectors = [encoder(titles[start : start + batch_size]) for start in range(0, len(titles), batch_size)]
@@ -236,7 +243,16 @@ def _item_texts(encoder, task: NextItemTask, batch_size: int = 256) -> torch.Ten
     return table
 
 
-def _save(folder: Path, config, model: ALLMRec, task, table, timings, stage1_losses, stage2_losses) -> None:
+def joint_space_check(alignment, sasrec, text_items: torch.Tensor) -> dict:
+    """alignment_diagnostics over every item with a title (a non-zero Q_i)."""
+    titled = text_items.abs().sum(-1).nonzero()[:, 0]
+    with torch.no_grad():
+        return alignment_diagnostics(alignment, sasrec.item_embedding(titled), text_items[titled])
+
+
+def _save(
+    folder: Path, config, model: ALLMRec, task, table, timings, stage1_losses, joint_space, stage2_losses
+) -> None:
     parts = {
         "sasrec": model.sasrec,
         "alignment": model.alignment,
@@ -247,9 +263,15 @@ def _save(folder: Path, config, model: ALLMRec, task, table, timings, stage1_los
         state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
         save_file(state, folder / f"{name}.safetensors")
     save_file({"text_items": model.text_items.detach().cpu().contiguous()}, folder / "item_texts.safetensors")
-    record = {"format": "ccfllm-allmrec/1", "config": to_dict(config), "dataset": task.name}
+    record = {"format": FORMAT, "config": to_dict(config), "dataset": task.name}
     (folder / "config.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    metrics = {"table": table, "timings": timings, "stage1": stage1_losses, "stage2_losses": stage2_losses}
+    metrics = {
+        "table": table,
+        "timings": timings,
+        "stage1": stage1_losses,
+        "joint_space": joint_space,
+        "stage2_losses": stage2_losses,
+    }
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
 
@@ -278,7 +300,7 @@ def load_allmrec(folder: str | Path, dataset: CTRDataset, device: str = "auto") 
     sasrec.load_state_dict(_weights(folder, "sasrec"))
     text_items = _weights(folder, "item_texts")["text_items"]
     alignment = CollaborativeTextAlignment(
-        config.sasrec_dim, text_items.shape[1], config.latent_dim, config.hidden
+        config.sasrec_dim, text_items.shape[1], config.latent_dim, config.hidden, config.latent_norm
     )
     alignment.load_state_dict(_weights(folder, "alignment"))
     llm = _load_llm(config, device)
@@ -309,8 +331,11 @@ def _read_record(folder: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: {folder} is not a saved A-LLMRec run.")
     record = json.loads(path.read_text())
-    if record.get("format") != "ccfllm-allmrec/1":
-        raise CheckpointError(f"{path} is not an A-LLMRec run (format {record.get('format')!r}).")
+    if record.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not an A-LLMRec run of this version (format {record.get('format')!r}, expected "
+            f"{FORMAT!r}); train it again with `ccfllm allmrec train`."
+        )
     return record
 
 

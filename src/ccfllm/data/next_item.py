@@ -149,6 +149,28 @@ def next_item_task(
     return NextItemTask(dataset.name, dataset.item_titles, sequences, splits, counts, dropped)
 
 
+def training_positions(task: NextItemTask, per_user: int = 1) -> NextItemSplit:
+    """Train rows at the last `per_user` positions of each user's training sequence (0: every position
+    after the first), most recent first per user: history = the items before the position, target = the
+    item at it. `per_user=1` is the task's own train split, A-LLMRec's one row per user; the valid and
+    test targets are never among them (the sequences end before them)."""
+    if per_user < 0:
+        raise DataError(f"per_user must be 0 (every position) or positive, got {per_user}.")
+    train = task.splits["train"]
+    rows = []
+    for uid in train.uid.tolist():
+        sequence = task.sequences[uid].tolist()
+        first = 1 if per_user == 0 else max(1, len(sequence) - per_user)
+        rows += [(uid, sequence[:t], sequence[t]) for t in range(len(sequence) - 1, first - 1, -1)]
+    return NextItemSplit(
+        "train",
+        uid=np.array([uid for uid, _, _ in rows], dtype=np.int64),
+        history=pad_histories([history for _, history, _ in rows], train.history.shape[1]),
+        target=np.array([target for _, _, target in rows], dtype=np.int64),
+        candidates=np.zeros((len(rows), 0), dtype=np.int64),
+    )
+
+
 def _liked_sequences(dataset: CTRDataset) -> tuple[dict[int, list[int]], dict[int, set[int]]]:
     """uid -> liked items in time order (ties: split order, then row order); uid -> every item rated."""
     uid = np.concatenate([s.uid for s in dataset.splits.values()])
