@@ -1,10 +1,11 @@
-"""Stage 1 of A-LLMRec with free-scale and with layer-normalised latents, on a finished run's SASRec:
-the losses of the last epoch and what the joint space holds (methods/allmrec.py, alignment_diagnostics).
+"""Stage 1 of A-LLMRec as the paper writes it and with this project's two changes (inputs in units of
+their spread, layer-normalised latents), on a finished run's SASRec: the losses of the last epoch and
+what the joint space holds (methods/allmrec.py, alignment_diagnostics).
 
     .venv/bin/python benchmarks/joint_space.py --run RUN_FOLDER [--data DIR] [--epochs 10]
 
 RUN_FOLDER is any `ccfllm allmrec train` output; its SASRec and settings are reused, so only stage 1
-runs (about two minutes per setting on the 2-core CPU with the cpu preset).
+runs (about two to three minutes per setting on the 2-core CPU with the cpu preset).
 """
 
 from __future__ import annotations
@@ -21,9 +22,15 @@ from ccfllm.cli import CF_HISTORY
 from ccfllm.config import AllmrecConfig, cf_config, replace_checked
 from ccfllm.data import load_collm_split, resolve_data_dir
 from ccfllm.data.next_item import next_item_task
-from ccfllm.methods.allmrec import train_alignment
-from ccfllm.next_item_experiment import item_text_embeddings, joint_space_check
+from ccfllm.methods.allmrec import item_text_embeddings, train_alignment
+from ccfllm.next_item_experiment import joint_space_check
 from ccfllm.text_encoder import load_sentence_encoder
+
+SETTINGS = (  # name, latent_norm, scale_inputs
+    ("raw inputs, free-scale latents (paper)", False, False),
+    ("raw inputs, normalised latents", True, False),
+    ("scaled inputs, normalised latents (default)", True, True),
+)
 
 
 def main() -> None:
@@ -52,12 +59,13 @@ def main() -> None:
         "| own title in 10 nearest (chance) | s |"
     )
     rows = [header, "|" + "---|" * 9]
-    for latent_norm in (False, True):
+    for name, latent_norm, scale_inputs in SETTINGS:
         encoder = load_sentence_encoder(config.encoder, "cpu")
         started = time.perf_counter()
         result = train_alignment(
             task, sasrec, encoder, latent_dim=config.latent_dim, hidden=config.hidden,
-            latent_norm=latent_norm, alpha=config.alpha, beta=config.beta, lr=config.stage1_lr,
+            latent_norm=latent_norm, scale_inputs=scale_inputs, alpha=config.alpha, beta=config.beta,
+            lr=config.stage1_lr,
             batch_size=config.stage1_batch, epochs=args.epochs or config.stage1_epochs,
             freeze_text=config.freeze_text, seed=config.seed,
         )  # fmt: skip
@@ -65,7 +73,7 @@ def main() -> None:
         check = joint_space_check(result.alignment, sasrec, item_text_embeddings(encoder, task))
         last = result.losses[-1]
         rows.append(
-            f"| {'layer-normalised' if latent_norm else 'free scale (paper)'} | {last['matching']:.4f} "
+            f"| {name} | {last['matching']:.4f} "
             f"| {last['item_reconstruction']:.4f} | {last['text_reconstruction']:.5f} "
             f"| {last['recommendation']:.4f} | {check['item_latent_spread']:.3f} "
             f"| {check['text_latent_spread']:.3f} | {check['own_text_top10']:.2%} "

@@ -32,12 +32,20 @@ def test_each_loss_on_hand_made_tensors():
     positive, negative = items[:2], items[2:4]
     losses = alignment.losses(items, items.clone(), user, positive, negative)
     assert losses.matching.item() == 0.0  # the same encoder on the same vectors
-    decoded = alignment.item_decoder(alignment.item_encoder(items))
-    torch.testing.assert_close(losses.item_reconstruction, ((decoded - items) ** 2).mean())
-    text_decoded = alignment.text_decoder(alignment.text_encoder(items))
-    torch.testing.assert_close(losses.text_reconstruction, ((text_decoded - items) ** 2).mean())
-    pos = (user * alignment.item_decoder(alignment.item_encoder(positive))).sum(-1)
-    neg = (user * alignment.item_decoder(alignment.item_encoder(negative))).sum(-1)
+    catalogue = torch.randn(50, 4) * torch.tensor([0.1, 1.0, 2.0, 0.5]) + 3.0
+    alignment.set_scales(catalogue, catalogue * 0.01)
+    center, spread = catalogue.mean(0), catalogue.std(0)
+    scaled = (items - center) / spread
+    text_scaled = (items - center * 0.01) / (spread * 0.01)
+    losses = alignment.losses(items, items.clone(), user, positive, negative)
+    decoded = alignment.item_decoder(alignment.item_encoder(scaled))
+    torch.testing.assert_close(losses.item_reconstruction, ((decoded - scaled) ** 2).mean())
+    text_decoded = alignment.text_decoder(alignment.text_encoder(text_scaled))
+    torch.testing.assert_close(losses.text_reconstruction, ((text_decoded - text_scaled) ** 2).mean())
+    item_latent, text_latent = alignment.item_encoder(scaled), alignment.text_encoder(text_scaled)
+    torch.testing.assert_close(losses.matching, ((item_latent - text_latent) ** 2).mean())
+    pos = (user * (alignment.item_decoder(alignment.item_encoder(scaled[:2])) * spread + center)).sum(-1)
+    neg = (user * (alignment.item_decoder(alignment.item_encoder(scaled[2:4])) * spread + center)).sum(-1)
     expected = -F.logsigmoid(pos).mean() - F.logsigmoid(-neg).mean()
     torch.testing.assert_close(losses.recommendation, expected)
     total = losses.total(alpha=0.5, beta=0.25)

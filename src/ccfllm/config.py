@@ -256,6 +256,9 @@ class AllmrecConfig:
     sasrec_history: int = _help("SASRec's longest history", 50)
     sasrec_epochs: int = _help("most epochs of SASRec's next-item training (early-stopped)", 200)
     latent_dim: int = _help("the joint collaborative-text space", 128)
+    scale_inputs: bool = _help(
+        "stage 1 reads E_i and Q_i in units of their spread over the catalogue (paper: raw units)", True
+    )
     latent_norm: bool = _help(
         "layer-normalise the encoders' outputs so that matching cannot shrink them (paper: off)", True
     )

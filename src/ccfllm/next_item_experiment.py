@@ -37,6 +37,7 @@ from .methods.allmrec import (
     alignment_diagnostics,
     ask,
     candidate_scores,
+    item_text_embeddings,
     train_alignment,
     train_stage2,
 )
@@ -111,6 +112,7 @@ def run_allmrec(
             latent_dim=config.latent_dim,
             hidden=config.hidden,
             latent_norm=config.latent_norm,
+            scale_inputs=config.scale_inputs,
             alpha=config.alpha,
             beta=config.beta,
             lr=config.stage1_lr,
@@ -231,16 +233,6 @@ def _sample(split: NextItemSplit, rows: int, seed: int) -> NextItemSplit:
     chosen = np.sort(np.random.default_rng(seed + 2).choice(len(split), rows, replace=False))
     fields = ("uid", "history", "target", "candidates")
     return NextItemSplit(split.name, *(getattr(split, f)[chosen] for f in fields))
-
-
-@torch.no_grad()
-def item_text_embeddings(encoder, task: NextItemTask, batch_size: int = 256) -> torch.Tensor:
-    """Q_i of every item (zeros for the padding id and untitled items). -> (n_items, text dim)"""
-    titles = [t if isinstance(t, str) else "" for t in task.item_titles]
-    vectors = [encoder(titles[start : start + batch_size]) for start in range(0, len(titles), batch_size)]
-    table = torch.cat(vectors)
-    table[[i for i, t in enumerate(titles) if not t.strip()]] = 0.0
-    return table
 
 
 def joint_space_check(alignment, sasrec, text_items: torch.Tensor) -> dict:

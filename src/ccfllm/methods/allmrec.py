@@ -65,7 +65,9 @@ class AlignmentLosses:
 
 
 class CollaborativeTextAlignment(nn.Module):
-    """f_I^enc, f_I^dec, f_T^enc, f_T^dec."""
+    """f_I^enc, f_I^dec, f_T^enc, f_T^dec, on E_i and Q_i in units of each dimension's spread over the
+    catalogue once `set_scales` has run (identity before): all-MiniLM's unit vectors vary by about
+    0.05 per dimension, so a reconstruction error in raw units hardly counts beside L_match."""
 
     def __init__(
         self, cf_dim: int, text_dim: int, latent_dim: int = 128, hidden: int = 256, latent_norm: bool = True
@@ -80,14 +82,31 @@ class CollaborativeTextAlignment(nn.Module):
             _encoder(text_dim, hidden, latent_dim, latent_norm),
             _mlp(latent_dim, hidden, text_dim),
         )
+        for name, dim in (("item", cf_dim), ("text", text_dim)):
+            self.register_buffer(f"{name}_center", torch.zeros(dim))
+            self.register_buffer(f"{name}_spread", torch.ones(dim))
+
+    @torch.no_grad()
+    def set_scales(self, item_cf: torch.Tensor, text: torch.Tensor) -> None:
+        """Per-dimension mean and standard deviation of the catalogue's E_i (N, l) and Q_i (N, t)."""
+        for name, table in (("item", item_cf), ("text", text)):
+            getattr(self, f"{name}_center").copy_(table.float().mean(0))
+            getattr(self, f"{name}_spread").copy_(table.float().std(0).clamp_min(1e-6))
+
+    def _scaled(self, name: str, raw: torch.Tensor) -> torch.Tensor:
+        return (raw - getattr(self, f"{name}_center")) / getattr(self, f"{name}_spread")
 
     def joint(self, item_cf: torch.Tensor) -> torch.Tensor:
         """e_i = f_I^enc(E_i): the joint collaborative-text embedding. (N, l) -> (N, latent)"""
-        return self.item_encoder(item_cf)
+        return self.item_encoder(self._scaled("item", item_cf))
 
     def joint_from_text(self, text: torch.Tensor) -> torch.Tensor:
         """f_T^enc(Q_i): A-LLMRec(SBERT)'s stand-in for items without a CF embedding."""
-        return self.text_encoder(text)
+        return self.text_encoder(self._scaled("text", text))
+
+    def decoded_item(self, item_cf: torch.Tensor) -> torch.Tensor:
+        """f_I^dec(f_I^enc(E_i)), back in E_i's units (what L_rec scores against x_u)."""
+        return self.item_decoder(self.joint(item_cf)) * self.item_spread + self.item_center
 
     def losses(
         self,
@@ -99,14 +118,13 @@ class CollaborativeTextAlignment(nn.Module):
     ) -> AlignmentLosses:
         """item_cf (N, l) and text (N, t) of the same N items; user (B, l) with the CF embeddings of each
         user's next item and of a sampled negative, (B, l) each."""
-        item_latent, text_latent = self.item_encoder(item_cf), self.text_encoder(text)
-        positive = self.item_decoder(self.item_encoder(positive_cf))
-        negative = self.item_decoder(self.item_encoder(negative_cf))
+        item_latent, text_latent = self.joint(item_cf), self.joint_from_text(text)
+        positive, negative = self.decoded_item(positive_cf), self.decoded_item(negative_cf)
         positive_logit, negative_logit = (user * positive).sum(-1), (user * negative).sum(-1)
         return AlignmentLosses(
             matching=F.mse_loss(item_latent, text_latent),
-            item_reconstruction=F.mse_loss(self.item_decoder(item_latent), item_cf),
-            text_reconstruction=F.mse_loss(self.text_decoder(text_latent), text),
+            item_reconstruction=F.mse_loss(self.item_decoder(item_latent), self._scaled("item", item_cf)),
+            text_reconstruction=F.mse_loss(self.text_decoder(text_latent), self._scaled("text", text)),
             recommendation=F.binary_cross_entropy_with_logits(positive_logit, torch.ones_like(positive_logit))
             + F.binary_cross_entropy_with_logits(negative_logit, torch.zeros_like(negative_logit)),
         )
@@ -132,6 +150,16 @@ def alignment_diagnostics(alignment: CollaborativeTextAlignment, item_cf, text, 
     }
 
 
+@torch.no_grad()
+def item_text_embeddings(encoder: SentenceEncoder, task: NextItemTask, batch_size: int = 256) -> torch.Tensor:
+    """Q_i of every item (zeros for the padding id and untitled items). -> (n_items, text dim)"""
+    titles = [t if isinstance(t, str) else "" for t in task.item_titles]
+    vectors = [encoder(titles[start : start + batch_size]) for start in range(0, len(titles), batch_size)]
+    table = torch.cat(vectors)
+    table[[i for i, t in enumerate(titles) if not t.strip()]] = 0.0
+    return table
+
+
 @dataclass
 class AlignmentResult:
     alignment: CollaborativeTextAlignment
@@ -146,6 +174,7 @@ def train_alignment(
     latent_dim: int = 128,
     hidden: int = 256,
     latent_norm: bool = True,
+    scale_inputs: bool = True,
     alpha: float = 0.5,
     beta: float = 0.5,
     lr: float = 1e-4,
@@ -157,13 +186,19 @@ def train_alignment(
     progress: bool = True,
 ) -> AlignmentResult:
     """Stage 1 over the task's training rows (a user's history and next item, and a sampled item the user
-    never liked). SASRec stays frozen; SBERT is fine-tuned with the alignment unless `freeze_text`."""
+    never liked). SASRec stays frozen; SBERT is fine-tuned with the alignment unless `freeze_text`.
+    `scale_inputs`: E_i and Q_i in units of their spread over the catalogue (set_scales)."""
     generator = seed_everything(seed)
     sasrec.eval().requires_grad_(False)
     encoder.requires_grad_(not freeze_text)
     device = next(sasrec.parameters()).device
     alignment = CollaborativeTextAlignment(sasrec.config.dim, encoder.dim, latent_dim, hidden, latent_norm)
     alignment = alignment.to(device)
+    if scale_inputs:
+        encoder.eval()
+        texts = item_text_embeddings(encoder, task)
+        titled = texts.abs().sum(-1).nonzero()[:, 0]
+        alignment.set_scales(sasrec.item_embedding(titled), texts[titled])
     parameters = list(alignment.parameters()) + ([] if freeze_text else list(encoder.parameters()))
     optimiser = torch.optim.Adam(parameters, lr=lr)
     train = task.splits["train"]
