@@ -1,4 +1,4 @@
-"""Stage 1 of A-LLMRec as the paper writes it and with this project's two changes (inputs in units of
+"""Stage 1 of A-LLMRec as the paper writes it and with the two changes tried here (inputs in units of
 their spread, layer-normalised latents), on a finished run's SASRec: the losses of the last epoch and
 what the joint space holds (methods/allmrec.py, alignment_diagnostics).
 
@@ -27,9 +27,9 @@ from ccfllm.next_item_experiment import joint_space_check
 from ccfllm.text_encoder import load_sentence_encoder
 
 SETTINGS = (  # name, latent_norm, scale_inputs
-    ("raw inputs, free-scale latents (paper)", False, False),
+    ("raw inputs, free-scale latents (paper, default)", False, False),
     ("raw inputs, normalised latents", True, False),
-    ("scaled inputs, normalised latents (default)", True, True),
+    ("scaled inputs, normalised latents", True, True),
 )
 
 

@@ -55,7 +55,7 @@ def test_each_loss_on_hand_made_tensors():
 
 def test_normalised_latents_cannot_shrink_and_the_joint_space_check_reads_them():
     torch.manual_seed(0)
-    alignment = CollaborativeTextAlignment(cf_dim=4, text_dim=4, latent_dim=6, hidden=5)
+    alignment = CollaborativeTextAlignment(cf_dim=4, text_dim=4, latent_dim=6, hidden=5, latent_norm=True)
     items = torch.randn(8, 4)
     latent = alignment.joint(items)
     torch.testing.assert_close(latent.mean(-1), torch.zeros(8), atol=1e-6, rtol=0)
@@ -65,7 +65,7 @@ def test_normalised_latents_cannot_shrink_and_the_joint_space_check_reads_them()
         alignment.item_encoder[2].bias.mul_(0.1)
     shrunk = alignment.joint(items).var(-1, unbiased=False)
     assert shrunk.min() > 0.9  # a tenth of the weights, yet (but for LayerNorm's eps) the same spread
-    free = CollaborativeTextAlignment(cf_dim=4, text_dim=4, latent_dim=6, hidden=5, latent_norm=False)
+    free = CollaborativeTextAlignment(cf_dim=4, text_dim=4, latent_dim=6, hidden=5)  # the paper's form
     assert not isinstance(free.item_encoder[-1], torch.nn.LayerNorm)
 
     alignment.text_encoder.load_state_dict(alignment.item_encoder.state_dict())

@@ -257,10 +257,11 @@ class AllmrecConfig:
     sasrec_epochs: int = _help("most epochs of SASRec's next-item training (early-stopped)", 200)
     latent_dim: int = _help("the joint collaborative-text space", 128)
     scale_inputs: bool = _help(
-        "stage 1 reads E_i and Q_i in units of their spread over the catalogue (paper: raw units)", True
+        "stage 1 reads E_i and Q_i in units of their spread over the catalogue (tried; paper: off)", False
     )
     latent_norm: bool = _help(
-        "layer-normalise the encoders' outputs so that matching cannot shrink them (paper: off)", True
+        "layer-normalise the encoders' outputs so that matching cannot shrink them (tried; paper: off)",
+        False,
     )
     hidden: int = _help("hidden width of the encoders, decoders and projections", 256)
     alpha: float = _help("weight of the item reconstruction loss", 0.5)

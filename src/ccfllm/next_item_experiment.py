@@ -45,7 +45,7 @@ from .metrics import target_ranks
 from .text_encoder import load_sentence_encoder
 
 NOUNS = {"movies": "movie", "books": "book"}
-# /2: the encoders may end in a LayerNorm (config.latent_norm), so /1 weights no longer load as they were.
+# /2: the alignment holds input scales (buffers) and may end in a LayerNorm; /1 weights do not load.
 FORMAT = "ccfllm-allmrec/2"
 
 
