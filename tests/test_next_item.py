@@ -3,6 +3,7 @@ or of rated items), the item groups, bad input, and the ranking metrics on hand-
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -65,6 +66,11 @@ def test_more_training_positions_walk_back_the_sequence_and_never_reach_valid_or
     assert not held_out & set(zip(every.uid.tolist(), every.target.tolist(), strict=True))
     with pytest.raises(DataError, match="per_user must be 0"):
         training_positions(task, -1)
+    short = dataclasses.replace(task, sequences={**task.sequences, user: np.array(sequence[:1])})
+    for per_user in (0, 1, 3):  # a one-item sequence keeps its one row, with an empty history
+        rows = training_positions(short, per_user)
+        mine = np.flatnonzero(rows.uid == user)
+        assert rows.target[mine].tolist() == sequence[:1] and (rows.history[mine] == PAD).all()
 
 
 def test_candidates_hold_the_answer_once_and_nothing_the_user_rated(tiny_dataset):

@@ -152,16 +152,18 @@ def next_item_task(
 def training_positions(task: NextItemTask, per_user: int = 1) -> NextItemSplit:
     """Train rows at the last `per_user` positions of each user's training sequence (0: every position
     after the first), most recent first per user: history = the items before the position, target = the
-    item at it. `per_user=1` is the task's own train split, A-LLMRec's one row per user; the valid and
-    test targets are never among them (the sequences end before them)."""
+    item at it. A user whose sequence is one item long keeps that item's row, with an empty history, as
+    in the task's own train split, which `per_user=1` reproduces (A-LLMRec's one row per user). The
+    valid and test targets are never among them (the sequences end before them)."""
     if per_user < 0:
         raise DataError(f"per_user must be 0 (every position) or positive, got {per_user}.")
     train = task.splits["train"]
     rows = []
     for uid in train.uid.tolist():
         sequence = task.sequences[uid].tolist()
-        first = 1 if per_user == 0 else max(1, len(sequence) - per_user)
-        rows += [(uid, sequence[:t], sequence[t]) for t in range(len(sequence) - 1, first - 1, -1)]
+        last = len(sequence) - 1
+        first = min(last, 1 if per_user == 0 else max(1, len(sequence) - per_user))
+        rows += [(uid, sequence[:t], sequence[t]) for t in range(last, first - 1, -1)]
     return NextItemSplit(
         "train",
         uid=np.array([uid for uid, _, _ in rows], dtype=np.int64),
