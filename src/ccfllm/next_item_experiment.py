@@ -34,10 +34,10 @@ from .methods.allmrec import (
     ALLMRec,
     CollaborativeTextAlignment,
     NextItemPrompts,
-    alignment_diagnostics,
     ask,
     candidate_scores,
     item_text_embeddings,
+    joint_space_check,
     train_alignment,
     train_stage2,
 )
@@ -233,13 +233,6 @@ def _sample(split: NextItemSplit, rows: int, seed: int) -> NextItemSplit:
     chosen = np.sort(np.random.default_rng(seed + 2).choice(len(split), rows, replace=False))
     fields = ("uid", "history", "target", "candidates")
     return NextItemSplit(split.name, *(getattr(split, f)[chosen] for f in fields))
-
-
-def joint_space_check(alignment, sasrec, text_items: torch.Tensor) -> dict:
-    """alignment_diagnostics over every item with a title (a non-zero Q_i)."""
-    titled = text_items.abs().sum(-1).nonzero()[:, 0]
-    with torch.no_grad():
-        return alignment_diagnostics(alignment, sasrec.item_embedding(titled), text_items[titled])
 
 
 def _save(

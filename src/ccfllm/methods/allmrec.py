@@ -151,6 +151,19 @@ def alignment_diagnostics(alignment: CollaborativeTextAlignment, item_cf, text, 
     }
 
 
+def joint_space_check(
+    alignment: CollaborativeTextAlignment, sasrec: SASRec, text_items: torch.Tensor
+) -> dict:
+    """alignment_diagnostics over every item with a title, from Q_i of every item (item_text_embeddings)."""
+    titled = _titled(text_items)
+    return alignment_diagnostics(alignment, sasrec.item_embedding(titled), text_items[titled])
+
+
+def _titled(text_items: torch.Tensor) -> torch.Tensor:
+    """Ids of the items with a title: item_text_embeddings leaves the others at zero."""
+    return text_items.abs().sum(-1).nonzero()[:, 0]
+
+
 @torch.no_grad()
 def item_text_embeddings(encoder: SentenceEncoder, task: NextItemTask, batch_size: int = 256) -> torch.Tensor:
     """Q_i of every item (zeros for the padding id and untitled items). -> (n_items, text dim)"""
@@ -198,7 +211,7 @@ def train_alignment(
     if scale_inputs:
         encoder.eval()
         texts = item_text_embeddings(encoder, task)
-        titled = texts.abs().sum(-1).nonzero()[:, 0]
+        titled = _titled(texts)
         alignment.set_scales(sasrec.item_embedding(titled), texts[titled])
     parameters = list(alignment.parameters()) + ([] if freeze_text else list(encoder.parameters()))
     optimiser = torch.optim.Adam(parameters, lr=lr)
