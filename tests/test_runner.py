@@ -142,3 +142,26 @@ def test_a_donor_that_trained_another_stage_one_is_refused(tmp_path, tiny_datase
     with pytest.raises(CheckpointError, match=r"settings that differ: \['lr_lora'\]"):
         run_ccf_llm(config, tiny_dataset, tmp_path / "again", progress=False)
     assert not (tmp_path / "again").exists()
+
+
+def test_the_commit_is_dirty_for_changed_code_but_not_for_the_results_file_being_appended(tmp_path, monkeypatch):
+    import subprocess
+
+    from ccfllm.runner import _git_commit
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "results.jsonl").write_text("{}\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    monkeypatch.chdir(tmp_path)
+    results = Path("results.jsonl")
+    clean = _git_commit(results)
+    assert not clean.endswith("-dirty") and clean != "unknown"
+    results.write_text("{}\n{}\n")
+    assert _git_commit(results) == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert _git_commit(results) == clean + "-dirty"

@@ -176,7 +176,7 @@ def run_plan(
 ) -> list[dict]:
     """Run every planned run not yet in `results`, recording each as it finishes; return all records."""
     records = read_results(results, dataset)
-    provenance = {"commit": _git_commit(), "command": shlex.join(sys.argv), "machine": _machine()}  # at start
+    provenance = {"commit": _git_commit(results), "command": shlex.join(sys.argv), "machine": _machine()}  # at start
     done = {record["key"] for record in records}
     todo = [p for p in dict.fromkeys(plan) if p.key(preset) not in done]
     print(f"{len(plan) - len(todo)} of {len(plan)} planned runs already recorded in {results}", flush=True)
@@ -288,12 +288,18 @@ def _record(planned: Planned, preset: str, row: dict, provenance: dict) -> dict:
     }
 
 
-def _git_commit() -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=False).stdout.strip()
+def _git_commit(results: Path) -> str:
+    """HEAD's short hash, "-dirty" when tracked files other than the results file being written differ."""
 
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=False).stdout
+
+    commit = git("rev-parse", "--short", "HEAD").strip() or "unknown"
+    top = Path(git("rev-parse", "--show-toplevel").strip() or ".")
+    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    # A resumed comparison appends to a committed results file: that change is the runner's own output.
+    dirty = [path for path in changed if (top / path).resolve() != results.resolve()]
+    return commit + ("-dirty" if dirty else "")
 
 
 def _machine() -> str:
