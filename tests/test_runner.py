@@ -96,6 +96,12 @@ def test_a_corrupt_or_foreign_results_file_is_refused(tmp_path, tiny_dataset):
 def test_plans_are_checked_before_anything_runs(tmp_path):
     assert [p.method for p in make_plan("main", [0])] == ["mf", "tallrec", "collm", "ccf-llm", "softprompt"]
     assert len(make_plan("main", [0, 1, 2])) == 15
+    table3 = make_plan("table3", [0, 1, 2])
+    assert len(table3) == 33
+    assert set(make_plan("main", [0, 1, 2])) < set(table3) < set(make_plan("full", [0, 1, 2]))
+    assert {(p.method, p.backbone) for p in table3 if p.method in ("collm", "ccf-llm")} == {
+        (m, b) for m in ("collm", "ccf-llm") for b in ("mf", "lightgcn", "sasrec")
+    }
     with pytest.raises(CCFLLMError, match="unknown variant 'alpha-two'"):
         Planned("ccf-llm", "mf", "alpha-two")
     assert Planned("ccf-llm", "lightgcn+mf").backbones == ["lightgcn", "mf"]
@@ -144,7 +150,7 @@ def test_a_donor_that_trained_another_stage_one_is_refused(tmp_path, tiny_datase
     assert not (tmp_path / "again").exists()
 
 
-def test_the_commit_is_dirty_for_changed_code_but_not_for_the_results_file_being_appended(tmp_path, monkeypatch):
+def test_the_commit_is_dirty_for_changed_code_but_not_for_the_results_file_appended(tmp_path, monkeypatch):
     import subprocess
 
     from ccfllm.runner import _git_commit

@@ -371,7 +371,8 @@ def _echo_report(path: Path) -> None:
     "--plan",
     default="main",
     show_default=True,
-    help="'main' (MF group of Table 3 and the text baselines), 'full' (Tables 3-4, Figure 3a), "
+    help="'main' (MF group of Table 3 and the text baselines), 'table3' (Table 3 on every backbone), "
+    "'full' (Tables 2-4, Figure 3), "
     "or a JSON file listing {method, backbone, variant, seed} objects.",
 )
 @click.option("--seeds", default="0,1,2", show_default=True, help="Seeds of a named plan, comma-separated.")

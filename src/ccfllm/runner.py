@@ -89,14 +89,24 @@ def _main_plan(seeds: list[int]) -> list[Planned]:
     ]
 
 
+def _table3_runs(seed: int) -> list[Planned]:
+    runs = [Planned(method, "mf", "default", seed) for method in ("tallrec", "softprompt")]
+    for backbone in ("mf", "lightgcn", "sasrec"):
+        runs += [Planned(m, backbone, "default", seed) for m in (backbone, "collm", "ccf-llm")]
+    return runs
+
+
+def _table3_plan(seeds: list[int]) -> list[Planned]:
+    """Table 3: every backbone alone, with CoLLM and CCF-LLM on it, and the text-only baselines."""
+    return [run for seed in seeds for run in _table3_runs(seed)]
+
+
 def _full_plan(seeds: list[int]) -> list[Planned]:
-    """Table 3 on every backbone; Table 2's pilot (MF); Table 4's strategies and Figure 3a's fusions on
-    LightGCN, as the paper runs them; Figure 3b's pairs of backbones."""
+    """Table 3; Table 2's pilot (MF); Table 4's strategies and Figure 3a's fusions on LightGCN, as the
+    paper runs them; Figure 3b's pairs of backbones."""
     runs = []
     for seed in seeds:
-        runs += [Planned(method, "mf", "default", seed) for method in ("tallrec", "softprompt")]
-        for backbone in ("mf", "lightgcn", "sasrec"):
-            runs += [Planned(m, backbone, "default", seed) for m in (backbone, "collm", "ccf-llm")]
+        runs += _table3_runs(seed)
         runs += [
             Planned("ccf-llm", "lightgcn", v, seed)
             for v in ("stage1-only", "end-to-end", "alpha-one", "alpha-scalar")
@@ -113,7 +123,7 @@ def _full_plan(seeds: list[int]) -> list[Planned]:
     return runs
 
 
-PLANS = {"main": _main_plan, "full": _full_plan}
+PLANS = {"main": _main_plan, "table3": _table3_plan, "full": _full_plan}
 
 
 def make_plan(name_or_file: str, seeds: list[int]) -> list[Planned]:
@@ -176,7 +186,8 @@ def run_plan(
 ) -> list[dict]:
     """Run every planned run not yet in `results`, recording each as it finishes; return all records."""
     records = read_results(results, dataset)
-    provenance = {"commit": _git_commit(results), "command": shlex.join(sys.argv), "machine": _machine()}  # at start
+    # Taken once, at start: the code a resumed sitting runs is the code it started with.
+    provenance = {"commit": _git_commit(results), "command": shlex.join(sys.argv), "machine": _machine()}
     done = {record["key"] for record in records}
     todo = [p for p in dict.fromkeys(plan) if p.key(preset) not in done]
     print(f"{len(plan) - len(todo)} of {len(plan)} planned runs already recorded in {results}", flush=True)
