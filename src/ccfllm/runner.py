@@ -253,7 +253,7 @@ def _run_one(
         "valid_auc": max((s["best_valid_auc"] for s in stages), default=None),
         "stages": [
             {**row, "stage": s["stage"], "best_valid_auc": s["best_valid_auc"], "seconds": s["seconds"]}
-            for row, s in zip(metrics["table"][-len(stages) :], stages, strict=True)
+            for row, s in zip(metrics["table"][len(metrics["table"]) - len(stages) :], stages, strict=True)
         ],
         "folder": str(folder),
         "stage1_from": donor["key"] if donor else None,
