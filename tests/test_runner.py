@@ -171,3 +171,12 @@ def test_the_commit_is_dirty_for_changed_code_but_not_for_the_results_file_appen
     assert _git_commit(results) == clean
     (tmp_path / "code.py").write_text("x = 2\n")
     assert _git_commit(results) == clean + "-dirty"
+
+
+def test_a_zero_shot_run_trains_nothing_and_is_recorded_without_stages(tmp_path, tiny_dataset, settings):
+    (zero_shot,) = run_plan(
+        [Planned("tallrec", "mf", "zero-shot")], tiny_dataset, tmp_path / "r.jsonl", tmp_path / "runs", "cpu",
+        settings, progress=False,
+    )  # fmt: skip
+    assert zero_shot["stages"] == [] and zero_shot["valid_auc"] is None
+    assert 0 <= zero_shot["test_auc"] <= 1
