@@ -10,9 +10,9 @@ import torch
 
 from ccfllm.cf.train import train_cf
 from ccfllm.config import ccf_config, cf_config
-from ccfllm.engine import _rows_by_prefix, naive_score_rows, score_rows
+from ccfllm.engine import _rows_by_prefix, naive_log_probs, naive_score_rows, score_rows
 from ccfllm.experiment import build_recommender
-from ccfllm.llm import load_llm
+from ccfllm.llm import float32_output_weight, load_llm
 from ccfllm.prompt import ITEM
 
 
@@ -67,3 +67,50 @@ def test_answer_probabilities_are_computed_in_float32_from_a_bf16_model(recommen
     # bf16 logits would round the margin by up to a few hundredths: the check above can tell them apart
     rounded = torch.log_softmax((hidden @ head.T).double(), dim=-1)
     assert (rounded[:, model.yes_id] - rounded[:, model.no_id]).sub(margin).abs().max() > 1e-3
+
+
+def test_training_runs_eager_attention_on_cpu_with_the_same_loss_and_gradients(recommender, tiny_dataset):
+    model, builder, train = recommender.model, recommender.hybrid_prompts, tiny_dataset.train
+    rows = np.arange(6)
+    batch = builder.batch(train.uid[rows], train.iid[rows], train.history[rows], train.label[rows])
+    causal_lm, decoder = model.decoder_parts()
+    seen = []
+    hook = decoder.layers[0].self_attn.register_forward_hook(
+        lambda module, args, output: seen.append(module.config._attn_implementation)
+    )
+    parameters = [p for p in model.fusion_modules()[0].parameters()]
+
+    def loss_and_gradients(log_probs):
+        model.zero_grad(set_to_none=True)
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        answer = log_probs(model, batch)
+        loss = -(answer.log_p_yes - answer.log_p_no).mean()
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in parameters])
+
+    try:
+        engine_loss, engine_grad = loss_and_gradients(type(model).forward)
+        naive_loss, naive_grad = loss_and_gradients(naive_log_probs)
+        with torch.no_grad():
+            model(batch)
+    finally:
+        hook.remove()
+        model.requires_grad_(False)
+    assert seen == ["eager", "sdpa", "sdpa"]  # training forward, naive forward, forward without gradients
+    assert causal_lm.config._attn_implementation == "sdpa"  # put back after the block
+    assert abs(engine_loss - naive_loss) < 1e-5
+    torch.testing.assert_close(engine_grad, naive_grad, rtol=1e-4, atol=1e-6)
+    assert engine_grad.abs().max() > 1e-4  # the gradients compared are not all zero
+
+
+def test_the_float32_output_weight_is_converted_once_and_again_after_a_change():
+    head = torch.nn.Linear(4, 10, bias=False).to(torch.bfloat16).requires_grad_(False)
+    first = float32_output_weight(head)
+    assert first.dtype == torch.float32 and float32_output_weight(head) is first
+    with torch.no_grad():
+        head.weight.mul_(2)
+    again = float32_output_weight(head)
+    torch.testing.assert_close(again, 2 * first)
+    head.weight.requires_grad_(True)  # a weight that trains is converted on every call, with its graph
+    assert float32_output_weight(head).requires_grad

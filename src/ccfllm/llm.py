@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -169,6 +171,47 @@ def add_lora(
 
 
 # -- where a model comes from -------------------------------------------------------------------
+
+
+@contextmanager
+def attention_for_training(model: PreTrainedModel) -> Iterator[None]:
+    """Within this block a CPU model (a causal LM or its decoder) runs its attention in the eager form.
+
+    PyTorch's CPU flash-attention kernel (what `sdpa` runs here) is fast forward but its backward took
+    nine times its forward: eager attention made a training step of the default LLM about 20% faster
+    on this machine with gradients as close to float32's (cosine 0.993 against sdpa's 0.992 in bf16).
+    Scoring keeps `sdpa`, which is faster there and closer to float32. Other devices, other attention
+    implementations and blocks without gradients are left as they are.
+    """
+    loaded = model.config._attn_implementation
+    if model.device.type != "cpu" or loaded != "sdpa" or not torch.is_grad_enabled():
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(loaded)
+
+
+def float32_output_weight(head: torch.nn.Module) -> torch.Tensor:
+    """The output layer's (V, d) weight in float32, for logits that keep their precision.
+
+    A frozen bf16 weight is converted once and the copy is kept on the layer: converting the whole
+    (V, d) matrix on every call took up to 0.16 s of a 1.2-1.6 s training step of the default LLM on
+    this CPU (profiled), and the same conversion ran once per scoring batch.
+    The copy is made again whenever the weight is moved or changed in place, and a weight that trains
+    is converted on every call so that gradients reach it.
+    """
+    weight = head.weight
+    if weight.dtype == torch.float32 or weight.requires_grad:
+        return weight.float()
+    key = (weight.data_ptr(), weight.device, weight._version)
+    cached = getattr(head, "_float32_weight", None)
+    if cached is None or cached[0] != key:
+        cached = (key, weight.detach().float())
+        head._float32_weight = cached
+    return cached[1]
 
 
 def _model_source(name: str, cache_dir: str | Path | None, allow_download: bool) -> tuple[Path | str, bool]:

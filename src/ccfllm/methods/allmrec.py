@@ -39,6 +39,7 @@ from ..data.dataset import PAD
 from ..data.next_item import NextItemSplit, NextItemTask, sample_candidates, training_positions
 from ..device import seed_everything
 from ..engine import cache_argument
+from ..llm import attention_for_training, float32_output_weight
 from ..prompt import ITEM_SLOT, USER, EncodedPrompt, PromptBatch, PromptBuilder, collate, user_piece
 from ..text_encoder import SentenceEncoder
 from .ccf_llm import positions_from_mask
@@ -378,7 +379,7 @@ class ALLMRec(nn.Module):
     def token_log_probs(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """log p(token) from final hidden states, in float32. (..., d), (...) -> (...)"""
         head = self.llm.get_output_embeddings()
-        logits = F.linear(hidden.float(), head.weight.float())
+        logits = F.linear(hidden.float(), float32_output_weight(head))
         return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
     def train(self, mode: bool = True) -> ALLMRec:
@@ -419,12 +420,14 @@ def next_title_loss(
     device = next(model.user_projection.parameters()).device
     batch, lengths = _answered(prompts, history, candidates, target)
     batch = batch.to(device)
-    hidden = model.decoder()(
-        inputs_embeds=model.input_embeddings(batch, torch.as_tensor(history, device=device)),
-        attention_mask=batch.attention_mask,
-        position_ids=positions_from_mask(batch.attention_mask),
-        use_cache=False,
-    ).last_hidden_state
+    decoder = model.decoder()
+    with attention_for_training(decoder):
+        hidden = decoder(
+            inputs_embeds=model.input_embeddings(batch, torch.as_tensor(history, device=device)),
+            attention_mask=batch.attention_mask,
+            position_ids=positions_from_mask(batch.attention_mask),
+            use_cache=False,
+        ).last_hidden_state
     width = batch.input_ids.shape[1]
     rows = torch.as_tensor(np.repeat(np.arange(len(lengths)), lengths), device=device)
     at = torch.as_tensor(np.concatenate([np.arange(width - n, width) for n in lengths]), device=device)

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..cf.base import CFModel
 from ..config import CCFConfig
+from ..llm import attention_for_training, float32_output_weight
 from ..prompt import ITEM, ITEM_SLOT, USER, PromptBatch
 
 
@@ -194,18 +195,19 @@ class CCFLLM(nn.Module):
         causal_lm, _ = self.decoder_parts()
         head = causal_lm.get_output_embeddings()
         bias = None if head.bias is None else head.bias.float()
-        logits = F.linear(answer_hidden.float(), head.weight.float(), bias)  # (B, V)
+        logits = F.linear(answer_hidden.float(), float32_output_weight(head), bias)  # (B, V)
         return answer_from_logits(logits, self.yes_id, self.no_id)
 
     def forward(self, batch: PromptBatch) -> Answer:
         """log p_yes, log p_no under the full-vocabulary softmax at the answer position. -> (B,), (B,)"""
-        _, decoder = self.decoder_parts()
-        hidden = decoder(
-            inputs_embeds=self.input_embeddings(batch),
-            attention_mask=batch.attention_mask,
-            position_ids=positions_from_mask(batch.attention_mask),
-            use_cache=False,
-        ).last_hidden_state
+        causal_lm, decoder = self.decoder_parts()
+        with attention_for_training(causal_lm):
+            hidden = decoder(
+                inputs_embeds=self.input_embeddings(batch),
+                attention_mask=batch.attention_mask,
+                position_ids=positions_from_mask(batch.attention_mask),
+                use_cache=False,
+            ).last_hidden_state
         return self.answer_log_probs(hidden[:, -1])
 
 
