@@ -170,9 +170,6 @@ def add_lora(
     return get_peft_model(model, config)
 
 
-# -- where a model comes from -------------------------------------------------------------------
-
-
 @contextmanager
 def attention_for_training(model: PreTrainedModel) -> Iterator[None]:
     """Within this block a CPU model (a causal LM or its decoder) runs its attention in the eager form.
@@ -212,6 +209,9 @@ def float32_output_weight(head: torch.nn.Module) -> torch.Tensor:
         cached = (key, weight.detach().float())
         head._float32_weight = cached
     return cached[1]
+
+
+# -- where a model comes from -------------------------------------------------------------------
 
 
 def _model_source(name: str, cache_dir: str | Path | None, allow_download: bool) -> tuple[Path | str, bool]:
