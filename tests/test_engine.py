@@ -78,7 +78,7 @@ def test_training_runs_eager_attention_on_cpu_with_the_same_loss_and_gradients(r
     hook = decoder.layers[0].self_attn.register_forward_hook(
         lambda module, args, output: seen.append(module.config._attn_implementation)
     )
-    parameters = [p for p in model.fusion_modules()[0].parameters()]
+    parameters = list(model.fusion_modules()[0].parameters())
 
     def loss_and_gradients(log_probs):
         model.zero_grad(set_to_none=True)

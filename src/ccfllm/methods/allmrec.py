@@ -39,10 +39,10 @@ from ..data.dataset import PAD
 from ..data.next_item import NextItemSplit, NextItemTask, sample_candidates, training_positions
 from ..device import seed_everything
 from ..engine import cache_argument
-from ..llm import attention_for_training, float32_output_weight
+from ..llm import float32_output_weight
 from ..prompt import ITEM_SLOT, USER, EncodedPrompt, PromptBatch, PromptBuilder, collate, user_piece
 from ..text_encoder import SentenceEncoder
-from .ccf_llm import positions_from_mask
+from .ccf_llm import positions_from_mask, run_decoder
 
 
 def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
@@ -420,14 +420,8 @@ def next_title_loss(
     device = next(model.user_projection.parameters()).device
     batch, lengths = _answered(prompts, history, candidates, target)
     batch = batch.to(device)
-    decoder = model.decoder()
-    with attention_for_training(decoder):
-        hidden = decoder(
-            inputs_embeds=model.input_embeddings(batch, torch.as_tensor(history, device=device)),
-            attention_mask=batch.attention_mask,
-            position_ids=positions_from_mask(batch.attention_mask),
-            use_cache=False,
-        ).last_hidden_state
+    embeddings = model.input_embeddings(batch, torch.as_tensor(history, device=device))
+    hidden = run_decoder(model.decoder(), embeddings, batch.attention_mask)
     width = batch.input_ids.shape[1]
     rows = torch.as_tensor(np.repeat(np.arange(len(lengths)), lengths), device=device)
     at = torch.as_tensor(np.concatenate([np.arange(width - n, width) for n in lengths]), device=device)
@@ -493,12 +487,8 @@ def naive_candidate_scores(model: ALLMRec, prompts: NextItemPrompts, split: Next
         history = np.repeat(split.history[row : row + 1], split.candidates.shape[1], axis=0)
         candidates = np.repeat(split.candidates[row : row + 1], split.candidates.shape[1], axis=0)
         batch, lengths = _answered(prompts, history, candidates, split.candidates[row])
-        hidden = model.decoder()(
-            inputs_embeds=model.input_embeddings(batch, torch.as_tensor(history)),
-            attention_mask=batch.attention_mask,
-            position_ids=positions_from_mask(batch.attention_mask),
-            use_cache=False,
-        ).last_hidden_state
+        embeddings = model.input_embeddings(batch, torch.as_tensor(history))
+        hidden = run_decoder(model.decoder(), embeddings, batch.attention_mask)
         width = batch.input_ids.shape[1]
         rows.append(
             [

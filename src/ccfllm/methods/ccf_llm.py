@@ -200,14 +200,8 @@ class CCFLLM(nn.Module):
 
     def forward(self, batch: PromptBatch) -> Answer:
         """log p_yes, log p_no under the full-vocabulary softmax at the answer position. -> (B,), (B,)"""
-        causal_lm, decoder = self.decoder_parts()
-        with attention_for_training(causal_lm):
-            hidden = decoder(
-                inputs_embeds=self.input_embeddings(batch),
-                attention_mask=batch.attention_mask,
-                position_ids=positions_from_mask(batch.attention_mask),
-                use_cache=False,
-            ).last_hidden_state
+        _, decoder = self.decoder_parts()
+        hidden = run_decoder(decoder, self.input_embeddings(batch), batch.attention_mask)
         return self.answer_log_probs(hidden[:, -1])
 
 
@@ -215,6 +209,20 @@ def answer_from_logits(logits: torch.Tensor, yes_id: int, no_id: int) -> Answer:
     """(B, V) float32 logits at the answer position -> Answer."""
     log_probs = F.log_softmax(logits, dim=-1)  # the full-vocabulary softmax
     return Answer(log_probs[:, yes_id], log_probs[:, no_id], logits[:, yes_id])
+
+
+def run_decoder(decoder: nn.Module, embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Final hidden states of a left-padded batch run whole, without a cache. (B, T, d), (B, T) -> (B, T, d)
+
+    With gradients on CPU the attention is recorded in its eager form (`attention_for_training`).
+    """
+    with attention_for_training(decoder):
+        return decoder(
+            inputs_embeds=embeddings,
+            attention_mask=attention_mask,
+            position_ids=positions_from_mask(attention_mask),
+            use_cache=False,
+        ).last_hidden_state
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
