@@ -3,10 +3,12 @@ on the means, the paper's figures beside them, and a chart."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from ccfllm.errors import CCFLLMError
-from ccfllm.report import write_report
+from ccfllm.report import saved_ccf_llm_run, write_report
 
 
 def record(method, backbone, seed, auc, variant="default", preset="cpu"):
@@ -78,3 +80,23 @@ def test_relaimpr_against_a_base_near_chance_is_not_printed(tmp_path):
 def test_a_report_of_nothing_is_refused(tmp_path):
     with pytest.raises(CCFLLMError, match="holds no runs of the 'paper' preset"):
         write_report(RECORDS[:1], tmp_path, "paper", "results.jsonl")
+
+
+def test_figure_4_takes_a_recorded_ccf_llm_run_still_on_disk_mf_first(tmp_path):
+    def run(backbone, seed, on_disk, variant="default"):
+        folder = tmp_path / f"{backbone}-{variant}-{seed}"
+        if on_disk:
+            folder.mkdir()
+            (folder / "config.json").write_text("{}")
+        return {**record("ccf-llm", backbone, seed, 0.7, variant=variant), "folder": str(folder)}
+
+    gone_mf = run("mf", 0, on_disk=False)
+    sasrec, mf = run("sasrec", 2, on_disk=True), run("mf", 1, on_disk=True)
+    ablation, pair = (
+        run("lightgcn", 0, on_disk=True, variant="alpha-one"),
+        run("lightgcn+mf", 0, on_disk=True),
+    )
+    assert saved_ccf_llm_run([gone_mf, ablation, pair, sasrec, mf], "cpu") == Path(mf["folder"])
+    assert saved_ccf_llm_run([gone_mf, ablation, pair, sasrec], "cpu") == Path(sasrec["folder"])
+    assert saved_ccf_llm_run([gone_mf, ablation, pair], "cpu") is None
+    assert saved_ccf_llm_run([sasrec], "paper") is None

@@ -433,22 +433,22 @@ def compare(plan, seeds, preset, data_dir, results, runs, settings, dry_run, qui
     "run_dir",
     type=click.Path(exists=True, file_okay=False),
     default=None,
-    help="A saved CCF-LLM run for Figure 4 and Table 5 (default: the results' first CCF-LLM (MF) run).",
+    help="A saved CCF-LLM run for Figure 4 and Table 5 (default: the first recorded one-backbone CCF-LLM run "
+    "still on disk, MF first).",
 )
 @click.option("--device", default="auto", show_default=True, help="'auto', 'cpu', 'cuda' or 'cuda:N'.")
 def report(results, out, preset, data_dir, run_dir, device) -> None:
     """Turn a results file into the paper's tables and figures, beside the paper's figures."""
     from .experiment import load_run
-    from .report import write_report
+    from .report import saved_ccf_llm_run, write_report
     from .runner import read_results
 
     dataset = load_collm_split(resolve_data_dir(data_dir), max_history=CF_HISTORY)
     records = read_results(Path(results), dataset)
-    if run_dir is None:
-        run_dir = next((r["folder"] for r in records if r["key"].endswith("/ccf-llm/mf/default/seed0")), None)
-    inside = None
-    if run_dir and Path(run_dir, "config.json").is_file():
-        inside = (load_run(run_dir, dataset, device=device), Path(run_dir), dataset)
+    if run_dir is not None and not Path(run_dir, "config.json").is_file():
+        raise CCFLLMError(f"{run_dir} is not a saved run (no config.json); name a `ccfllm train` run folder.")
+    run_dir = Path(run_dir) if run_dir else saved_ccf_llm_run(records, preset)
+    inside = (load_run(run_dir, dataset, device=device), run_dir, dataset) if run_dir else None
     _echo_report(write_report(records, Path(out), preset, results, inside))
 
 

@@ -123,6 +123,21 @@ def write_report(
     return path
 
 
+def saved_ccf_llm_run(records: list[dict], preset: str) -> Path | None:
+    """The folder of a recorded two-stage CCF-LLM run on one backbone that is still on disk, for Figure 4
+    and Table 5: MF's first, then the other backbones' in the results' order."""
+    runs = [
+        r
+        for r in records
+        if r["preset"] == preset
+        and r["method"] == "ccf-llm"
+        and r["variant"] == "default"
+        and "+" not in r["backbone"]
+    ]
+    runs.sort(key=lambda r: r["backbone"] != "mf")  # stable: keeps the results' order within each group
+    return next((Path(r["folder"]) for r in runs if Path(r["folder"], "config.json").is_file()), None)
+
+
 # -- sections -------------------------------------------------------------------------------------------
 
 
@@ -308,7 +323,10 @@ def _liked(label: int) -> str:
 def _not_yet(with_inside: bool) -> str:
     if with_inside:
         return ""
-    missing = "Figure 4 and Table 5 need a saved CCF-LLM run (`ccfllm report --run`)."
+    missing = (
+        "Figure 4 and Table 5 need a saved CCF-LLM run; none of the recorded ones is on disk "
+        "(`ccfllm report --run`)."
+    )
     return "\n".join(["## Not in this report", "", missing])
 
 
