@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import json
 
 import pandas as pd
 import pytest
@@ -243,3 +244,23 @@ def test_allmrec_train_prints_its_table(runner, tiny_dir, tiny_llm_dir, tmp_path
     assert reported.exit_code == 0 and (tmp_path / "report.md").read_text() in reported.output
     refused = runner.invoke(main, ["allmrec", "train", "--set", "variant=mlp"])
     assert refused.exit_code == 2 and "variant must be one of ['a-llmrec', 'mlp-llm']" in refused.output
+
+
+def test_report_refuses_a_run_folder_that_is_not_a_saved_run_and_writes_nothing(
+    runner, tmp_path, tiny_dir, tiny_dataset
+):
+    results = tmp_path / "results.jsonl"
+    header = {"format": "ccfllm-results/1", "dataset": tiny_dataset.fingerprint()}
+    mf = {
+        "key": "cpu/mf/mf/default/seed0",
+        **{"method": "mf", "backbone": "mf", "variant": "default", "seed": 0, "preset": "cpu"},
+        **{"test_auc": 0.7, "test_uauc": 0.65, "folder": str(tmp_path / "gone")},
+        "provenance": {"commit": "abc1234", "machine": "test box", "wall_s": 60.0},
+    }
+    results.write_text(json.dumps(header) + "\n" + json.dumps(mf) + "\n")
+    not_a_run, out = tmp_path / "not-a-run", tmp_path / "report"
+    not_a_run.mkdir()
+    args = ["report", "--results", results, "--out", out, "--data", tiny_dir, "--run", not_a_run]
+    result = runner.invoke(main, [str(a) for a in args])
+    assert result.exit_code == 2 and "config.json is missing" in result.output
+    assert not out.exists()

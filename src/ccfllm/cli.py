@@ -445,9 +445,7 @@ def report(results, out, preset, data_dir, run_dir, device) -> None:
 
     dataset = load_collm_split(resolve_data_dir(data_dir), max_history=CF_HISTORY)
     records = read_results(Path(results), dataset)
-    if run_dir is not None and not Path(run_dir, "config.json").is_file():
-        raise CCFLLMError(f"{run_dir} is not a saved run (no config.json); name a `ccfllm train` run folder.")
-    run_dir = Path(run_dir) if run_dir else saved_ccf_llm_run(records, preset)
+    run_dir = Path(run_dir) if run_dir else saved_ccf_llm_run(records, preset)  # load_run refuses a non-run
     inside = (load_run(run_dir, dataset, device=device), run_dir, dataset) if run_dir else None
     _echo_report(write_report(records, Path(out), preset, results, inside))
 
