@@ -32,7 +32,7 @@ import torch
 
 from ccfllm.data import load_collm_split
 from ccfllm.data.paths import resolve_data_dir
-from ccfllm.engine import naive_log_probs, naive_score_rows, score_rows
+from ccfllm.engine import naive_log_probs, naive_score_rows, score_rows, use_plain_lora_dropout
 from ccfllm.errors import CCFLLMError
 from ccfllm.experiment import load_run, read_run_config
 from ccfllm.io import write_json
@@ -141,41 +141,70 @@ def part_score(args) -> dict:
 
 
 def part_train(args) -> dict:
+    """Training rows/s of one stage. With `--path both` (what the table reports) the engine and the
+    naive path take turns, a step each on the same batches, so that both meet the machine in the same
+    state: on a shared machine its speed drifts by 10-20% over minutes. One path alone gives that
+    path's peak memory."""
     dataset = _dataset(args)
-    recommender = load_run(args.run, dataset, device=args.device, dtype=args.dtype)
+    paths = ["engine", "naive"] if args.path == "both" else [args.path]
+    trainers = {path: _trainer(args, dataset, path) for path in paths}
+    results = {}
+    for path, (model, _, batches, log_probs, loss) in trainers.items():
+        started = _clock(_device_of(model))
+        _warm_up(model, batches[:3], log_probs, loss)
+        results[path] = {"warm_up_seconds": _clock(_device_of(model)) - started, "seconds": 0.0, "losses": []}
+        results[path]["compiled"] = model.compile_training
+    for step in range(args.train_steps):
+        for path, (model, optimiser, batches, log_probs, loss) in trainers.items():
+            torch.manual_seed(step)  # each path's dropout draws from the same seed at each step
+            started = _clock(_device_of(model))
+            results[path]["losses"].append(training_step(model, batches[step], optimiser, loss, log_probs))
+            results[path]["seconds"] += _clock(_device_of(model)) - started
+    for result in results.values():
+        result["rows"] = sum(len(batch.label) for batch in trainers[paths[0]][2])
+        result["rows_per_s"] = result["rows"] / result["seconds"]
+    return results if args.path == "both" else results[args.path]
+
+
+def _trainer(args, dataset, path: str) -> tuple:
+    """The run's model set up to train stage `args.stage` the engine's way (the run's dtype, compiled
+    layers as the cpu preset trains) or the naive way (float32, peft's dropout, the LM's own forward
+    with full-vocabulary logits), its optimiser, the batches, the forward and the loss."""
+    dtype = "float32" if path == "naive" else args.dtype
+    recommender = load_run(args.run, dataset, device=args.device, dtype=dtype)
     model, config, stage = recommender.model, recommender.config, Stage(args.stage)
-    device = _device(recommender)
-    prompts = recommender.prompts_for(stage)
+    model.compile_training = path == "engine" and args.compile == "on"
+    if path == "naive":
+        use_plain_lora_dropout(model)
     parameters = trainable_parameters(model, stage, config.tune_cf)
     lr = config.lr_lora if stage == Stage.LORA else config.lr_fusion
     optimiser = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
-    train = dataset.train
+    prompts, train = recommender.prompts_for(stage), dataset.train
     rows = sample_rows(len(train), args.train_steps * config.batch_size, np.random.default_rng(0))
-    log_probs = naive_log_probs if args.path == "naive" else type(model).forward
     batches = [
-        prompts.batch(train.uid[b], train.iid[b], train.history[b], train.label[b]).to(device)
+        prompts.batch(train.uid[b], train.iid[b], train.history[b], train.label[b]).to(_device_of(model))
         for b in np.array_split(rows, args.train_steps)
     ]
     model.train()
-    _warm_up(model, batches[0], log_probs, loss_for(config))
-    torch.manual_seed(0)
-    losses, started = [], _clock(device)
-    for batch in batches:
-        losses.append(training_step(model, batch, optimiser, loss_for(config), log_probs))
-    seconds = _clock(device) - started
-    return {"rows": len(rows), "seconds": seconds, "rows_per_s": len(rows) / seconds, "losses": losses}
+    log_probs = naive_log_probs if path == "naive" else type(model).forward
+    return model, optimiser, batches, log_probs, loss_for(config)
 
 
-def _warm_up(model, batch, log_probs, loss, passes: int = 3) -> None:
+def _warm_up(model, batches, log_probs, loss) -> None:
     """Untimed forward/backward passes that leave the weights as they were: a GPU's first passes
-    also load kernels and pick algorithms, which 50 timed steps should not pay for."""
-    for _ in range(passes):
+    load kernels and pick algorithms, and compiled layers compile (its time is reported apart), which
+    50 timed steps should not pay for. Batches of different lengths, as the timed steps have."""
+    for batch in batches:
         loss(log_probs(model, batch), batch.label).backward()
     model.zero_grad(set_to_none=True)
 
 
 def _device(recommender) -> torch.device:
-    return next(recommender.model.parameters()).device
+    return _device_of(recommender.model)
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 PARTS = {"matmul": part_matmul, "score": part_score, "train": part_train}
@@ -194,7 +223,7 @@ def _sample(test, size: int) -> np.ndarray:
 def run_part(args, part: str, **options) -> dict:
     """Run one part in a fresh process; return its result with its peak resident memory."""
     command = [sys.executable, __file__, "--part", part, "--run", str(args.run), "--data", str(args.data)]
-    command += ["--device", args.device, "--eval-batch", str(args.eval_batch)]
+    command += ["--device", args.device, "--eval-batch", str(args.eval_batch), "--compile", args.compile]
     command += [
         "--sample",
         str(args.sample),
@@ -228,9 +257,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed.json"))
     parser.add_argument("--part", choices=sorted(PARTS), help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--path", choices=["engine", "naive"], default="engine", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--path", choices=["engine", "naive", "both"], default="engine", help=argparse.SUPPRESS
+    )
     parser.add_argument("--rows", choices=["all", "sample"], default="sample", help=argparse.SUPPRESS)
     parser.add_argument("--stage", default="lora", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--compile", choices=["on", "off"], default="on", help="engine training with compiled layers"
+    )
     args = parser.parse_args()
     try:
         args.data = resolve_data_dir(args.data)
@@ -261,8 +295,11 @@ def measure(args) -> dict:
     results["engine_fp32"] = run_part(args, "score", path="engine", rows="sample", dtype="float32")
     results["naive"] = run_part(args, "score", path="naive", rows="sample", dtype="float32")
     for stage in ("lora", "fusion"):
-        results[f"train_{stage}_engine"] = run_part(args, "train", path="engine", stage=stage)
-        results[f"train_{stage}_naive"] = run_part(args, "train", path="naive", stage=stage, dtype="float32")
+        results[f"train_{stage}"] = run_part(args, "train", path="both", stage=stage)
+        for path in ("engine", "naive"):  # each alone, a few steps, for its peak memory
+            results[f"train_{stage}_{path}_memory"] = run_part(
+                args, "train", path=path, stage=stage, train_steps=5
+            )
     write_json(args.out, results)
     return results
 
@@ -318,19 +355,20 @@ def report(args, r: dict) -> None:
         ),
     ]
     for stage in ("lora", "fusion"):
-        fast, slow = r[f"train_{stage}_engine"], r[f"train_{stage}_naive"]
+        fast, slow = r[f"train_{stage}"]["engine"], r[f"train_{stage}"]["naive"]
         fast_losses, slow_losses = np.array(fast["losses"]), np.array(slow["losses"])
         loss_gap = np.abs(fast_losses - slow_losses).max()
         speedup = fast["rows_per_s"] / slow["rows_per_s"]
         rows.append(
             (
-                f"train stage {stage}, rows/s engine / naive ({len(fast_losses)} steps)",
-                f"{fast['rows_per_s']:.2f} / {slow['rows_per_s']:.2f}; mean loss "
+                f"train stage {stage}, rows/s engine / naive ({len(fast_losses)} steps each, taking turns)",
+                f"{fast['rows_per_s']:.2f} / {slow['rows_per_s']:.2f} (warm-up, compiling included: "
+                f"{fast['warm_up_seconds']:.0f} s / {slow['warm_up_seconds']:.0f} s); mean loss "
                 f"{fast_losses.mean():.3f} / {slow_losses.mean():.3f}, largest gap in a step {loss_gap:.3f} "
                 f"(step-to-step spread of the loss: {slow_losses.std():.3f})",
                 "",
                 f"{speedup:.1f}x",
-                f"{_memory(fast)} / {_memory(slow)}",
+                f"{_memory(r[f'train_{stage}_engine_memory'])} / {_memory(r[f'train_{stage}_naive_memory'])}",
                 f">= 3x naive: {_met(speedup >= 3)}",
             )
         )

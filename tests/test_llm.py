@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -21,10 +22,13 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from ccfllm.config import ccf_config
 from ccfllm.errors import CCFLLMError
+from ccfllm.experiment import build_recommender
 from ccfllm.llm import (
     EMBEDDED_CACHE_NAME,
     EMBEDDED_LLM,
+    GapDropout,
     add_lora,
     answer_token_ids,
     embedded_gguf,
@@ -32,7 +36,8 @@ from ccfllm.llm import (
     load_llm,
     lora_target_modules,
 )
-from conftest import tiny_tokenizer
+from ccfllm.train import Stage, loss_for, trainable_parameters, training_step
+from conftest import TINY_CCF, tiny_tokenizer
 
 TOY_STORY_PROMPT = '#Question: Is Toy Story (1995) a movie? Answer with "Yes" or "No". #Answer:'
 ANSWER_CORPUS = [
@@ -288,3 +293,105 @@ def test_a_folder_holding_a_gguf_is_dequantized_into_the_cache(tmp_path):
     llm = load_llm(str(folder), device="cpu", cache_dir=tmp_path / "cache")
     assert [p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()] == ["smollm2.q4_1"]
     assert llm.fingerprint["hidden_size"] == 576 and llm.fingerprint["name"] == str(folder)
+
+
+# -- LoRA dropout and compiled layers (training speed, issue #5) -----------------------------------
+
+
+def test_add_lora_draws_its_dropout_masks_by_gaps_one_stream_per_target():
+    model = add_lora(tiny_llama(), dropout=0.1)
+    dropouts = {
+        name.split(".")[-3]: module
+        for name, module in model.named_modules()
+        if isinstance(module, GapDropout)
+    }
+    assert {name: (d.p, d.stream) for name, d in dropouts.items()} == {"q_proj": (0.1, 0), "v_proj": (0.1, 1)}
+    assert not [m for m in model.modules() if type(m) is torch.nn.Dropout and m.p > 0]
+
+
+@pytest.mark.parametrize("one_gap_a_chunk", [False, True])
+def test_gap_dropout_drops_each_position_with_probability_p(monkeypatch, one_gap_a_chunk):
+    if one_gap_a_chunk:  # the drawing loop has to go on many times
+        monkeypatch.setattr("ccfllm.llm._draws_per_chunk", lambda total, p: 1)
+    n, p = 200_000 if not one_gap_a_chunk else 20_000, 0.05
+    dropout = GapDropout(p).train()
+    torch.manual_seed(0)
+    first, second = dropout(torch.ones(2, n // 2)), dropout(torch.ones(2, n // 2))
+    kept = first != 0
+    assert first.unique().tolist() == [0.0, pytest.approx(1 / (1 - p))]
+    sigma = (p * (1 - p) / (n / 2)) ** 0.5
+    for half in (kept.flatten()[: n // 2], kept.flatten()[n // 2 :]):  # the rate holds along the tensor
+        assert abs((1 - half.float().mean().item()) - p) < 4 * sigma
+    both_dropped = ((first == 0) & (second == 0)).float().mean().item()  # independent masks: about p^2
+    assert abs(both_dropped - p * p) < 4 * (p * p / n) ** 0.5
+    torch.manual_seed(0)
+    assert torch.equal(dropout(torch.ones(2, n // 2)), first)  # seeded like the rest of torch
+    x = torch.randn(3, 5)
+    assert dropout.eval()(x) is x
+
+
+def test_compiled_gap_dropout_keeps_its_masks_for_backward_and_apart_per_stream():
+    p, weights = 0.3, torch.randn(2, 64, 48)
+    dropouts = [GapDropout(p, stream).train() for stream in (0, 1)]
+
+    def both(x):  # LoRA's q and v drop the same input
+        return dropouts[0](x), dropouts[1](x)
+
+    compiled = torch.compile(both, dynamic=True)
+    x = (torch.rand(64, 48) + 1.0).requires_grad_()  # no zeros of its own
+    torch.manual_seed(0)
+    q, v = compiled(x)
+    (q * weights[0] + v * weights[1]).sum().backward()
+    assert not torch.equal(q != 0, v != 0)  # two masks, not one drawn once for both
+    expected = ((q != 0) * weights[0] + (v != 0) * weights[1]) / (1 - p)
+    torch.testing.assert_close(x.grad, expected)  # backward multiplies by the masks forward used
+
+
+def test_compiled_training_steps_equal_uncompiled_ones(tiny_llm_dir, tiny_dataset, backbone):
+    losses = {
+        compiled: few_steps(tiny_recommender(tiny_llm_dir, tiny_dataset, backbone, compiled), tiny_dataset, 3)
+        for compiled in (False, True)
+    }
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
+
+
+def test_training_goes_on_uncompiled_where_compiling_fails(tiny_llm_dir, tiny_dataset, backbone, monkeypatch):
+    import torch._dynamo
+    import torch._functorch.config
+    import torch._inductor.config
+
+    torch._dynamo.reset()  # forget the layers compiled by other tests
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/g++",))
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    losses = {}
+    for compiled in (True, False):
+        recommender = tiny_recommender(tiny_llm_dir, tiny_dataset, backbone, compiled)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            losses[compiled] = few_steps(recommender, tiny_dataset, steps=2)
+        failed = [w for w in caught if "torch.compile failed" in str(w.message)]
+        assert len(failed) == (1 if compiled else 0), [str(w.message) for w in caught]
+    torch._dynamo.reset()
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-6)
+
+
+def tiny_recommender(llm_dir, dataset, backbone, compile_training: bool):
+    torch.manual_seed(0)
+    config = ccf_config("cpu", llm=str(llm_dir), **{**TINY_CCF, "compile_training": compile_training})
+    return build_recommender(config, dataset, backbone, load_llm(str(llm_dir), device="cpu", dtype="float32"))
+
+
+def few_steps(recommender, dataset, steps: int) -> list[float]:
+    """Stage-1 training steps on the first rows, as the training loop takes them."""
+    model, train = recommender.model, dataset.train
+    optimiser = torch.optim.AdamW(trainable_parameters(model, Stage.LORA, tune_cf=False), lr=1e-2)
+    model.train()
+    losses = []
+    for step in range(steps):
+        rows = slice(8 * step, 8 * step + 8)
+        batch = recommender.text_prompts.batch(
+            train.uid[rows], train.iid[rows], train.history[rows], train.label[rows]
+        )
+        losses.append(training_step(model, batch, optimiser, loss_for(recommender.config)))
+    return losses

@@ -138,6 +138,9 @@ class CCFConfig:
     max_tokens: int = _help("longest prompt; the oldest history items are dropped first (paper: 700)", 700)
     max_history: int = _help("most recent liked items shown in the prompt", 10)
     seed: int = _help("seed for sampling, initialisation and data order", 0)
+    compile_training: bool = _help(
+        "compile the LLM's layers (torch.compile) for training steps; about 25 s once per stage", False
+    )
 
     def __post_init__(self) -> None:
         choices = {
@@ -206,6 +209,7 @@ CCF_PRESETS: dict[str, dict[str, Any]] = {
         "patience": 3,
         "max_history": 5,
         "max_tokens": 700,
+        "compile_training": True,
     },
     "paper": {
         "batch_size": 3,

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from .data.dataset import Split
+from .llm import GapDropout
 from .methods.ccf_llm import CCFLLM, Answer, answer_from_logits, positions_from_mask
 from .prompt import EncodedPrompt, PromptBatch, PromptBuilder, collate
 
@@ -132,6 +133,17 @@ def naive_log_probs(model: CCFLLM, batch: PromptBatch) -> Answer:
         use_cache=False,
     ).logits  # (B, T, V)
     return answer_from_logits(logits[:, -1].float(), model.yes_id, model.no_id)
+
+
+def use_plain_lora_dropout(model: CCFLLM) -> None:
+    """The naive path's LoRA dropout: peft's own `nn.Dropout`, one uniform draw per position, in place
+    of `GapDropout` (the same distribution, drawn faster)."""
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict):
+            for adapter, dropout in dropouts.items():
+                if isinstance(dropout, GapDropout):
+                    dropouts[adapter] = torch.nn.Dropout(dropout.p)
 
 
 @torch.no_grad()

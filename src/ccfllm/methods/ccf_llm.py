@@ -17,7 +17,7 @@ from torch import nn
 
 from ..cf.base import CFModel
 from ..config import CCFConfig
-from ..llm import attention_for_training, float32_output_weight
+from ..llm import attention_for_training, float32_output_weight, run_compiled
 from ..prompt import ITEM, ITEM_SLOT, USER, PromptBatch
 
 
@@ -146,6 +146,7 @@ class CCFLLM(nn.Module):
         self.alignment2 = None if second_cf is None else Alignment(second_cf.dim, config.alg_hidden, llm_dim)
         self.gate2 = None if second_cf is None else Gate(llm_dim, config.gate_hidden, config.fusion)
         self.yes_id, self.no_id = yes_id, no_id
+        self.compile_training = config.compile_training
 
     def fusion_modules(self) -> list[nn.Module]:
         """What stage 2 trains (Θ_A and Θ_G; and free user/item tables, where `cf` holds them)."""
@@ -201,7 +202,8 @@ class CCFLLM(nn.Module):
     def forward(self, batch: PromptBatch) -> Answer:
         """log p_yes, log p_no under the full-vocabulary softmax at the answer position. -> (B,), (B,)"""
         _, decoder = self.decoder_parts()
-        hidden = run_decoder(decoder, self.input_embeddings(batch), batch.attention_mask)
+        embeddings = self.input_embeddings(batch)
+        hidden = run_decoder(decoder, embeddings, batch.attention_mask, self.compile_training)
         return self.answer_log_probs(hidden[:, -1])
 
 
@@ -211,18 +213,25 @@ def answer_from_logits(logits: torch.Tensor, yes_id: int, no_id: int) -> Answer:
     return Answer(log_probs[:, yes_id], log_probs[:, no_id], logits[:, yes_id])
 
 
-def run_decoder(decoder: nn.Module, embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def run_decoder(
+    decoder: nn.Module, embeddings: torch.Tensor, attention_mask: torch.Tensor, compile: bool = False
+) -> torch.Tensor:
     """Final hidden states of a left-padded batch run whole, without a cache. (B, T, d), (B, T) -> (B, T, d)
 
-    With gradients on CPU the attention is recorded in its eager form (`attention_for_training`).
+    With gradients on CPU the attention is recorded in its eager form (`attention_for_training`);
+    with `compile`, gradients recorded through compiled layers (`run_compiled`).
     """
-    with attention_for_training(decoder):
+
+    def run() -> torch.Tensor:
         return decoder(
             inputs_embeds=embeddings,
             attention_mask=attention_mask,
             position_ids=positions_from_mask(attention_mask),
             use_cache=False,
         ).last_hidden_state
+
+    with attention_for_training(decoder):
+        return run_compiled(decoder, run) if compile else run()
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
