@@ -15,9 +15,11 @@ import torch
 from ccfllm.config import parse_overrides, replace_checked
 from ccfllm.data import load_collm_split, resolve_data_dir
 from ccfllm.device import seed_everything
+from ccfllm.engine import score_rows
 from ccfllm.errors import CCFLLMError
 from ccfllm.experiment import load_run, read_run_config
 from ccfllm.methods.ccf_llm import Alignment, Gate
+from ccfllm.metrics import auc, uauc
 from ccfllm.train import Stage, train_stage
 
 
@@ -28,6 +30,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True, help="a saved two-stage CCF-LLM run")
     parser.add_argument("--data", default=None)
     parser.add_argument("--set", dest="settings", action="append", default=[], help="KEY=VALUE for stage 2")
+    parser.add_argument("--test", action="store_true", help="also score the test split after stage 2")
     args = parser.parse_args()
     try:
         record = read_run_config(args.run)["config"]
@@ -54,6 +57,10 @@ def main() -> None:
         print(
             f"  step {point['step']:4d}  valid AUC {point['valid_auc']:.4f}  train loss {point['train_loss']}"
         )
+    if args.test:
+        test = dataset.test
+        scores = score_rows(model, recommender.hybrid_prompts, test, None, config.eval_batch_size, True)
+        print(f"test AUC {auc(test.label, scores):.4f}, UAUC {uauc(test.uid, test.label, scores):.4f}")
 
 
 if __name__ == "__main__":
