@@ -12,8 +12,9 @@ Measures, each part in its own process (so that each reports its own peak reside
     full-vocabulary logits at every position, no cache) on a seeded sample of test rows: the largest
     score difference between them, and the naive time extrapolated to the split (per row);
   - the AUC moved by bf16: the engine in bf16 versus float32 on the same sample;
-  - training rows/s of stage 1 and stage 2, engine (run dtype) versus naive (float32), from the
-    run's weights, on the same batches: each path's loss per step.
+  - training rows/s of stage 1 and stage 2, engine (run dtype, compiled layers) versus naive (float32,
+    peft's dropout), from the run's weights, taking turns a step each on the same batches: each path's
+    loss per step; then each path alone for a few steps, for its peak memory.
 Prints one table; writes the measurements to --out as JSON.
 """
 
