@@ -108,7 +108,7 @@ def part_matmul(args) -> dict:
         hidden=config.hidden_size,
         intermediate=config.intermediate_size,
         kv=config.num_key_value_heads * config.hidden_size // config.num_attention_heads,
-        device=_device(recommender),
+        device=_device_of(recommender.model),
     )
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
     prompts = recommender.final_prompts()
@@ -128,9 +128,9 @@ def part_score(args) -> dict:
     engine_batch = args.eval_batch or recommender.config.eval_batch_size
     batch = args.naive_batch if args.path == "naive" else engine_batch
     score(recommender.model, prompts, test, rows[: 2 * batch], batch)  # warm-up, untimed
-    started = _clock(_device(recommender))
+    started = _clock(_device_of(recommender.model))
     scores = score(recommender.model, prompts, test, rows, batch, progress=True)
-    seconds = _clock(_device(recommender)) - started
+    seconds = _clock(_device_of(recommender.model)) - started
     sample = np.searchsorted(rows, _sample(test, args.sample))  # where the sample rows sit in `rows`
     return {
         "rows": len(rows),
@@ -161,9 +161,9 @@ def part_train(args) -> dict:
             started = _clock(_device_of(model))
             results[path]["losses"].append(training_step(model, batches[step], optimiser, loss, log_probs))
             results[path]["seconds"] += _clock(_device_of(model)) - started
+    rows = sum(len(batch.label) for batch in trainers[paths[0]][2])  # the same batches for every path
     for result in results.values():
-        result["rows"] = sum(len(batch.label) for batch in trainers[paths[0]][2])
-        result["rows_per_s"] = result["rows"] / result["seconds"]
+        result["rows"], result["rows_per_s"] = rows, rows / result["seconds"]
     return results if args.path == "both" else results[args.path]
 
 
@@ -198,10 +198,6 @@ def _warm_up(model, batches, log_probs, loss) -> None:
     for batch in batches:
         loss(log_probs(model, batch), batch.label).backward()
     model.zero_grad(set_to_none=True)
-
-
-def _device(recommender) -> torch.device:
-    return _device_of(recommender.model)
 
 
 def _device_of(model) -> torch.device:

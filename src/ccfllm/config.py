@@ -139,7 +139,7 @@ class CCFConfig:
     max_history: int = _help("most recent liked items shown in the prompt", 10)
     seed: int = _help("seed for sampling, initialisation and data order", 0)
     compile_training: bool = _help(
-        "compile the LLM's layers (torch.compile) for training steps; about 25 s once per stage", False
+        "compile the LLM's layers (torch.compile) for training steps; 30-45 s once per stage", False
     )
 
     def __post_init__(self) -> None:

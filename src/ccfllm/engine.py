@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from .data.dataset import Split
-from .llm import GapDropout
+from .llm import GapDropout, lora_dropouts
 from .methods.ccf_llm import CCFLLM, Answer, answer_from_logits, positions_from_mask
 from .prompt import EncodedPrompt, PromptBatch, PromptBuilder, collate
 
@@ -138,12 +138,10 @@ def naive_log_probs(model: CCFLLM, batch: PromptBatch) -> Answer:
 def use_plain_lora_dropout(model: CCFLLM) -> None:
     """The naive path's LoRA dropout: peft's own `nn.Dropout`, one uniform draw per position, in place
     of `GapDropout` (the same distribution, drawn faster)."""
-    for module in model.modules():
-        dropouts = getattr(module, "lora_dropout", None)
-        if isinstance(dropouts, torch.nn.ModuleDict):
-            for adapter, dropout in dropouts.items():
-                if isinstance(dropout, GapDropout):
-                    dropouts[adapter] = torch.nn.Dropout(dropout.p)
+    for _, dropouts in lora_dropouts(model):
+        for adapter, dropout in dropouts.items():
+            if isinstance(dropout, GapDropout):
+                dropouts[adapter] = torch.nn.Dropout(dropout.p)
 
 
 @torch.no_grad()
