@@ -3,14 +3,16 @@
     .venv/bin/python benchmarks/speed.py --run runs/ccf-llm/mf-cpu-seed0
     python benchmarks/speed.py --run RUN --device cuda --eval-batch 64     # the same on a GPU
 
-Measures, each part in its own process (so that each reports its own peak resident memory):
+Measures, each part in its own process (so that each reports its own peak resident memory), with
+malloc set to reuse freed memory as the `ccfllm` command sets it (`ccfllm.device.keep_freed_memory`):
   - the bf16 and fp32 matmul throughput of torch at the LLM's shapes (GFLOP/s; the best is the peak);
   - the FLOP bound for scoring the test split: (2 x non-embedding parameters x prompt tokens
     + attention + the output layer at the answer) / peak bf16 throughput;
   - the engine scoring the whole test split in the run's dtype: seconds and test AUC;
   - the engine in float32 and the naive path (float32, batches padded to their longest prompt,
     full-vocabulary logits at every position, no cache) on a seeded sample of test rows: the largest
-    score difference between them, and the naive time extrapolated to the split (per row);
+    score difference between them, and the naive time extrapolated to the split (per row); the naive
+    path once more with glibc's malloc defaults, to show what that setting alone is worth to it;
   - the AUC moved by bf16: the engine in bf16 versus float32 on the same sample;
   - training rows/s of stage 1 and stage 2, engine (run dtype, compiled layers) versus naive (float32,
     peft's dropout), from the run's weights, taking turns a step each on the same batches: each path's
@@ -33,6 +35,7 @@ import torch
 
 from ccfllm.data import load_collm_split
 from ccfllm.data.paths import resolve_data_dir
+from ccfllm.device import keep_freed_memory
 from ccfllm.engine import naive_log_probs, naive_score_rows, score_rows, use_plain_lora_dropout
 from ccfllm.errors import CCFLLMError
 from ccfllm.experiment import load_run, read_run_config
@@ -221,6 +224,7 @@ def run_part(args, part: str, **options) -> dict:
     """Run one part in a fresh process; return its result with its peak resident memory."""
     command = [sys.executable, __file__, "--part", part, "--run", str(args.run), "--data", str(args.data)]
     command += ["--device", args.device, "--eval-batch", str(args.eval_batch), "--compile", args.compile]
+    command += ["--allocator", options.pop("allocator", "tuned")]
     command += [
         "--sample",
         str(args.sample),
@@ -262,6 +266,7 @@ def main() -> None:
     parser.add_argument(
         "--compile", choices=["on", "off"], default="on", help="engine training with compiled layers"
     )
+    parser.add_argument("--allocator", choices=["tuned", "glibc"], default="tuned", help=argparse.SUPPRESS)
     args = parser.parse_args()
     try:
         args.data = resolve_data_dir(args.data)
@@ -269,6 +274,8 @@ def main() -> None:
     except CCFLLMError as exc:
         parser.error(str(exc))
     if args.part:
+        if args.allocator == "tuned":
+            keep_freed_memory()  # as the ccfllm command does, for every part and both paths
         result = PARTS[args.part](args)
         result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         if torch.cuda.is_initialized():
@@ -291,6 +298,9 @@ def measure(args) -> dict:
     results["engine"] = run_part(args, "score", path="engine", rows="all")
     results["engine_fp32"] = run_part(args, "score", path="engine", rows="sample", dtype="float32")
     results["naive"] = run_part(args, "score", path="naive", rows="sample", dtype="float32")
+    results["naive_glibc"] = run_part(
+        args, "score", path="naive", rows="sample", dtype="float32", allocator="glibc"
+    )
     for stage in ("lora", "fusion"):
         results[f"train_{stage}"] = run_part(args, "train", path="both", stage=stage)
         for path in ("engine", "naive"):  # each alone, a few steps, for its peak memory
@@ -307,6 +317,8 @@ def report(args, r: dict) -> None:
     bound = work["flops"] / (peak * 1e9)
     engine, naive, fp32 = r["engine"], r["naive"], r["engine_fp32"]
     engine_s, naive_s = engine["seconds"], naive["seconds"] / naive["rows"] * work["rows"]
+    naive_glibc = r["naive_glibc"]
+    naive_glibc_s = naive_glibc["seconds"] / naive_glibc["rows"] * work["rows"]
     gap = np.abs(np.array(fp32["sample_scores"]) - np.array(naive["sample_scores"])).max()
     moved = abs(engine["sample_auc"] - fp32["sample_auc"])
     print(f"\nmachine: {r['machine']}")
@@ -332,6 +344,14 @@ def report(args, r: dict) -> None:
             f"{naive_s / bound:.2f}x",
             "1.0x",
             _memory(naive),
+            "",
+        ),
+        (
+            f"naive fp32, malloc left at glibc's defaults ({naive_glibc['rows']} rows, extrapolated)",
+            f"{naive_glibc_s:.0f} s",
+            f"{naive_glibc_s / bound:.2f}x",
+            f"engine: {naive_glibc_s / engine_s:.1f}x",
+            _memory(naive_glibc),
             "",
         ),
         (

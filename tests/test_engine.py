@@ -7,6 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from peft.tuners.lora import Linear as LoraLinear
 
 from ccfllm.cf.train import train_cf
 from ccfllm.config import ccf_config, cf_config
@@ -53,6 +54,38 @@ def test_engine_scores_equal_the_naive_path(recommender, tiny_dataset, with_cf):
     naive = naive_score_rows(recommender.model, builder, test, rows, batch_size=5)
     np.testing.assert_allclose(engine, naive, rtol=0, atol=1e-6)
     assert np.ptp(naive) > 1e-4  # rows score 100x the tolerance apart, so the comparison means something
+
+
+def test_scoring_merges_trained_lora_into_the_weights_and_puts_them_back(recommender, tiny_dataset):
+    model, builder, test = copy.deepcopy(recommender.model), recommender.hybrid_prompts, tiny_dataset.test
+    lora_layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    torch.manual_seed(1)
+    with torch.no_grad():  # B starts at zero: give the adapters an effect to merge
+        for layer in lora_layers:
+            layer.lora_B["default"].weight.normal_(0.0, 0.5)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    rows = np.arange(len(test))
+    without = score_rows(copy.deepcopy(model).apply(_disable_adapters), builder, test, rows, batch_size=4)
+    merged_seen = []
+    hook = lora_layers[0].register_forward_hook(
+        lambda module, args, output: merged_seen.append(module.merged)
+    )
+    engine = score_rows(model, builder, test, rows, batch_size=4)
+    hook.remove()
+    naive = naive_score_rows(
+        model, builder, test, rows, batch_size=5
+    )  # the oracle runs the adapters as they are
+    assert merged_seen and all(merged_seen)
+    np.testing.assert_allclose(engine, naive, rtol=0, atol=1e-5)
+    assert np.abs(engine - without).max() > 1e-3  # the adapters do change the scores
+    for name, parameter in model.named_parameters():  # put back bit for bit, adapters active again
+        assert torch.equal(parameter, before[name]), name
+    assert not any(layer.merged for layer in lora_layers)
+
+
+def _disable_adapters(module: torch.nn.Module) -> None:
+    if isinstance(module, LoraLinear):
+        module.enable_adapters(False)
 
 
 def test_answer_probabilities_are_computed_in_float32_from_a_bf16_model(recommender):

@@ -27,6 +27,7 @@ from .config import (
     to_dict,
 )
 from .data import DATA_ENV, convert_amazon, convert_movielens, load_collm_split, resolve_data_dir
+from .device import keep_freed_memory
 from .errors import CCFLLMError
 
 DATA_OPTION_HELP = f"CoLLM-format dataset folder (default: ${DATA_ENV}, else ../shared/data/ml-1m-collm)."
@@ -76,6 +77,7 @@ class FriendlyGroup(click.Group):
 @click.version_option(package_name="ccfllm")
 def main() -> None:
     """ccfllm: recommendation with LLMs that fuse collaborative-filtering signals with text."""
+    keep_freed_memory()
 
 
 # -- data ----------------------------------------------------------------------------------------

@@ -198,7 +198,7 @@ class CCFConfig:
 CCF_PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
         "batch_size": 8,
-        "eval_batch_size": 8,
+        "eval_batch_size": 32,
         "lr_lora": 5e-4,
         "lr_fusion": 1e-3,
         "epochs": 1,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import random
 
 import numpy as np
@@ -53,3 +54,28 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+# glibc's malloc serves blocks above its mmap threshold with fresh pages and returns freed memory at the
+# heap's top to the system; a forward pass on the CPU allocates and frees activations of a few MB to
+# tens of MB many times a second, so each one page-faults its memory in again. Measured here with these
+# limits: a SmolLM2 MLP on 32 prompts ran 2.2x faster (804 -> 1,805 GFLOP/s), and scoring 256 test rows
+# took 13.7 s instead of 15.7 s (1.5 M page faults -> 47 k).
+_MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value on 64-bit systems
+_TRIM_THRESHOLD = 256 << 20  # freed memory the process keeps for reuse
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc reuse freed activation memory instead of faulting in fresh pages each time.
+
+    Process-wide and harmless elsewhere: does nothing (and returns False) without glibc, e.g. on macOS.
+    The command line calls it; call it yourself when scoring or training on a CPU from Python.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt  # noqa: B018 - musl's libc.so.6, if any, would lack it
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
+    mmap_set = libc.mallopt(M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+    return bool(mmap_set and libc.mallopt(M_TRIM_THRESHOLD, _TRIM_THRESHOLD))

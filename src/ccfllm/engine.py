@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from .data.dataset import Split
-from .llm import GapDropout, lora_dropouts
+from .llm import GapDropout, lora_dropouts, merged_lora
 from .methods.ccf_llm import CCFLLM, Answer, answer_from_logits, positions_from_mask
 from .prompt import EncodedPrompt, PromptBatch, PromptBuilder, collate
 
@@ -52,30 +52,22 @@ def score_rows(
     groups.sort(key=lambda members: prompts[members[0]].prefix_length)
     scores = np.empty(len(rows), dtype=np.float64)
     device = next(model.parameters()).device
-    history_width = split.history.shape[1]
     chunks = [groups[start : start + batch_size] for start in range(0, len(groups), batch_size)]
-    for chunk in tqdm(chunks, desc=f"score {split.name}", unit="batch", disable=not progress):
-        heads = [members[0] for members in chunk]
-        prefix = collate(
-            [prompts[p].prefix() for p in heads],
-            split.uid[rows[heads]],
-            split.iid[rows[heads]],
-            builder.pad_id,
-            history_width,
-        ).to(device)
-        members = [p for group in chunk for p in group]
-        owner = torch.tensor([k for k, group in enumerate(chunk) for _ in group], device=device)
-        suffix = collate(
-            [prompts[p].suffix() for p in members],
-            split.uid[rows[members]],
-            split.iid[rows[members]],
-            builder.pad_id,
-            history_width,
-        ).to(device)
-        scores[members] = (
-            model.click_score(_prefix_then_suffix(model, prefix, suffix, owner)).double().cpu().numpy()
-        )
+    with merged_lora(model):
+        for chunk in tqdm(chunks, desc=f"score {split.name}", unit="batch", disable=not progress):
+            heads = [members[0] for members in chunk]
+            members = [p for group in chunk for p in group]
+            owner = torch.tensor([k for k, group in enumerate(chunk) for _ in group], device=device)
+            prefix = _collated([prompts[p].prefix() for p in heads], split, rows[heads], builder.pad_id)
+            suffix = _collated([prompts[p].suffix() for p in members], split, rows[members], builder.pad_id)
+            answer = _prefix_then_suffix(model, prefix.to(device), suffix.to(device), owner)
+            scores[members] = model.click_score(answer).double().cpu().numpy()
     return scores
+
+
+def _collated(parts: list[EncodedPrompt], split: Split, rows: np.ndarray, pad_id: int) -> PromptBatch:
+    """One padded batch of prompt parts (prefixes or suffixes) of `rows` of `split`."""
+    return collate(parts, split.uid[rows], split.iid[rows], pad_id, split.history.shape[1])
 
 
 def _rows_by_prefix(prompts: Sequence[EncodedPrompt], uids: np.ndarray) -> list[list[int]]:
