@@ -262,16 +262,13 @@ def merged_lora(model: torch.nn.Module) -> Iterator[None]:
     For scoring: an unmerged layer runs its input through A and B in float32 beside the base layer, and
     merging made scoring the test sample about 10% faster here. The sum is taken in float32 and stored
     in the base layer's dtype; the original weights are kept and put back afterwards, bit for bit, so
-    training goes on from exactly where it was. A layer already merged, or with DoRA, is left alone.
+    training goes on from exactly where it was. A layer already merged, switched off, or with DoRA is
+    left alone.
     Memory: a copy of each adapted weight while the block runs (q and v: 2 GB for a 7B Llama in bf16).
     """
-    from peft.tuners.lora import Linear as LoraLinear
-
     originals = []
     try:
-        for layer in model.modules():
-            if not isinstance(layer, LoraLinear) or layer.merged or any(layer.use_dora.values()):
-                continue
+        for layer in filter(_mergeable, model.modules()):
             weight = layer.get_base_layer().weight
             adapters = [name for name in layer.active_adapters if name in layer.lora_A]
             delta = sum(layer.get_delta_weight(name).float() for name in adapters)
@@ -283,6 +280,15 @@ def merged_lora(model: torch.nn.Module) -> Iterator[None]:
         for layer, original in originals:
             layer.get_base_layer().weight.data = original
             layer.merged_adapters = []
+
+
+def _mergeable(layer: torch.nn.Module) -> bool:
+    """A plain LoRA linear layer whose adapters run: not merged yet, not switched off, not DoRA."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    if not isinstance(layer, LoraLinear):
+        return False
+    return not (layer.merged or layer.disable_adapters or any(layer.use_dora.values()))
 
 
 @contextmanager
