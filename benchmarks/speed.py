@@ -17,7 +17,8 @@ malloc set to reuse freed memory as the `ccfllm` command sets it (`ccfllm.device
   - training rows/s of stage 1 and stage 2, engine (run dtype, compiled layers) versus naive (float32,
     peft's dropout), from the run's weights, taking turns a step each on the same batches: each path's
     loss per step; then each path alone for a few steps, for its peak memory.
-Prints one table; writes the measurements to --out as JSON.
+`--compile-scoring on` scores with the layers' norms and MLP compiled (the `compile_scoring` setting);
+`--scoring-only` skips the training parts. Prints one table; writes the measurements to --out as JSON.
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ def part_score(args) -> dict:
     test = dataset.test
     rows = np.arange(len(test)) if args.rows == "all" else _sample(test, args.sample)
     score = naive_score_rows if args.path == "naive" else score_rows
+    recommender.model.compile_scoring = args.compile_scoring == "on"
     engine_batch = args.eval_batch or recommender.config.eval_batch_size
     batch = args.naive_batch if args.path == "naive" else engine_batch
     score(recommender.model, prompts, test, rows[: 2 * batch], batch)  # warm-up, untimed
@@ -224,7 +226,7 @@ def run_part(args, part: str, **options) -> dict:
     """Run one part in a fresh process; return its result with its peak resident memory."""
     command = [sys.executable, __file__, "--part", part, "--run", str(args.run), "--data", str(args.data)]
     command += ["--device", args.device, "--eval-batch", str(args.eval_batch), "--compile", args.compile]
-    command += ["--allocator", options.pop("allocator", "tuned")]
+    command += ["--allocator", options.pop("allocator", "tuned"), "--compile-scoring", args.compile_scoring]
     command += [
         "--sample",
         str(args.sample),
@@ -266,6 +268,13 @@ def main() -> None:
     parser.add_argument(
         "--compile", choices=["on", "off"], default="on", help="engine training with compiled layers"
     )
+    parser.add_argument(
+        "--compile-scoring",
+        choices=["on", "off"],
+        default="off",
+        help="engine scoring with compiled norms and MLP",
+    )
+    parser.add_argument("--scoring-only", action="store_true", help="skip the training parts (about 15 min)")
     parser.add_argument("--allocator", choices=["tuned", "glibc"], default="tuned", help=argparse.SUPPRESS)
     args = parser.parse_args()
     try:
@@ -293,6 +302,7 @@ def measure(args) -> dict:
         "train_steps": args.train_steps,
         "device": args.device,
         "eval_batch": args.eval_batch,
+        "compile_scoring": args.compile_scoring,
     }
     results["matmul"] = run_part(args, "matmul")
     results["engine"] = run_part(args, "score", path="engine", rows="all")
@@ -301,7 +311,7 @@ def measure(args) -> dict:
     results["naive_glibc"] = run_part(
         args, "score", path="naive", rows="sample", dtype="float32", allocator="glibc"
     )
-    for stage in ("lora", "fusion"):
+    for stage in () if args.scoring_only else ("lora", "fusion"):
         results[f"train_{stage}"] = run_part(args, "train", path="both", stage=stage)
         for path in ("engine", "naive"):  # each alone, a few steps, for its peak memory
             results[f"train_{stage}_{path}_memory"] = run_part(
@@ -371,7 +381,7 @@ def report(args, r: dict) -> None:
             f"<= 0.002: {_met(moved <= 0.002)}",
         ),
     ]
-    for stage in ("lora", "fusion"):
+    for stage in ("lora", "fusion") if "train_fusion" in r else ():
         fast, slow = r[f"train_{stage}"]["engine"], r[f"train_{stage}"]["naive"]
         fast_losses, slow_losses = np.array(fast["losses"]), np.array(slow["losses"])
         loss_gap = np.abs(fast_losses - slow_losses).max()

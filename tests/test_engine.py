@@ -15,6 +15,7 @@ from ccfllm.engine import _rows_by_prefix, naive_log_probs, naive_score_rows, sc
 from ccfllm.experiment import build_recommender
 from ccfllm.llm import float32_output_weight, load_llm
 from ccfllm.prompt import ITEM
+from ccfllm.scoring_layers import fits
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,21 @@ def test_scoring_merges_trained_lora_into_the_weights_and_puts_them_back(recomme
 def _disable_adapters(module: torch.nn.Module) -> None:
     if isinstance(module, LoraLinear):
         module.enable_adapters(False)
+
+
+def test_compiled_scoring_layers_give_the_eager_scores(recommender, tiny_dataset):
+    model, builder, test = recommender.model, recommender.hybrid_prompts, tiny_dataset.test
+    _, decoder = model.decoder_parts()
+    assert all(fits(layer) for layer in decoder.layers)
+    rows = np.arange(len(test))
+    eager = score_rows(model, builder, test, rows, batch_size=4)
+    model.compile_scoring = True
+    try:
+        compiled = score_rows(model, builder, test, rows, batch_size=4)
+    finally:
+        model.compile_scoring = False
+    np.testing.assert_allclose(compiled, eager, rtol=0, atol=1e-5)
+    assert all("forward" not in layer.__dict__ for layer in decoder.layers)  # eager again afterwards
 
 
 def test_answer_probabilities_are_computed_in_float32_from_a_bf16_model(recommender):

@@ -141,6 +141,9 @@ class CCFConfig:
     compile_training: bool = _help(
         "compile the LLM's layers (torch.compile) for training steps; 30-45 s once per stage", False
     )
+    compile_scoring: bool = _help(
+        "score with each layer's norms and MLP compiled (torch.compile; needs a C++ compiler on CPU)", False
+    )
 
     def __post_init__(self) -> None:
         choices = {

@@ -18,6 +18,7 @@ it on a float32 model; `benchmarks/speed.py` and the tests compare the two row b
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Sequence
 
@@ -30,6 +31,7 @@ from .data.dataset import Split
 from .llm import GapDropout, lora_dropouts, merged_lora
 from .methods.ccf_llm import CCFLLM, Answer, answer_from_logits, positions_from_mask
 from .prompt import EncodedPrompt, PromptBatch, PromptBuilder, collate
+from .scoring_layers import compiled_scoring
 
 
 @torch.no_grad()
@@ -43,7 +45,8 @@ def score_rows(
 ) -> np.ndarray:
     """Click scores for `rows` of `split` (all rows if None), in input order. -> (len(rows),)
 
-    `batch_size` counts prefixes; each prefix brings its rows' suffixes along.
+    `batch_size` counts prefixes; each prefix brings its rows' suffixes along. Where the model's
+    `compile_scoring` is set, its layers' norms and MLP run compiled (`scoring_layers`).
     """
     model.eval()
     rows = np.arange(len(split)) if rows is None else np.asarray(rows)
@@ -53,7 +56,9 @@ def score_rows(
     scores = np.empty(len(rows), dtype=np.float64)
     device = next(model.parameters()).device
     chunks = [groups[start : start + batch_size] for start in range(0, len(groups), batch_size)]
-    with merged_lora(model):
+    compiled = getattr(model, "compile_scoring", False)
+    layers = compiled_scoring(model.decoder_parts()[1]) if compiled else contextlib.nullcontext()
+    with merged_lora(model), layers:
         for chunk in tqdm(chunks, desc=f"score {split.name}", unit="batch", disable=not progress):
             heads = [members[0] for members in chunk]
             members = [p for group in chunk for p in group]

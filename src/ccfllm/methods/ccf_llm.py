@@ -147,6 +147,7 @@ class CCFLLM(nn.Module):
         self.gate2 = None if second_cf is None else Gate(llm_dim, config.gate_hidden, config.fusion)
         self.yes_id, self.no_id = yes_id, no_id
         self.compile_training = config.compile_training
+        self.compile_scoring = config.compile_scoring
 
     def fusion_modules(self) -> list[nn.Module]:
         """What stage 2 trains (Θ_A and Θ_G; and free user/item tables, where `cf` holds them)."""
