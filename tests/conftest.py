@@ -124,7 +124,8 @@ TINY_CCF = dict(
     lr_lora=5e-3,
     lr_fusion=5e-3,
     max_history=3,
-    compile_training=False,  # compiling takes seconds; tests/test_llm.py and the CLI test compile
+    compile_training=False,
+    compile_scoring=False,  # compiling takes seconds; tests/test_llm.py and the CLI test compile
 )
 
 

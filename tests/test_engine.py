@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -23,7 +24,13 @@ def recommender(tiny_llm_dir, tiny_dataset):
     cf = cf_config("mf", dim=8, lr=1e-2, weight_decay=1e-4, bias_decay=1e-4, max_epochs=3, device="cpu")
     backbone = train_cf(cf, tiny_dataset, progress=False).model
     config = ccf_config(
-        "cpu", llm=str(tiny_llm_dir), device="cpu", dtype="float32", alg_hidden=16, gate_hidden=8
+        "cpu",
+        llm=str(tiny_llm_dir),
+        device="cpu",
+        dtype="float32",
+        alg_hidden=16,
+        gate_hidden=8,
+        compile_scoring=False,
     )
     torch.manual_seed(0)
     built = build_recommender(
@@ -102,6 +109,31 @@ def test_compiled_scoring_layers_give_the_eager_scores(recommender, tiny_dataset
         model.compile_scoring = False
     np.testing.assert_allclose(compiled, eager, rtol=0, atol=1e-5)
     assert all("forward" not in layer.__dict__ for layer in decoder.layers)  # eager again afterwards
+
+
+def test_scoring_goes_on_uncompiled_where_compiling_fails(recommender, tiny_dataset, monkeypatch):
+    import torch._dynamo
+    import torch._inductor.config
+
+    from ccfllm import scoring_layers
+
+    model, builder, test = recommender.model, recommender.hybrid_prompts, tiny_dataset.test
+    rows = np.arange(len(test))
+    eager = score_rows(model, builder, test, rows, batch_size=4)
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/g++",))
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    monkeypatch.setattr(scoring_layers, "_compiled", {})
+    model.compile_scoring = True
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fallen_back = score_rows(model, builder, test, rows, batch_size=4)
+    finally:
+        model.compile_scoring = False
+        torch._dynamo.reset()
+    assert len([w for w in caught if "torch.compile failed" in str(w.message)]) == 1
+    np.testing.assert_allclose(fallen_back, eager, rtol=0, atol=1e-6)
 
 
 def test_answer_probabilities_are_computed_in_float32_from_a_bf16_model(recommender):

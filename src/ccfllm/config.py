@@ -213,6 +213,7 @@ CCF_PRESETS: dict[str, dict[str, Any]] = {
         "max_history": 5,
         "max_tokens": 700,
         "compile_training": True,
+        "compile_scoring": True,
     },
     "paper": {
         "batch_size": 3,

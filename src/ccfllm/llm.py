@@ -335,7 +335,7 @@ def run_compiled(decoder: torch.nn.Module, run: Callable[[], T]) -> T:
         for index, layer in enumerate(compiled):
             layers[index] = layer
         return run()
-    except _compile_errors() as error:
+    except compile_errors() as error:
         decoder._compile_failed = True
         warnings.warn(
             f"torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
@@ -348,7 +348,7 @@ def run_compiled(decoder: torch.nn.Module, run: Callable[[], T]) -> T:
     return run()
 
 
-def _compile_errors() -> type[Exception]:
+def compile_errors() -> type[Exception]:
     """What torch.compile raises where it cannot compile (imported late: torch._dynamo is slow)."""
     from torch._dynamo.exc import BackendCompilerFailed  # inductor's InductorError is one
 

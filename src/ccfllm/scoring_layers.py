@@ -10,11 +10,14 @@ and closer to float32 (inductor keeps the element-wise chain in float32 where ea
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+
+from .llm import compile_errors
 
 
 def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -63,6 +66,22 @@ def fits(layer: torch.nn.Module) -> bool:
 
 
 def _forward(layer: torch.nn.Module, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+    """The layer's forward with the compiled parts; where compiling fails (no C++ compiler, say), the
+    layer's own forward, with one warning, from then on."""
+    if not _compiled.get("failed"):
+        try:
+            return _compiled_forward(layer, hidden_states, **kwargs)
+        except compile_errors() as error:
+            _compiled["failed"] = True
+            warnings.warn(
+                f"torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                "scoring goes on with the layers uncompiled (set compile_scoring=false to skip compiling).",
+                stacklevel=2,
+            )
+    return type(layer).forward(layer, hidden_states, **kwargs)
+
+
+def _compiled_forward(layer: torch.nn.Module, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
     norm, block = _compiled_parts()
     before, after, mlp = layer.input_layernorm, layer.post_attention_layernorm, layer.mlp
     attended, _ = layer.self_attn(
