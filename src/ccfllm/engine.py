@@ -56,8 +56,7 @@ def score_rows(
     scores = np.empty(len(rows), dtype=np.float64)
     device = next(model.parameters()).device
     chunks = [groups[start : start + batch_size] for start in range(0, len(groups), batch_size)]
-    compiled = getattr(model, "compile_scoring", False)
-    layers = compiled_scoring(model.decoder_parts()[1]) if compiled else contextlib.nullcontext()
+    layers = compiled_scoring(model.decoder_parts()[1]) if model.compile_scoring else contextlib.nullcontext()
     with merged_lora(model), layers:
         for chunk in tqdm(chunks, desc=f"score {split.name}", unit="batch", disable=not progress):
             heads = [members[0] for members in chunk]

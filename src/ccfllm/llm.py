@@ -337,15 +337,20 @@ def run_compiled(decoder: torch.nn.Module, run: Callable[[], T]) -> T:
         return run()
     except compile_errors() as error:
         decoder._compile_failed = True
-        warnings.warn(
-            f"torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-            "training goes on with the layers uncompiled (set compile_training=false to skip compiling).",
-            stacklevel=2,
-        )
+        warn_uncompiled(error, "training", "compile_training")
     finally:
         for index, layer in enumerate(originals):
             layers[index] = layer
     return run()
+
+
+def warn_uncompiled(error: Exception, work: str, setting: str) -> None:
+    """The one warning given where torch.compile failed and `work` goes on uncompiled."""
+    warnings.warn(
+        f"torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+        f"{work} goes on with the layers uncompiled (set {setting}=false to skip compiling).",
+        stacklevel=3,
+    )
 
 
 def compile_errors() -> type[Exception]:

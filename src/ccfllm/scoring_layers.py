@@ -10,14 +10,13 @@ and closer to float32 (inductor keeps the element-wise chain in float32 where ea
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
-from .llm import compile_errors
+from .llm import compile_errors, warn_uncompiled
 
 
 def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -73,11 +72,7 @@ def _forward(layer: torch.nn.Module, hidden_states: torch.Tensor, **kwargs) -> t
             return _compiled_forward(layer, hidden_states, **kwargs)
         except compile_errors() as error:
             _compiled["failed"] = True
-            warnings.warn(
-                f"torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-                "scoring goes on with the layers uncompiled (set compile_scoring=false to skip compiling).",
-                stacklevel=2,
-            )
+            warn_uncompiled(error, "scoring", "compile_scoring")
     return type(layer).forward(layer, hidden_states, **kwargs)
 
 
