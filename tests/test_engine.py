@@ -96,19 +96,79 @@ def _disable_adapters(module: torch.nn.Module) -> None:
         module.enable_adapters(False)
 
 
-def test_compiled_scoring_layers_give_the_eager_scores(recommender, tiny_dataset):
-    model, builder, test = recommender.model, recommender.hybrid_prompts, tiny_dataset.test
-    _, decoder = model.decoder_parts()
-    assert all(fits(layer) for layer in decoder.layers)
+@pytest.mark.parametrize("compiled", [False, True])
+def test_llama_layers_as_one_function_give_the_decoders_scores(
+    recommender, tiny_dataset, monkeypatch, compiled
+):
+    from ccfllm import scoring_layers
+
+    model, builder, test = copy.deepcopy(recommender.model), recommender.hybrid_prompts, tiny_dataset.test
+    torch.manual_seed(1)
+    with torch.no_grad():  # trained adapters, so that the merged weights are what the layers must read
+        for layer in (m for m in model.modules() if isinstance(m, LoraLinear)):
+            layer.lora_B["default"].weight.normal_(0.0, 0.5)
     rows = np.arange(len(test))
-    eager = score_rows(model, builder, test, rows, batch_size=4)
+    through_decoder = score_rows(model, builder, test, rows, batch_size=4)
+    ran = []
+    run_layers = scoring_layers._run_layers
+    monkeypatch.setattr(
+        scoring_layers, "_run_layers", lambda layer, *rest: ran.append(layer) or run_layers(layer, *rest)
+    )
+    if not compiled:
+        monkeypatch.setattr(scoring_layers, "_compiled", {"failed": True})
     model.compile_scoring = True
-    try:
-        compiled = score_rows(model, builder, test, rows, batch_size=4)
-    finally:
-        model.compile_scoring = False
-    np.testing.assert_allclose(compiled, eager, rtol=0, atol=1e-5)
-    assert all("forward" not in layer.__dict__ for layer in decoder.layers)  # eager again afterwards
+    as_functions = score_rows(model, builder, test, rows, batch_size=4)
+    assert ran and all((layer is scoring_layers.decoder_layer) != compiled for layer in ran)
+    np.testing.assert_allclose(as_functions, through_decoder, rtol=0, atol=1e-5 if compiled else 1e-6)
+    assert np.ptp(through_decoder) > 1e-3
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_llama_layer_function_sees_each_row_as_its_own_unpadded_prompt(tiny_llm_dir, monkeypatch, compiled):
+    from ccfllm import scoring_layers
+
+    decoder = load_llm(str(tiny_llm_dir), device="cpu", dtype="float32").model.model  # LlamaModel
+    if not compiled:
+        monkeypatch.setattr(scoring_layers, "_compiled", {"failed": True})
+    torch.manual_seed(0)
+    width = decoder.config.hidden_size
+    prefix_lengths, suffix_lengths, owner = [5, 3, 7], [2, 4, 1, 3, 2], [0, 0, 1, 2, 2]
+    prefixes = [torch.randn(n, width) for n in prefix_lengths]
+    suffixes = [torch.randn(n, width) for n in suffix_lengths]
+    with torch.no_grad():
+        hidden = scoring_layers.answer_hidden(
+            decoder,
+            _left_padded(prefixes),
+            _left_padded(suffixes),
+            torch.tensor(owner),
+        )
+        for row, (suffix, prefix) in enumerate(zip(suffixes, owner, strict=True)):
+            alone = torch.cat([prefixes[prefix], suffix])[None]  # the row's prompt, unpadded
+            expected = decoder(inputs_embeds=alone).last_hidden_state[0, -1]
+            torch.testing.assert_close(hidden[row], expected, rtol=0, atol=1e-5)
+
+
+def _left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of (n, d) -> (B, T, d) with random values in the padding (which must not matter), mask."""
+    length = max(len(r) for r in rows)
+    embeddings = torch.randn(len(rows), length, rows[0].shape[1]) * 10
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for index, row in enumerate(rows):
+        embeddings[index, length - len(row) :] = row
+        mask[index, length - len(row) :] = 1
+    return embeddings, mask
+
+
+def test_only_llama_layers_with_plain_or_merged_linears_take_the_compiled_path(recommender):
+    from ccfllm.llm import merged_lora
+
+    model = copy.deepcopy(recommender.model)
+    _, decoder = model.decoder_parts()
+    assert not fits(decoder)  # LoRA unmerged: it would run beside the base weights
+    with merged_lora(model):
+        assert fits(decoder)
+        decoder.layers[0].mlp.up_proj = torch.nn.Linear(4, 4, bias=True)
+        assert not fits(decoder)
 
 
 def test_scoring_goes_on_uncompiled_where_compiling_fails(recommender, tiny_dataset, monkeypatch):
@@ -122,8 +182,7 @@ def test_scoring_goes_on_uncompiled_where_compiling_fails(recommender, tiny_data
     model, builder, test = recommender.model, recommender.hybrid_prompts, tiny_dataset.test
     rows = np.arange(len(test))
     eager = score_rows(model, builder, test, rows, batch_size=4)
-    monkeypatch.setattr(scoring_layers, "_compiled_forward", no_compiler)
-    monkeypatch.setattr(scoring_layers, "_compiled", {})
+    monkeypatch.setattr(scoring_layers, "_compiled", {"layer": no_compiler})
     model.compile_scoring = True
     try:
         with warnings.catch_warnings(record=True) as caught:

@@ -18,7 +18,6 @@ it on a float32 model; `benchmarks/speed.py` and the tests compare the two row b
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from collections.abc import Sequence
 
@@ -27,11 +26,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from . import scoring_layers
 from .data.dataset import Split
 from .llm import GapDropout, lora_dropouts, merged_lora
 from .methods.ccf_llm import CCFLLM, Answer, answer_from_logits, positions_from_mask
 from .prompt import EncodedPrompt, PromptBatch, PromptBuilder, collate
-from .scoring_layers import compiled_scoring
 
 
 @torch.no_grad()
@@ -46,7 +45,7 @@ def score_rows(
     """Click scores for `rows` of `split` (all rows if None), in input order. -> (len(rows),)
 
     `batch_size` counts prefixes; each prefix brings its rows' suffixes along. Where the model's
-    `compile_scoring` is set, its layers' norms and MLP run compiled (`scoring_layers`).
+    `compile_scoring` is set, a Llama decoder's layers run compiled (`scoring_layers`).
     """
     model.eval()
     rows = np.arange(len(split)) if rows is None else np.asarray(rows)
@@ -56,15 +55,18 @@ def score_rows(
     scores = np.empty(len(rows), dtype=np.float64)
     device = next(model.parameters()).device
     chunks = [groups[start : start + batch_size] for start in range(0, len(groups), batch_size)]
-    layers = compiled_scoring(model.decoder_parts()[1]) if model.compile_scoring else contextlib.nullcontext()
-    with merged_lora(model), layers:
+    with merged_lora(model):
+        as_functions = model.compile_scoring and scoring_layers.fits(model.decoder_parts()[1])
         for chunk in tqdm(chunks, desc=f"score {split.name}", unit="batch", disable=not progress):
-            heads = [members[0] for members in chunk]
+            leaders = [members[0] for members in chunk]
             members = [p for group in chunk for p in group]
             owner = torch.tensor([k for k, group in enumerate(chunk) for _ in group], device=device)
-            prefix = _collated([prompts[p].prefix() for p in heads], split, rows[heads], builder.pad_id)
+            prefix = _collated([prompts[p].prefix() for p in leaders], split, rows[leaders], builder.pad_id)
             suffix = _collated([prompts[p].suffix() for p in members], split, rows[members], builder.pad_id)
-            answer = _prefix_then_suffix(model, prefix.to(device), suffix.to(device), owner)
+            if as_functions:
+                answer = _through_layer_functions(model, prefix.to(device), suffix.to(device), owner)
+            else:
+                answer = _prefix_then_suffix(model, prefix.to(device), suffix.to(device), owner)
             scores[members] = model.click_score(answer).double().cpu().numpy()
     return scores
 
@@ -109,6 +111,20 @@ def _prefix_then_suffix(
         **with_cache,
     ).last_hidden_state
     return model.answer_log_probs(hidden[:, -1])
+
+
+def _through_layer_functions(
+    model: CCFLLM, prefix: PromptBatch, suffix: PromptBatch, owner: torch.Tensor
+) -> Answer:
+    """The same, with a Llama decoder's layers as compiled functions (`scoring_layers`)."""
+    _, decoder = model.decoder_parts()
+    hidden = scoring_layers.answer_hidden(
+        decoder,
+        (model.input_embeddings(prefix), prefix.attention_mask),
+        (model.input_embeddings(suffix), suffix.attention_mask),
+        owner,
+    )
+    return model.answer_log_probs(hidden)
 
 
 def cache_argument(decoder: torch.nn.Module) -> str:

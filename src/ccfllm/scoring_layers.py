@@ -1,22 +1,26 @@
-"""Llama-style decoder layers with their element-wise work compiled, for scoring.
+"""Llama decoder layers as one compiled function each, for scoring (`compile_scoring`).
 
-Scoring runs without gradients and with a key/value cache, which whole compiled layers do not take
-well (dynamo hit its recompile limit). Here only the parts around attention are compiled: the input
-RMSNorm, and the residual add + RMSNorm + SwiGLU MLP + residual add after it. They are pure functions
-of the activations and the weights, so every layer runs the same compiled graph, for any length.
-Measured on 1,024 test rows of the default LLM (bf16, this 2-core CPU): about 10% faster than eager,
-and closer to float32 (inductor keeps the element-wise chain in float32 where eager rounds each step).
+The engine (engine.py) runs each prompt's shared prefix once and its suffix on top. Through the
+decoder's own forward that pays, per layer and per batch, for a key/value cache object, eager
+rotary embeddings, norms and residual adds, and a copy of the whole cache for the suffixes. Here one
+pure function computes a whole layer from the activations, the weights and (for the suffixes) the
+prefix keys and values; torch.compile fuses its element-wise work, and every layer runs the same graph
+for any batch and length. The prefixes and the suffixes go through the layers side by side, so only
+one layer's prefix keys and values are copied to the suffix rows at a time.
+
+Measured on the default LLM (bf16, this 2-core CPU, benchmarks/speed.py): see the README's Speed.
+Only Llama layers (Llama, Vicuna, SmolLM2, TinyLlama) with plain or merged-LoRA bias-free linears take
+this path; any other decoder is scored through its own forward. Where compiling fails (no C++
+compiler, say) the same function runs uncompiled, with one warning.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
 from .llm import compile_errors, warn_uncompiled
+from .methods.ccf_llm import positions_from_mask
 
 
 def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -26,80 +30,131 @@ def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     return weight * x.to(hidden.dtype)
 
 
-def feed_forward_block(
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of (B, heads, T, head_dim) with Llama's (B, T, head_dim) cos and sin."""
+    half = x.shape[-1] // 2
+    turned = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + turned * sin[:, None]
+
+
+def decoder_layer(
     hidden: torch.Tensor,
-    norm_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    allowed: torch.Tensor,
+    past_keys: torch.Tensor | None,
+    past_values: torch.Tensor | None,
+    weights: tuple[torch.Tensor, ...],
     eps: float,
-    gate: torch.Tensor,
-    up: torch.Tensor,
-    down: torch.Tensor,
-) -> torch.Tensor:
-    """hidden + MLP(RMSNorm(hidden)), the SwiGLU MLP: down(silu(gate x) * up x)."""
-    x = rms_norm(hidden, norm_weight, eps)
-    return hidden + F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One Llama layer. hidden (B, T, d); `allowed` (B, 1, T, past + T) says which keys each position
+    sees; past keys/values (B, kv_heads, past, head_dim) or None. -> hidden, and the keys and values
+    of the past and this pass."""
+    norm1, q_weight, k_weight, v_weight, o_weight, norm2, gate, up, down = weights
+    batch, length, _ = hidden.shape
+    head_dim = cos.shape[-1]
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.view(batch, length, -1, head_dim).transpose(1, 2)
+
+    x = rms_norm(hidden, norm1, eps)
+    queries = rotate(heads(F.linear(x, q_weight)), cos, sin)
+    keys = rotate(heads(F.linear(x, k_weight)), cos, sin)
+    values = heads(F.linear(x, v_weight))
+    if past_keys is not None:
+        keys, values = torch.cat([past_keys, keys], dim=2), torch.cat([past_values, values], dim=2)
+    attended = F.scaled_dot_product_attention(
+        queries, keys, values, attn_mask=allowed, scale=scale, enable_gqa=True
+    )
+    hidden = hidden + F.linear(attended.transpose(1, 2).reshape(batch, length, -1), o_weight)
+    x = rms_norm(hidden, norm2, eps)
+    return hidden + F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down), keys, values
 
 
 _compiled: dict[str, object] = {}
 
 
-def _compiled_parts():
-    if not _compiled:
-        _compiled["norm"] = torch.compile(rms_norm, dynamic=True)
-        _compiled["block"] = torch.compile(feed_forward_block, dynamic=True)
-    return _compiled["norm"], _compiled["block"]
+def _compiled_layer():
+    if "layer" not in _compiled:
+        _compiled["layer"] = torch.compile(decoder_layer, dynamic=True)
+    return _compiled["layer"]
 
 
-def fits(layer: torch.nn.Module) -> bool:
-    """A Llama-style layer: RMSNorms with `variance_epsilon`, a SwiGLU MLP of plain bias-free linears."""
-    mlp = getattr(layer, "mlp", None)
-    norms = [getattr(layer, name, None) for name in ("input_layernorm", "post_attention_layernorm")]
-    if (
-        mlp is None
-        or not hasattr(layer, "self_attn")
-        or not all(hasattr(n, "variance_epsilon") for n in norms)
-    ):
+def fits(decoder: torch.nn.Module) -> bool:
+    """A Llama decoder whose layers can run as `decoder_layer` (LoRA merged, no biases)."""
+    layers = getattr(decoder, "layers", None)
+    if not (layers and hasattr(decoder, "rotary_emb") and hasattr(getattr(decoder, "norm", None), "weight")):
         return False
-    linears = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
-    plain = all(type(linear) is torch.nn.Linear and linear.bias is None for linear in linears)
-    return plain and type(getattr(mlp, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
+    return all(type(layer).__name__ == "LlamaDecoderLayer" and _weights(layer) for layer in layers)
 
 
-def _forward(layer: torch.nn.Module, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
-    """The layer's forward with the compiled parts; where compiling fails (no C++ compiler, say), the
-    layer's own forward, with one warning, from then on."""
+def _weights(layer: torch.nn.Module) -> tuple[torch.Tensor, ...] | None:
+    """The layer's weights in `decoder_layer`'s order; None where a linear is not a plain one."""
+    attention, mlp = layer.self_attn, layer.mlp
+    linears = [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj]
+    linears += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    matrices = [_plain_weight(linear) for linear in linears]
+    if any(m is None for m in matrices) or type(mlp.act_fn).__name__ not in ("SiLU", "SiLUActivation"):
+        return None
+    norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+    return (norms[0], *matrices[:4], norms[1], *matrices[4:])
+
+
+def _plain_weight(linear: torch.nn.Module) -> torch.Tensor | None:
+    """A bias-free linear's weight: its own, or a LoRA layer's base weight once merged (or switched off)."""
+    base = linear.get_base_layer() if hasattr(linear, "get_base_layer") else linear
+    if type(base) is not torch.nn.Linear or base.bias is not None:
+        return None
+    if base is not linear and not (linear.merged or linear.disable_adapters):
+        return None  # LoRA that would run beside the base weight
+    return base.weight
+
+
+def answer_hidden(
+    decoder: torch.nn.Module,
+    prefix: tuple[torch.Tensor, torch.Tensor],
+    suffix: tuple[torch.Tensor, torch.Tensor],
+    owner: torch.Tensor,
+) -> torch.Tensor:
+    """The decoder's final hidden state at each suffix's last position. `prefix` is (embeddings
+    (P, Tp, d), attention mask (P, Tp)) and `suffix` likewise (S, Ts), both left-padded; suffix s
+    continues prefix owner[s]. -> (S, d)"""
     if not _compiled.get("failed"):
         try:
-            return _compiled_forward(layer, hidden_states, **kwargs)
+            return _run_layers(_compiled_layer(), decoder, prefix, suffix, owner)
         except compile_errors() as error:
             _compiled["failed"] = True
             warn_uncompiled(error, "scoring", "compile_scoring")
-    return type(layer).forward(layer, hidden_states, **kwargs)
+    return _run_layers(decoder_layer, decoder, prefix, suffix, owner)
 
 
-def _compiled_forward(layer: torch.nn.Module, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
-    norm, block = _compiled_parts()
-    before, after, mlp = layer.input_layernorm, layer.post_attention_layernorm, layer.mlp
-    attended, _ = layer.self_attn(
-        hidden_states=norm(hidden_states, before.weight, before.variance_epsilon), **kwargs
-    )
-    return block(
-        hidden_states + attended,
-        after.weight,
-        after.variance_epsilon,
-        mlp.gate_proj.weight,
-        mlp.up_proj.weight,
-        mlp.down_proj.weight,
-    )
+def _run_layers(layer, decoder, prefix, suffix, owner) -> torch.Tensor:
+    (prefix_hidden, prefix_mask), (suffix_hidden, suffix_mask) = prefix, suffix
+    # the suffix's positions carry on from its prefix's last real token, as in one unpadded prompt
+    suffix_positions = prefix_mask.sum(-1, keepdim=True)[owner] + positions_from_mask(suffix_mask)
+    prefix_rotary = decoder.rotary_emb(prefix_hidden, positions_from_mask(prefix_mask))
+    suffix_rotary = decoder.rotary_emb(suffix_hidden, suffix_positions)
+    prefix_allowed = _causal(prefix_mask)
+    sees_prefix = prefix_mask[owner].bool()[:, None, None, :].expand(-1, 1, suffix_mask.shape[1], -1)
+    suffix_allowed = torch.cat([sees_prefix, _causal(suffix_mask)], dim=-1)
+    for module in decoder.layers:
+        weights = _weights(module)
+        eps, scale = module.input_layernorm.variance_epsilon, module.self_attn.scaling
+        prefix_hidden, keys, values = layer(
+            prefix_hidden, *prefix_rotary, prefix_allowed, None, None, weights, eps, scale
+        )
+        suffix_hidden, _, _ = layer(
+            suffix_hidden, *suffix_rotary, suffix_allowed, keys[owner], values[owner], weights, eps, scale
+        )
+    return decoder.norm(suffix_hidden[:, -1])
 
 
-@contextmanager
-def compiled_scoring(decoder: torch.nn.Module) -> Iterator[None]:
-    """Within this block the decoder's Llama-style layers run `_forward`; other layers as they are."""
-    layers = [layer for layer in getattr(decoder, "layers", []) if fits(layer)]
-    try:
-        for layer in layers:
-            layer.forward = _forward.__get__(layer)
-        yield
-    finally:
-        for layer in layers:
-            layer.__dict__.pop("forward", None)
+def _causal(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) left-padded mask -> (B, 1, T, T): each position sees the real positions up to itself,
+    and itself (a padding position must see something, or its attention would be NaN)."""
+    length = mask.shape[1]
+    order = torch.arange(length, device=mask.device)
+    causal = order[None, :] <= order[:, None]  # (T, T): key <= query
+    seen = causal[None] & mask.bool()[:, None, :]
+    return (seen | torch.eye(length, dtype=torch.bool, device=mask.device)[None])[:, None]

@@ -1,0 +1,63 @@
+"""How much of its CF backbone a saved CCF-LLM run reads back: its test scores against the backbone's
+biases, which carry nearly all of what MF learns on ML-1M (see the README's CF backbones).
+
+Prints the run's test AUC; the AUC of the backbone's b_u + b_i and of w·b_u + b_i over a grid of w (the
+best any additive reading of the two biases with those weights can do); and a least-squares fit of the
+run's logit log(s / (1 - s)) on (b_u, b_i, 1): the weights it gives each bias, the share of the logit's
+variance they explain, and the AUC of the fitted part and of what is left.
+
+    .venv/bin/python benchmarks/stage2_readout.py --run runs/ccf-llm/mf-cpu-seed0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from safetensors.numpy import load_file
+
+from ccfllm.metrics import auc
+
+WEIGHTS = (0.3, 0.5, 0.6, 0.7, 0.8, 1.0, 1.3, 1.6, 2.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--run", type=Path, required=True, help="a saved CCF-LLM run (predictions.parquet)")
+    args = parser.parse_args()
+    settings = json.loads((args.run / "config.json").read_text())
+    cf_folder = args.run / settings["cf_checkpoint"]
+    biases = load_file(str(cf_folder / "embeddings.safetensors"))
+    rows = pd.read_parquet(args.run / "predictions.parquet")
+    label = rows["label"].to_numpy()
+    user_bias = biases["user_bias"][rows["uid"].to_numpy()]
+    item_bias = biases["item_bias"][rows["iid"].to_numpy()]
+    score = rows["score"].to_numpy().clip(1e-7, 1 - 1e-7)
+    logit = np.log(score / (1 - score))
+
+    print(f"run {args.run}: {len(rows)} test rows, CF backbone {cf_folder}")
+    print(f"  run's test AUC                    {auc(label, score):.4f}")
+    print(f"  backbone's b_u + b_i              {auc(label, user_bias + item_bias):.4f}")
+    by_weight = {w: auc(label, w * user_bias + item_bias) for w in WEIGHTS}
+    print("  w * b_u + b_i, by w               " + ", ".join(f"{w}: {a:.4f}" for w, a in by_weight.items()))
+    best = max(by_weight, key=by_weight.get)
+    print(f"  best of those                     {by_weight[best]:.4f} (w = {best})")
+
+    design = np.stack([user_bias, item_bias, np.ones_like(user_bias)], axis=1)
+    coefficients, *_ = np.linalg.lstsq(design, logit, rcond=None)
+    fitted = design @ coefficients
+    left = logit - fitted
+    print(
+        f"  run's logit ~ {coefficients[0]:.3f} b_u + {coefficients[1]:.3f} b_i + {coefficients[2]:.3f}: "
+        f"user/item weight {coefficients[0] / coefficients[1]:.2f}, R^2 {1 - left.var() / logit.var():.3f}"
+    )
+    print(f"  AUC of the fitted part {auc(label, fitted):.4f}, of what is left {auc(label, left):.4f}")
+
+
+if __name__ == "__main__":
+    main()
