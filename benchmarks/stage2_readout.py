@@ -4,7 +4,8 @@ biases, which carry nearly all of what MF learns on ML-1M (see the README's CF b
 Prints the run's test AUC; the AUC of the backbone's b_u + b_i and of w·b_u + b_i over a grid of w (the
 best any additive reading of the two biases with those weights can do); and a least-squares fit of the
 run's logit log(s / (1 - s)) on (b_u, b_i, 1): the weights it gives each bias, the share of the logit's
-variance they explain, and the AUC of the fitted part and of what is left.
+variance they explain, the AUC of the fitted part and of what is left, and how much of what is left
+is a per-user or a per-item offset.
 
     .venv/bin/python benchmarks/stage2_readout.py --run runs/ccf-llm/mf-cpu-seed0
 """
@@ -57,6 +58,13 @@ def main() -> None:
         f"user/item weight {coefficients[0] / coefficients[1]:.2f}, R^2 {1 - left.var() / logit.var():.3f}"
     )
     print(f"  AUC of the fitted part {auc(label, fitted):.4f}, of what is left {auc(label, left):.4f}")
+    for key, name in (("uid", "user"), ("iid", "item")):
+        means = pd.Series(left).groupby(rows[key].to_numpy()).transform("mean")
+        per = len(rows) / rows[key].nunique()
+        print(
+            f"  share of what is left carried by its means per {name}: {means.var() / left.var():.3f} "
+            f"({per:.1f} rows per {name}; about {1 / per:.2f} by chance)"
+        )
 
 
 if __name__ == "__main__":

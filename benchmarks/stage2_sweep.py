@@ -31,6 +31,9 @@ def main() -> None:
     parser.add_argument("--data", default=None)
     parser.add_argument("--set", dest="settings", action="append", default=[], help="KEY=VALUE for stage 2")
     parser.add_argument("--test", action="store_true", help="also score the test split after stage 2")
+    parser.add_argument(
+        "--base-llm", action="store_true", help="train stage 2 on the LLM without the stage-1 adapter"
+    )
     args = parser.parse_args()
     try:
         record = read_run_config(args.run)["config"]
@@ -40,6 +43,11 @@ def main() -> None:
     except CCFLLMError as exc:
         parser.error(str(exc))
     model = recommender.model
+    if args.base_llm:  # LoRA's B at zero: the adapter adds nothing
+        with torch.no_grad():
+            for name, parameter in model.llm.named_parameters():
+                if "lora_B" in name:
+                    parameter.zero_()
     seed_everything(config.seed)  # fresh ALG and GATE, as the run's stage 2 started from
     llm_dim = model.llm.get_input_embeddings().embedding_dim
     device = next(model.parameters()).device
