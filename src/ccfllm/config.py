@@ -142,7 +142,7 @@ class CCFConfig:
         "compile the LLM's layers (torch.compile) for training steps; 30-45 s once per stage", False
     )
     compile_scoring: bool = _help(
-        "score with each layer's norms and MLP compiled (torch.compile; needs a C++ compiler on CPU)", False
+        "score with each Llama layer as one compiled function (torch.compile; needs a C++ compiler)", False
     )
 
     def __post_init__(self) -> None:
