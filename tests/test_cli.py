@@ -176,6 +176,12 @@ def test_ccf_llm_train_evaluate_predict_end_to_end(runner, tiny_dir, tiny_llm_di
     assert evaluated.exit_code == 0, evaluated.output
     test_line = next(line for line in evaluated.output.splitlines() if line.startswith("test "))
     assert test_line.split()[1] == test_auc  # the reloaded run scores exactly as it did in training
+    uncompiled = runner.invoke(
+        main,
+        ["evaluate", "--run", str(out), "--data", str(tiny_dir), "--split", "test", "--no-compile-scoring"],
+    )
+    assert uncompiled.exit_code == 0, uncompiled.output
+    assert test_line in uncompiled.output.splitlines()  # the same figures through the decoder's forward
 
     rows = tmp_path / "rows.csv"
     rows.write_text("uid,iid\n1,2\n999,2\n")
