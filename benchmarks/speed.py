@@ -17,7 +17,7 @@ malloc set to reuse freed memory as the `ccfllm` command sets it (`ccfllm.device
   - training rows/s of stage 1 and stage 2, engine (run dtype, compiled layers) versus naive (float32,
     peft's dropout), from the run's weights, taking turns a step each on the same batches: each path's
     loss per step; then each path alone for a few steps, for its peak memory.
-`--compile-scoring on` scores with the layers' norms and MLP compiled (the `compile_scoring` setting);
+`--compile-scoring on` scores with each Llama layer one compiled function (the `compile_scoring` setting);
 `--scoring-only` skips the training parts. Prints one table; writes the measurements to --out as JSON.
 """
 
@@ -272,7 +272,7 @@ def main() -> None:
         "--compile-scoring",
         choices=["on", "off"],
         default="off",
-        help="engine scoring with compiled norms and MLP",
+        help="engine scoring with each Llama layer compiled",
     )
     parser.add_argument("--scoring-only", action="store_true", help="skip the training parts (about 15 min)")
     parser.add_argument("--allocator", choices=["tuned", "glibc"], default="tuned", help=argparse.SUPPRESS)
@@ -326,9 +326,10 @@ def report(args, r: dict) -> None:
     work = r["matmul"]["work"]
     bound = work["flops"] / (peak * 1e9)
     engine, naive, fp32 = r["engine"], r["naive"], r["engine_fp32"]
-    engine_s, naive_s = engine["seconds"], naive["seconds"] / naive["rows"] * work["rows"]
     naive_glibc = r["naive_glibc"]
-    naive_glibc_s = naive_glibc["seconds"] / naive_glibc["rows"] * work["rows"]
+    engine_s, naive_s, naive_glibc_s = (
+        part["seconds"] / part["rows"] * work["rows"] for part in (engine, naive, naive_glibc)
+    )
     gap = np.abs(np.array(fp32["sample_scores"]) - np.array(naive["sample_scores"])).max()
     moved = abs(engine["sample_auc"] - fp32["sample_auc"])
     print(f"\nmachine: {r['machine']}")

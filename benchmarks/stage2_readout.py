@@ -31,8 +31,13 @@ def main() -> None:
     )
     parser.add_argument("--run", type=Path, required=True, help="a saved CCF-LLM run (predictions.parquet)")
     args = parser.parse_args()
+    needed = [args.run / "config.json", args.run / "predictions.parquet"]
+    if not all(path.is_file() for path in needed):
+        parser.error(f"{args.run} is not a saved CCF-LLM run: it needs {[p.name for p in needed]}.")
     settings = json.loads((args.run / "config.json").read_text())
-    cf_folder = args.run / settings["cf_checkpoint"]
+    cf_folder = args.run / settings.get("cf_checkpoint", "")
+    if not settings.get("cf_checkpoint") or not (cf_folder / "embeddings.safetensors").is_file():
+        parser.error(f"{args.run} names no CF backbone with exported embeddings (a text-only method?).")
     biases = load_file(str(cf_folder / "embeddings.safetensors"))
     rows = pd.read_parquet(args.run / "predictions.parquet")
     label = rows["label"].to_numpy()

@@ -16,7 +16,7 @@ from ccfllm.engine import _rows_by_prefix, naive_log_probs, naive_score_rows, sc
 from ccfllm.experiment import build_recommender
 from ccfllm.llm import float32_output_weight, load_llm
 from ccfllm.prompt import ITEM
-from ccfllm.scoring_layers import fits
+from ccfllm.scoring_layers import layer_weights
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +138,7 @@ def test_llama_layer_function_sees_each_row_as_its_own_unpadded_prompt(tiny_llm_
     with torch.no_grad():
         hidden = scoring_layers.answer_hidden(
             decoder,
+            scoring_layers.layer_weights(decoder),
             _left_padded(prefixes),
             _left_padded(suffixes),
             torch.tensor(owner),
@@ -164,11 +165,11 @@ def test_only_llama_layers_with_plain_or_merged_linears_take_the_compiled_path(r
 
     model = copy.deepcopy(recommender.model)
     _, decoder = model.decoder_parts()
-    assert not fits(decoder)  # LoRA unmerged: it would run beside the base weights
+    assert layer_weights(decoder) is None  # LoRA unmerged: it would run beside the base weights
     with merged_lora(model):
-        assert fits(decoder)
+        assert layer_weights(decoder) is not None
         decoder.layers[0].mlp.up_proj = torch.nn.Linear(4, 4, bias=True)
-        assert not fits(decoder)
+        assert layer_weights(decoder) is None
 
 
 def test_scoring_goes_on_uncompiled_where_compiling_fails(recommender, tiny_dataset, monkeypatch):

@@ -56,15 +56,15 @@ def score_rows(
     device = next(model.parameters()).device
     chunks = [groups[start : start + batch_size] for start in range(0, len(groups), batch_size)]
     with merged_lora(model):
-        as_functions = model.compile_scoring and scoring_layers.fits(model.decoder_parts()[1])
+        weights = scoring_layers.layer_weights(model.decoder_parts()[1]) if model.compile_scoring else None
         for chunk in tqdm(chunks, desc=f"score {split.name}", unit="batch", disable=not progress):
             leaders = [members[0] for members in chunk]
             members = [p for group in chunk for p in group]
             owner = torch.tensor([k for k, group in enumerate(chunk) for _ in group], device=device)
             prefix = _collated([prompts[p].prefix() for p in leaders], split, rows[leaders], builder.pad_id)
             suffix = _collated([prompts[p].suffix() for p in members], split, rows[members], builder.pad_id)
-            if as_functions:
-                answer = _through_layer_functions(model, prefix.to(device), suffix.to(device), owner)
+            if weights is not None:
+                answer = _through_layer_functions(model, weights, prefix.to(device), suffix.to(device), owner)
             else:
                 answer = _prefix_then_suffix(model, prefix.to(device), suffix.to(device), owner)
             scores[members] = model.click_score(answer).double().cpu().numpy()
@@ -114,12 +114,13 @@ def _prefix_then_suffix(
 
 
 def _through_layer_functions(
-    model: CCFLLM, prefix: PromptBatch, suffix: PromptBatch, owner: torch.Tensor
+    model: CCFLLM, weights: list, prefix: PromptBatch, suffix: PromptBatch, owner: torch.Tensor
 ) -> Answer:
-    """The same, with a Llama decoder's layers as compiled functions (`scoring_layers`)."""
+    """The same, with a Llama decoder's layers as compiled functions of their `weights` (`scoring_layers`)."""
     _, decoder = model.decoder_parts()
     hidden = scoring_layers.answer_hidden(
         decoder,
+        weights,
         (model.input_embeddings(prefix), prefix.attention_mask),
         (model.input_embeddings(suffix), suffix.attention_mask),
         owner,

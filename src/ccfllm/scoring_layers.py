@@ -81,12 +81,17 @@ def _compiled_layer():
     return _compiled["layer"]
 
 
-def fits(decoder: torch.nn.Module) -> bool:
-    """A Llama decoder whose layers can run as `decoder_layer` (LoRA merged, no biases)."""
+def layer_weights(decoder: torch.nn.Module) -> list[tuple[torch.Tensor, ...]] | None:
+    """Each layer's weights in `decoder_layer`'s order, where the decoder is a Llama decoder whose
+    layers can run as `decoder_layer` (LoRA merged, no biases); None otherwise. Read them while the
+    LoRA weights are merged: they are the tensors scoring multiplies by."""
     layers = getattr(decoder, "layers", None)
     if not (layers and hasattr(decoder, "rotary_emb") and hasattr(getattr(decoder, "norm", None), "weight")):
-        return False
-    return all(type(layer).__name__ == "LlamaDecoderLayer" and _weights(layer) for layer in layers)
+        return None
+    if not all(type(layer).__name__ == "LlamaDecoderLayer" for layer in layers):
+        return None
+    weights = [_weights(layer) for layer in layers]
+    return None if any(w is None for w in weights) else weights
 
 
 def _weights(layer: torch.nn.Module) -> tuple[torch.Tensor, ...] | None:
@@ -113,23 +118,25 @@ def _plain_weight(linear: torch.nn.Module) -> torch.Tensor | None:
 
 def answer_hidden(
     decoder: torch.nn.Module,
+    weights: list[tuple[torch.Tensor, ...]],
     prefix: tuple[torch.Tensor, torch.Tensor],
     suffix: tuple[torch.Tensor, torch.Tensor],
     owner: torch.Tensor,
 ) -> torch.Tensor:
-    """The decoder's final hidden state at each suffix's last position. `prefix` is (embeddings
+    """The decoder's final hidden state at each suffix's last position, with its layers' `weights`
+    (`layer_weights`). `prefix` is (embeddings
     (P, Tp, d), attention mask (P, Tp)) and `suffix` likewise (S, Ts), both left-padded; suffix s
     continues prefix owner[s]. -> (S, d)"""
     if not _compiled.get("failed"):
         try:
-            return _run_layers(_compiled_layer(), decoder, prefix, suffix, owner)
+            return _run_layers(_compiled_layer(), decoder, weights, prefix, suffix, owner)
         except compile_errors() as error:
             _compiled["failed"] = True
             warn_uncompiled(error, "scoring", "compile_scoring")
-    return _run_layers(decoder_layer, decoder, prefix, suffix, owner)
+    return _run_layers(decoder_layer, decoder, weights, prefix, suffix, owner)
 
 
-def _run_layers(layer, decoder, prefix, suffix, owner) -> torch.Tensor:
+def _run_layers(layer, decoder, weights, prefix, suffix, owner) -> torch.Tensor:
     (prefix_hidden, prefix_mask), (suffix_hidden, suffix_mask) = prefix, suffix
     # the suffix's positions carry on from its prefix's last real token, as in one unpadded prompt
     suffix_positions = prefix_mask.sum(-1, keepdim=True)[owner] + positions_from_mask(suffix_mask)
@@ -138,14 +145,13 @@ def _run_layers(layer, decoder, prefix, suffix, owner) -> torch.Tensor:
     prefix_allowed = _causal(prefix_mask)
     sees_prefix = prefix_mask[owner].bool()[:, None, None, :].expand(-1, 1, suffix_mask.shape[1], -1)
     suffix_allowed = torch.cat([sees_prefix, _causal(suffix_mask)], dim=-1)
-    for module in decoder.layers:
-        weights = _weights(module)
+    for module, matrices in zip(decoder.layers, weights, strict=True):
         eps, scale = module.input_layernorm.variance_epsilon, module.self_attn.scaling
         prefix_hidden, keys, values = layer(
-            prefix_hidden, *prefix_rotary, prefix_allowed, None, None, weights, eps, scale
+            prefix_hidden, *prefix_rotary, prefix_allowed, None, None, matrices, eps, scale
         )
         suffix_hidden, _, _ = layer(
-            suffix_hidden, *suffix_rotary, suffix_allowed, keys[owner], values[owner], weights, eps, scale
+            suffix_hidden, *suffix_rotary, suffix_allowed, keys[owner], values[owner], matrices, eps, scale
         )
     return decoder.norm(suffix_hidden[:, -1])
 
