@@ -13,13 +13,14 @@ is a per-user or a per-item offset.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from safetensors.numpy import load_file
 
+from ccfllm.errors import CCFLLMError
+from ccfllm.experiment import read_run_config
 from ccfllm.metrics import auc
 
 WEIGHTS = (0.3, 0.5, 0.6, 0.7, 0.8, 1.0, 1.3, 1.6, 2.0)
@@ -31,10 +32,14 @@ def main() -> None:
     )
     parser.add_argument("--run", type=Path, required=True, help="a saved CCF-LLM run (predictions.parquet)")
     args = parser.parse_args()
-    needed = [args.run / "config.json", args.run / "predictions.parquet"]
-    if not all(path.is_file() for path in needed):
-        parser.error(f"{args.run} is not a saved CCF-LLM run: it needs {[p.name for p in needed]}.")
-    settings = json.loads((args.run / "config.json").read_text())
+    try:
+        settings = read_run_config(args.run)
+    except CCFLLMError as exc:
+        parser.error(str(exc))
+    if not (args.run / "predictions.parquet").is_file():
+        parser.error(
+            f"{args.run} has no predictions.parquet (training writes it): restore it or retrain the run."
+        )
     cf_folder = args.run / settings.get("cf_checkpoint", "")
     if not settings.get("cf_checkpoint") or not (cf_folder / "embeddings.safetensors").is_file():
         parser.error(f"{args.run} names no CF backbone with exported embeddings (a text-only method?).")

@@ -124,9 +124,8 @@ def answer_hidden(
     owner: torch.Tensor,
 ) -> torch.Tensor:
     """The decoder's final hidden state at each suffix's last position, with its layers' `weights`
-    (`layer_weights`). `prefix` is (embeddings
-    (P, Tp, d), attention mask (P, Tp)) and `suffix` likewise (S, Ts), both left-padded; suffix s
-    continues prefix owner[s]. -> (S, d)"""
+    (`layer_weights`). `prefix` is (embeddings (P, Tp, d), attention mask (P, Tp)) and `suffix`
+    likewise (S, Ts), both left-padded; suffix s continues prefix owner[s]. -> (S, d)"""
     if not _compiled.get("failed"):
         try:
             return _run_layers(_compiled_layer(), decoder, weights, prefix, suffix, owner)
