@@ -165,6 +165,21 @@ def test_stage2_trains_only_the_projections(tmp_path, tiny_llm_dir):
     assert changed == {"user_projection", "item_projection"}
 
 
+def test_stage2_steps_through_compiled_layers_equal_uncompiled_ones(tmp_path, tiny_llm_dir):
+    from ccfllm.methods.allmrec import train_stage2
+
+    losses = {}
+    for compiled in (False, True):
+        model, prompts, task, _ = stage2_model(tmp_path, tiny_llm_dir)
+        losses[compiled] = train_stage2(
+            model, prompts, task, lr=3e-3, batch_size=4, n_candidates=6, compile=compiled, progress=False
+        )
+        decoder = model.decoder()
+        assert ("_compiled_layers" in vars(decoder)) == compiled and not hasattr(decoder, "_compile_failed")
+    assert len(losses[True]) == 6
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
+
+
 def test_a_run_reports_every_model_on_all_cold_and_warm_answers(tmp_path, tiny_llm_dir):
     from ccfllm.config import allmrec_config
     from ccfllm.next_item_experiment import run_allmrec
@@ -173,6 +188,7 @@ def test_a_run_reports_every_model_on_all_cold_and_warm_answers(tmp_path, tiny_l
     settings = dict(
         llm=str(tiny_llm_dir), encoder=str(encoder), device="cpu", dtype="float32", n_candidates=6
     )
+    settings.update(compile_training=False)  # test_stage2_steps_through_compiled_layers_... compiles
     settings.update(sasrec_dim=16, sasrec_history=10, sasrec_epochs=3, latent_dim=8, hidden=16)
     settings.update(stage1_epochs=2, stage1_batch=8, stage2_batch=4, stage2_lr=3e-3, prompt_history=4)
     config = allmrec_config("cpu", **settings)

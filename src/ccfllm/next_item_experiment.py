@@ -31,6 +31,7 @@ from .io import atomic_path
 from .llm import add_lora, load_llm
 from .methods.allmrec import (
     GENRE_QUESTION,
+    AlignmentResult,
     ALLMRec,
     CollaborativeTextAlignment,
     NextItemPrompts,
@@ -77,17 +78,7 @@ def run_allmrec(
     with atomic_path(out) as folder:
         folder.mkdir()
         timings = {}
-        clock = time.perf_counter()
-        sasrec_config = cf_config(
-            "sasrec",
-            dim=config.sasrec_dim,
-            max_history=config.sasrec_history,
-            max_epochs=config.sasrec_epochs,
-            seed=config.seed,
-            device=str(device),
-        )
-        sasrec = train_next_item_sasrec(sasrec_config, task, progress).model
-        timings["sasrec_s"] = time.perf_counter() - clock
+        sasrec, stage1, text_items = train_sasrec_and_alignment(config, task, device, timings, progress)
         cold_users = task.splits.get("cold_users")
 
         def row(name: str, ranks_of) -> dict:  # ranks_of(split) -> the answers' ranks
@@ -102,30 +93,6 @@ def run_allmrec(
             )
 
         table = [row("SASRec", lambda split: rank_candidates(sasrec, split))]
-
-        clock = time.perf_counter()
-        encoder = load_sentence_encoder(config.encoder, device)
-        stage1 = train_alignment(
-            task,
-            sasrec,
-            encoder,
-            latent_dim=config.latent_dim,
-            hidden=config.hidden,
-            latent_norm=config.latent_norm,
-            scale_inputs=config.scale_inputs,
-            alpha=config.alpha,
-            beta=config.beta,
-            lr=config.stage1_lr,
-            batch_size=config.stage1_batch,
-            epochs=config.stage1_epochs,
-            freeze_text=config.freeze_text,
-            matching=0.0 if config.variant == "mlp-llm" else 1.0,
-            seed=config.seed,
-            progress=progress,
-        )
-        timings["stage1_s"] = time.perf_counter() - clock
-        with torch.no_grad():
-            text_items = item_text_embeddings(encoder, task)
         joint_space = joint_space_check(stage1.alignment, sasrec, text_items)
 
         llm = _load_llm(config)
@@ -164,6 +131,48 @@ def run_allmrec(
     return AllmrecResult(out, table, timings, time.perf_counter() - started)
 
 
+def train_sasrec_and_alignment(
+    config: AllmrecConfig, task: NextItemTask, device: torch.device, timings: dict, progress: bool = True
+) -> tuple[SASRec, AlignmentResult, torch.Tensor]:
+    """SASRec trained for the next item, then stage 1 (the alignment) on it, each timed into `timings`.
+    -> SASRec, stage 1's result, and Q_i of every item from the (fine-tuned) sentence encoder."""
+    clock = time.perf_counter()
+    sasrec_config = cf_config(
+        "sasrec",
+        dim=config.sasrec_dim,
+        max_history=config.sasrec_history,
+        max_epochs=config.sasrec_epochs,
+        seed=config.seed,
+        device=str(device),
+    )
+    sasrec = train_next_item_sasrec(sasrec_config, task, progress).model
+    timings["sasrec_s"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    encoder = load_sentence_encoder(config.encoder, device)
+    stage1 = train_alignment(
+        task,
+        sasrec,
+        encoder,
+        latent_dim=config.latent_dim,
+        hidden=config.hidden,
+        latent_norm=config.latent_norm,
+        scale_inputs=config.scale_inputs,
+        alpha=config.alpha,
+        beta=config.beta,
+        lr=config.stage1_lr,
+        batch_size=config.stage1_batch,
+        epochs=config.stage1_epochs,
+        freeze_text=config.freeze_text,
+        matching=0.0 if config.variant == "mlp-llm" else 1.0,
+        seed=config.seed,
+        progress=progress,
+    )
+    timings["stage1_s"] = time.perf_counter() - clock
+    with torch.no_grad():
+        text_items = item_text_embeddings(encoder, task)
+    return sasrec, stage1, text_items
+
+
 def _tallrec(config, task, test, sasrec, alignment, plain, timings, progress) -> tuple[ALLMRec, np.ndarray]:
     """The TALLRec-style baseline on the same task: a fresh copy of the LLM tuned with LoRA on the
     titles-only prompt, with the same loss, rows and epochs as stage 2. -> the model and its test ranks;
@@ -200,6 +209,7 @@ def _stage2_settings(config: AllmrecConfig) -> dict:
         seed=config.seed,
         rows=config.stage2_rows,
         positions=config.stage2_positions,
+        compile=config.compile_training,
     )
 
 

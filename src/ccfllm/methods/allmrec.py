@@ -414,14 +414,20 @@ def _answered(prompts: NextItemPrompts, history: np.ndarray, candidates: np.ndar
 
 
 def next_title_loss(
-    model: ALLMRec, prompts: NextItemPrompts, history: np.ndarray, candidates: np.ndarray, target: np.ndarray
+    model: ALLMRec,
+    prompts: NextItemPrompts,
+    history: np.ndarray,
+    candidates: np.ndarray,
+    target: np.ndarray,
+    compile: bool = False,
 ) -> torch.Tensor:
-    """The language-model loss on the next item's title: mean -log p over its tokens, given the prompt."""
+    """The language-model loss on the next item's title: mean -log p over its tokens, given the prompt;
+    with `compile`, through the LLM's layers compiled (run_decoder)."""
     device = next(model.user_projection.parameters()).device
     batch, lengths = _answered(prompts, history, candidates, target)
     batch = batch.to(device)
     embeddings = model.input_embeddings(batch, torch.as_tensor(history, device=device))
-    hidden = run_decoder(model.decoder(), embeddings, batch.attention_mask)
+    hidden = run_decoder(model.decoder(), embeddings, batch.attention_mask, compile)
     width = batch.input_ids.shape[1]
     rows = torch.as_tensor(np.repeat(np.arange(len(lengths)), lengths), device=device)
     at = torch.as_tensor(np.concatenate([np.arange(width - n, width) for n in lengths]), device=device)
@@ -514,11 +520,13 @@ def train_stage2(
     rows: int = 0,
     positions: int = 1,
     parameters: list[nn.Parameter] | None = None,
+    compile: bool = False,
     progress: bool = True,
 ) -> list[float]:
     """Train F_U and F_I (or the given `parameters`: the LoRA weights of the TALLRec baseline) on the
     task's training rows at the last `positions` of each user's sequence (training_positions), each with
-    candidates drawn afresh (its next item and items its user never liked); return every step's loss."""
+    candidates drawn afresh (its next item and items its user never liked); return every step's loss.
+    `compile`: the LLM's layers run compiled (about 15-40 s once per process)."""
     generator = seed_everything(seed)
     rng = np.random.default_rng(seed)
     if parameters is None:
@@ -528,27 +536,42 @@ def train_stage2(
     chosen = np.arange(len(train))  # `rows` > 0: a seeded sample of the training rows
     if 0 < rows < len(train):
         chosen = np.sort(rng.choice(len(train), rows, replace=False))
-    titled = np.array([bool(prompts.pieces.title(i)) if i else False for i in range(task.n_items)])
+    titled = titled_items(prompts, task.n_items)
     losses = []
     for _ in range(epochs):
         order = torch.as_tensor(chosen)[torch.randperm(len(chosen), generator=generator)].split(batch_size)
         for batch in tqdm(order, desc="A-LLMRec stage 2", unit="step", disable=not progress):
             rows = batch.numpy()
-            seen = [set(task.sequences[int(u)].tolist()) for u in train.uid[rows]]
-            candidates = np.stack(
-                [
-                    sample_candidates(int(t), s, titled, n_candidates, rng)
-                    for t, s in zip(train.target[rows], seen, strict=True)
-                ]
-            )
+            candidates = draw_candidates(task, titled, train.uid[rows], train.target[rows], n_candidates, rng)
             model.train()
-            loss = next_title_loss(model, prompts, train.history[rows], candidates, train.target[rows])
+            history, target = train.history[rows], train.target[rows]
+            loss = next_title_loss(model, prompts, history, candidates, target, compile)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
             losses.append(loss.item())
     model.eval()
     return losses
+
+
+def titled_items(prompts: NextItemPrompts, n_items: int) -> np.ndarray:
+    """(n_items,) bool: which item ids have a title (only those can be candidates)."""
+    return np.array([bool(prompts.pieces.title(i)) if i else False for i in range(n_items)])
+
+
+def draw_candidates(
+    task: NextItemTask,
+    titled: np.ndarray,
+    uids: np.ndarray,
+    targets: np.ndarray,
+    n_candidates: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """A candidate set per training row: its target and titled items its user never liked. -> (B, C)"""
+    seen = [set(task.sequences[int(u)].tolist()) for u in uids]
+    return np.stack(
+        [sample_candidates(int(t), s, titled, n_candidates, rng) for t, s in zip(targets, seen, strict=True)]
+    )
 
 
 GENRE_QUESTION = "Specify the genres this user would enjoy."
