@@ -214,6 +214,7 @@ def test_training_runs_eager_attention_on_cpu_with_the_same_loss_and_gradients(r
     rows = np.arange(6)
     batch = builder.batch(train.uid[rows], train.iid[rows], train.history[rows], train.label[rows])
     causal_lm, decoder = model.decoder_parts()
+    torch._dynamo.reset()  # layers compiled by earlier tests (the CLI's A-LLMRec run) would skip the hook
     seen = []
     hook = decoder.layers[0].self_attn.register_forward_hook(
         lambda module, args, output: seen.append(module.config._attn_implementation)
