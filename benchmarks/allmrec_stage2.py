@@ -40,7 +40,8 @@ def main() -> None:
     parser.add_argument("--set", dest="settings", action="append", default=[], help="KEY=VALUE")
     args = parser.parse_args()
     try:
-        config = allmrec_config("cpu", **parse_overrides(args.settings))
+        changed = parse_overrides(args.settings)
+        config = allmrec_config("cpu", **changed)
         dataset = load_collm_split(resolve_data_dir(args.data), max_history=CF_HISTORY)
     except CCFLLMError as exc:
         parser.error(str(exc))
@@ -69,7 +70,6 @@ def main() -> None:
     }
     timings["inference_s"] = time.perf_counter() - clock
 
-    changed = {s.split("=")[0]: s.split("=", 1)[1] for s in args.settings}
     print(f"\nA-LLMRec stage 2 on {task.name}, cpu preset with {changed or 'nothing'} changed")
     print(f"stage 2: {rows} training rows available, {len(losses)} steps of {config.stage2_batch}")
     window = min(50, len(losses))

@@ -23,7 +23,7 @@ def steps(compiled: bool, n_steps: int, batch: int) -> list[tuple[float, float]]
     """(seconds, loss) of each step."""
     from ccfllm.cf.sasrec import SASRec
     from ccfllm.cli import CF_HISTORY
-    from ccfllm.config import cf_config
+    from ccfllm.config import allmrec_config, cf_config
     from ccfllm.data import load_collm_split, resolve_data_dir
     from ccfllm.data.next_item import next_item_task, training_positions
     from ccfllm.device import keep_freed_memory, seed_everything
@@ -39,11 +39,18 @@ def steps(compiled: bool, n_steps: int, batch: int) -> list[tuple[float, float]]
 
     keep_freed_memory()
     seed_everything(0)
-    task = next_item_task(load_collm_split(resolve_data_dir(None), max_history=CF_HISTORY), 20, 0, 50, 0.1)
-    sasrec = SASRec(cf_config("sasrec", dim=64, max_history=50), int(max(task.sequences)) + 1, task.n_items)
-    llm = load_llm()
-    model = ALLMRec(llm.model, sasrec, CollaborativeTextAlignment(64, 384))
-    prompts = NextItemPrompts(llm.tokenizer, task.item_titles, "movie", 10)
+    config = allmrec_config("cpu")
+    dataset = load_collm_split(resolve_data_dir(None), max_history=CF_HISTORY)
+    task = next_item_task(
+        dataset, config.n_candidates, config.seed, config.sasrec_history, config.cold_user_share
+    )
+    sasrec_config = cf_config("sasrec", dim=config.sasrec_dim, max_history=config.sasrec_history)
+    sasrec = SASRec(sasrec_config, int(max(task.sequences)) + 1, task.n_items)
+    llm = load_llm(config.llm)
+    encoder_dim = 384  # all-MiniLM-L6-v2's, the default encoder
+    alignment = CollaborativeTextAlignment(config.sasrec_dim, encoder_dim, config.latent_dim, config.hidden)
+    model = ALLMRec(llm.model, sasrec, alignment, config.hidden)
+    prompts = NextItemPrompts(llm.tokenizer, task.item_titles, "movie", config.prompt_history)
     train, rng = training_positions(task, 1), np.random.default_rng(0)
     titled = titled_items(prompts, task.n_items)
     projections = [*model.user_projection.parameters(), *model.item_projection.parameters()]
@@ -52,7 +59,9 @@ def steps(compiled: bool, n_steps: int, batch: int) -> list[tuple[float, float]]
     result = []
     for step in range(n_steps):
         rows = np.arange(step * batch, (step + 1) * batch)
-        candidates = draw_candidates(task, titled, train.uid[rows], train.target[rows], 20, rng)
+        candidates = draw_candidates(
+            task, titled, train.uid[rows], train.target[rows], config.n_candidates, rng
+        )
         started = time.perf_counter()
         loss = next_title_loss(model, prompts, train.history[rows], candidates, train.target[rows], compiled)
         optimiser.zero_grad(set_to_none=True)
