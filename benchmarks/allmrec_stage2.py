@@ -24,10 +24,10 @@ from ccfllm.errors import CCFLLMError
 from ccfllm.methods.allmrec import ALLMRec, NextItemPrompts, train_stage2
 from ccfllm.next_item_experiment import (
     NOUNS,
-    _llm_ranks,
-    _load_llm,
-    _sample,
-    _stage2_settings,
+    llm_ranks,
+    load_frozen_llm,
+    sample_split,
+    stage2_settings,
     train_sasrec_and_alignment,
 )
 
@@ -49,24 +49,24 @@ def main() -> None:
     task = next_item_task(
         dataset, config.n_candidates, config.seed, config.sasrec_history, config.cold_user_share
     )
-    test = _sample(task.splits["test"], config.test_rows, config.seed)
+    test = sample_split(task.splits["test"], config.test_rows, config.seed)
     device = resolve_device(config.device)
     timings: dict[str, float] = {}
     sasrec, stage1, _ = train_sasrec_and_alignment(config, task, device, timings)
 
-    llm = _load_llm(config)
+    llm = load_frozen_llm(config)
     prompts = NextItemPrompts(
         llm.tokenizer, task.item_titles, NOUNS.get(dataset.domain, "item"), config.prompt_history
     )
     model = ALLMRec(llm.model, sasrec, stage1.alignment, config.hidden).to(device)
     rows = len(training_positions(task, config.stage2_positions))
     clock = time.perf_counter()
-    losses = train_stage2(model, prompts, task, **_stage2_settings(config))
+    losses = train_stage2(model, prompts, task, **stage2_settings(config))
     timings["stage2_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
     ranks = {
         "SASRec": rank_candidates(sasrec, test),
-        "A-LLMRec": _llm_ranks(model, prompts, test, config, progress=True),
+        "A-LLMRec": llm_ranks(model, prompts, test, config, progress=True),
     }
     timings["inference_s"] = time.perf_counter() - clock
 

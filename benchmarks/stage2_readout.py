@@ -1,7 +1,8 @@
 """How much of its CF backbone a saved CCF-LLM run reads back: its test scores against the backbone's
 biases, which carry nearly all of what MF learns on ML-1M (see the README's CF backbones).
 
-Prints the run's test AUC; the AUC of the backbone's b_u + b_i and of w·b_u + b_i over a grid of w (the
+Prints the run's test AUC, and beside the backbone's on the rows of users in and not in train; the
+AUC of the backbone's b_u + b_i and of w·b_u + b_i over a grid of w (the
 best any additive reading of the two biases with those weights can do); and a least-squares fit of the
 run's logit log(s / (1 - s)) on (b_u, b_i, 1): the weights it gives each bias, the share of the logit's
 variance they explain, the AUC of the fitted part and of what is left, and how much of what is left
@@ -53,6 +54,17 @@ def main() -> None:
 
     print(f"run {args.run}: {len(rows)} test rows, CF backbone {cf_folder}")
     print(f"  run's test AUC                    {auc(label, score):.4f}")
+    backbone = (
+        user_bias
+        + item_bias
+        + (biases["user"][rows["uid"].to_numpy()] * biases["item"][rows["iid"].to_numpy()]).sum(1)
+    )
+    in_train = biases["user_in_train"][rows["uid"].to_numpy()].astype(bool)
+    for name, group in (("users in train", in_train), ("users not in train", ~in_train)):
+        print(
+            f"  {name + ':':33s} {group.sum()} rows, run {auc(label[group], score[group]):.4f}, "
+            f"backbone {auc(label[group], backbone[group]):.4f}"
+        )
     print(f"  backbone's b_u + b_i              {auc(label, user_bias + item_bias):.4f}")
     by_weight = {w: auc(label, w * user_bias + item_bias) for w in WEIGHTS}
     print("  w * b_u + b_i, by w               " + ", ".join(f"{w}: {a:.4f}" for w, a in by_weight.items()))

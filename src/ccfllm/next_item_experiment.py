@@ -72,7 +72,7 @@ def run_allmrec(
     task = next_item_task(
         dataset, config.n_candidates, config.seed, config.sasrec_history, config.cold_user_share
     )
-    test = _sample(task.splits["test"], config.test_rows, config.seed)
+    test = sample_split(task.splits["test"], config.test_rows, config.seed)
     groups = task.item_popularity_group()[test.target]  # -1 cold, 1 warm answers
     device = resolve_device(config.device)
     with atomic_path(out) as folder:
@@ -89,13 +89,13 @@ def run_allmrec(
             return lambda split: (
                 test_ranks
                 if split is test and test_ranks is not None
-                else _llm_ranks(model, prompts, split, config, progress)
+                else llm_ranks(model, prompts, split, config, progress)
             )
 
         table = [row("SASRec", lambda split: rank_candidates(sasrec, split))]
         joint_space = joint_space_check(stage1.alignment, sasrec, text_items)
 
-        llm = _load_llm(config)
+        llm = load_frozen_llm(config)
         noun = NOUNS.get(dataset.domain, "item")
         soft = NextItemPrompts(llm.tokenizer, task.item_titles, noun, config.prompt_history)
         plain = NextItemPrompts(llm.tokenizer, task.item_titles, noun, config.prompt_history, soft=False)
@@ -105,10 +105,10 @@ def run_allmrec(
         timings["zero_shot_inference_s"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        losses = train_stage2(model, soft, task, **_stage2_settings(config), progress=progress)
+        losses = train_stage2(model, soft, task, **stage2_settings(config), progress=progress)
         timings["stage2_s"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        ranks = _llm_ranks(model, soft, test, config, progress)
+        ranks = llm_ranks(model, soft, test, config, progress)
         timings["inference_s"] = time.perf_counter() - clock
         name = "MLP-LLM" if config.variant == "mlp-llm" else "A-LLMRec"
         table.append(row(name, ranked_by(model, soft, ranks)))
@@ -177,29 +177,29 @@ def _tallrec(config, task, test, sasrec, alignment, plain, timings, progress) ->
     """The TALLRec-style baseline on the same task: a fresh copy of the LLM tuned with LoRA on the
     titles-only prompt, with the same loss, rows and epochs as stage 2. -> the model and its test ranks;
     its training and its inference of the test split are timed."""
-    llm = _load_llm(config)
+    llm = load_frozen_llm(config)
     tuned = add_lora(llm.model)
     model = ALLMRec(tuned, sasrec, alignment, config.hidden).to(next(sasrec.parameters()).device)
     lora = [p for n, p in tuned.named_parameters() if "lora_" in n]
     for parameter in lora:
         parameter.requires_grad_(True)
     clock = time.perf_counter()
-    train_stage2(model, plain, task, **_stage2_settings(config), parameters=lora, progress=progress)
+    train_stage2(model, plain, task, **stage2_settings(config), parameters=lora, progress=progress)
     timings["tallrec_train_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    ranks = _llm_ranks(model, plain, test, config, progress)
+    ranks = llm_ranks(model, plain, test, config, progress)
     timings["tallrec_inference_s"] = time.perf_counter() - clock
     return model, ranks
 
 
-def _load_llm(config: AllmrecConfig, device: str | None = None):
+def load_frozen_llm(config: AllmrecConfig, device: str | None = None):
     """The frozen LLM as the config names it (on `device` where given)."""
     return load_llm(
         config.llm, device=device or config.device, dtype=config.dtype, allow_download=config.allow_download
     )
 
 
-def _stage2_settings(config: AllmrecConfig) -> dict:
+def stage2_settings(config: AllmrecConfig) -> dict:
     """What A-LLMRec's stage 2 and the TALLRec baseline share: the same rows, steps and learning rate."""
     return dict(
         lr=config.stage2_lr,
@@ -213,9 +213,10 @@ def _stage2_settings(config: AllmrecConfig) -> dict:
     )
 
 
-def _llm_ranks(
+def llm_ranks(
     model: ALLMRec, prompts: NextItemPrompts, split: NextItemSplit, config: AllmrecConfig, progress: bool
 ) -> np.ndarray:
+    """Each row's rank of its answer among its candidates, by the LLM's candidate scores (0: first)."""
     scores = candidate_scores(model, prompts, split, batch_size=config.rank_batch, progress=progress)
     return target_ranks(scores, split.answer)
 
@@ -237,7 +238,8 @@ def _row(model: str, ranks: np.ndarray, groups: np.ndarray, cold_user_ranks: np.
     }
 
 
-def _sample(split: NextItemSplit, rows: int, seed: int) -> NextItemSplit:
+def sample_split(split: NextItemSplit, rows: int, seed: int) -> NextItemSplit:
+    """A seeded sample of `rows` of the split's rows, in order (all of them where rows is 0 or too many)."""
     if rows == 0 or rows >= len(split):
         return split
     chosen = np.sort(np.random.default_rng(seed + 2).choice(len(split), rows, replace=False))
@@ -298,7 +300,7 @@ def load_allmrec(folder: str | Path, dataset: CTRDataset, device: str = "auto") 
         config.sasrec_dim, text_items.shape[1], config.latent_dim, config.hidden, config.latent_norm
     )
     alignment.load_state_dict(_weights(folder, "alignment"))
-    llm = _load_llm(config, device)
+    llm = load_frozen_llm(config, device)
     model = ALLMRec(llm.model, sasrec.to(torch_device), alignment.to(torch_device), config.hidden)
     model.user_projection.load_state_dict(_weights(folder, "user_projection"))
     model.item_projection.load_state_dict(_weights(folder, "item_projection"))
@@ -312,11 +314,11 @@ def evaluate_allmrec(run: LoadedAllmrec, split: str = "test", progress: bool = T
     """Hit@k and NDCG@k of A-LLMRec and A-LLMRec(SBERT) on a split of the run's task."""
     rows = run.task.splits[split]
     if split == "test":
-        rows = _sample(rows, run.config.test_rows, run.config.seed)
+        rows = sample_split(rows, run.config.test_rows, run.config.seed)
     results = {}
     for name, text_items in (("A-LLMRec", None), ("A-LLMRec (SBERT)", run.text_items)):
         run.model.text_items = text_items
-        results[name] = next_item_metrics(_llm_ranks(run.model, run.prompts, rows, run.config, progress))
+        results[name] = next_item_metrics(llm_ranks(run.model, run.prompts, rows, run.config, progress))
     run.model.text_items = None
     return results
 
