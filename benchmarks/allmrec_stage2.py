@@ -25,7 +25,7 @@ from ccfllm.methods.allmrec import ALLMRec, NextItemPrompts, train_stage2
 from ccfllm.next_item_experiment import (
     NOUNS,
     llm_ranks,
-    load_frozen_llm,
+    load_task_llm,
     sample_split,
     stage2_settings,
     train_sasrec_and_alignment,
@@ -54,7 +54,7 @@ def main() -> None:
     timings: dict[str, float] = {}
     sasrec, stage1, _ = train_sasrec_and_alignment(config, task, device, timings)
 
-    llm = load_frozen_llm(config)
+    llm = load_task_llm(config)
     prompts = NextItemPrompts(
         llm.tokenizer, task.item_titles, NOUNS.get(dataset.domain, "item"), config.prompt_history
     )

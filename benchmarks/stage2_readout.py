@@ -61,6 +61,9 @@ def main() -> None:
     )
     in_train = biases["user_in_train"][rows["uid"].to_numpy()].astype(bool)
     for name, group in (("users in train", in_train), ("users not in train", ~in_train)):
+        if len(np.unique(label[group])) < 2:
+            print(f"  {name + ':':33s} {group.sum()} rows, both labels needed for an AUC")
+            continue
         print(
             f"  {name + ':':33s} {group.sum()} rows, run {auc(label[group], score[group]):.4f}, "
             f"backbone {auc(label[group], backbone[group]):.4f}"

@@ -95,7 +95,7 @@ def run_allmrec(
         table = [row("SASRec", lambda split: rank_candidates(sasrec, split))]
         joint_space = joint_space_check(stage1.alignment, sasrec, text_items)
 
-        llm = load_frozen_llm(config)
+        llm = load_task_llm(config)
         noun = NOUNS.get(dataset.domain, "item")
         soft = NextItemPrompts(llm.tokenizer, task.item_titles, noun, config.prompt_history)
         plain = NextItemPrompts(llm.tokenizer, task.item_titles, noun, config.prompt_history, soft=False)
@@ -177,7 +177,7 @@ def _tallrec(config, task, test, sasrec, alignment, plain, timings, progress) ->
     """The TALLRec-style baseline on the same task: a fresh copy of the LLM tuned with LoRA on the
     titles-only prompt, with the same loss, rows and epochs as stage 2. -> the model and its test ranks;
     its training and its inference of the test split are timed."""
-    llm = load_frozen_llm(config)
+    llm = load_task_llm(config)
     tuned = add_lora(llm.model)
     model = ALLMRec(tuned, sasrec, alignment, config.hidden).to(next(sasrec.parameters()).device)
     lora = [p for n, p in tuned.named_parameters() if "lora_" in n]
@@ -192,8 +192,8 @@ def _tallrec(config, task, test, sasrec, alignment, plain, timings, progress) ->
     return model, ranks
 
 
-def load_frozen_llm(config: AllmrecConfig, device: str | None = None):
-    """The frozen LLM as the config names it (on `device` where given)."""
+def load_task_llm(config: AllmrecConfig, device: str | None = None):
+    """The LLM the config names (on `device` where given): kept frozen by A-LLMRec, LoRA-tuned by TALLRec."""
     return load_llm(
         config.llm, device=device or config.device, dtype=config.dtype, allow_download=config.allow_download
     )
@@ -300,7 +300,7 @@ def load_allmrec(folder: str | Path, dataset: CTRDataset, device: str = "auto") 
         config.sasrec_dim, text_items.shape[1], config.latent_dim, config.hidden, config.latent_norm
     )
     alignment.load_state_dict(_weights(folder, "alignment"))
-    llm = load_frozen_llm(config, device)
+    llm = load_task_llm(config, device)
     model = ALLMRec(llm.model, sasrec.to(torch_device), alignment.to(torch_device), config.hidden)
     model.user_projection.load_state_dict(_weights(folder, "user_projection"))
     model.item_projection.load_state_dict(_weights(folder, "item_projection"))
