@@ -25,11 +25,12 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from tqdm import tqdm
 
-from ccfllm.cf.train import SplitTensors, train_cf
+from ccfllm.cf.train import predict_split, train_cf
 from ccfllm.config import ccf_config, cf_config
 from ccfllm.data import load_collm_split, resolve_data_dir
 from ccfllm.data.dataset import Split
 from ccfllm.device import keep_freed_memory
+from ccfllm.errors import CCFLLMError
 from ccfllm.llm import load_llm
 from ccfllm.metrics import auc
 from ccfllm.prompt import PromptBuilder
@@ -39,11 +40,10 @@ YEAR_AT_END = re.compile(r"\((\d{4})\)\s*$")
 PROBE_STRENGTHS = (1e-4, 1e-3, 1e-2, 1e-1)  # sklearn's C: inverse L2 strength
 
 
-@torch.no_grad()
 def cf_logits(model, split: Split) -> np.ndarray:
-    rows = SplitTensors.of(split, model.config.max_history, torch.device("cpu"))
-    users, items = model.encode(rows.uid, rows.iid, rows.history)
-    return model.score(users, items, rows.uid, rows.iid).numpy()
+    """The backbone's logit of each row (its click probability, turned back)."""
+    probability = predict_split(model, split)
+    return np.log(probability) - np.log1p(-probability)
 
 
 def release_years(titles: np.ndarray, iid: np.ndarray) -> np.ndarray:
@@ -91,7 +91,10 @@ def main() -> None:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
     keep_freed_memory()
     started = time.time()
-    dataset = load_collm_split(resolve_data_dir(args.data))
+    try:
+        dataset = load_collm_split(resolve_data_dir(args.data))
+    except CCFLLMError as exc:
+        parser.error(str(exc))
     rng = np.random.default_rng(args.seed)
     splits = {
         name: getattr(dataset, name).take(sample_rows(len(getattr(dataset, name)), rows, rng))

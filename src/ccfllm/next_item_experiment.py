@@ -44,6 +44,7 @@ from .methods.allmrec import (
 )
 from .metrics import target_ranks
 from .text_encoder import load_sentence_encoder
+from .train import sample_rows
 
 NOUNS = {"movies": "movie", "books": "book"}
 # /2: the alignment holds input scales (buffers) and may end in a LayerNorm; /1 weights do not load.
@@ -242,7 +243,7 @@ def sample_split(split: NextItemSplit, rows: int, seed: int) -> NextItemSplit:
     """A seeded sample of `rows` of the split's rows, in order (all of them where rows is 0 or too many)."""
     if rows == 0 or rows >= len(split):
         return split
-    chosen = np.sort(np.random.default_rng(seed + 2).choice(len(split), rows, replace=False))
+    chosen = sample_rows(len(split), rows, np.random.default_rng(seed + 2))
     fields = ("uid", "history", "target", "candidates")
     return NextItemSplit(split.name, *(getattr(split, f)[chosen] for f in fields))
 
