@@ -123,6 +123,20 @@ def test_a_run_reports_every_stage_and_reloads_to_the_same_scores(saved_run, tin
     assert test_metrics["uauc"] == saved_run.table[-1]["test_uauc"]
 
 
+def test_a_run_with_lora_on_every_linear_layer_reloads_to_the_same_scores(
+    tmp_path, tiny_llm_dir, tiny_dataset
+):
+    config = tiny_ccf_config(tiny_llm_dir, cf_model="mf", strategy="stage1-only", lora_targets="all-linear")
+    run = run_ccf_llm(config, tiny_dataset, tmp_path / "run", progress=False)
+    adapter = json.loads((run.folder / "adapter" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == [
+        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"
+    ]  # fmt: skip
+    reloaded = load_run(run.folder, tiny_dataset, device="cpu")
+    test_metrics = evaluate_run(reloaded, tiny_dataset, ("test",), progress=False)["test"]
+    assert test_metrics["auc"] == run.table[-1]["test_auc"]  # exactly
+
+
 def test_a_broken_or_foreign_run_is_refused(saved_run, tiny_dataset, tmp_path):
     import shutil
 

@@ -21,6 +21,18 @@ from ccfllm.scoring_layers import layer_weights
 
 @pytest.fixture(scope="module")
 def recommender(tiny_llm_dir, tiny_dataset):
+    return _recommender(tiny_llm_dir, tiny_dataset, "attention")
+
+
+@pytest.fixture(scope="module", params=["attention", "all-linear"])
+def any_lora_recommender(request, tiny_llm_dir, tiny_dataset):
+    """The recommender with LoRA on q/v (the default), then on every linear layer of the blocks."""
+    if request.param == "attention":
+        return request.getfixturevalue("recommender")
+    return _recommender(tiny_llm_dir, tiny_dataset, request.param)
+
+
+def _recommender(tiny_llm_dir, tiny_dataset, lora_targets: str):
     cf = cf_config("mf", dim=8, lr=1e-2, weight_decay=1e-4, bias_decay=1e-4, max_epochs=3, device="cpu")
     backbone = train_cf(cf, tiny_dataset, progress=False).model
     config = ccf_config(
@@ -31,6 +43,7 @@ def recommender(tiny_llm_dir, tiny_dataset):
         alg_hidden=16,
         gate_hidden=8,
         compile_scoring=False,
+        lora_targets=lora_targets,
     )
     torch.manual_seed(0)
     built = build_recommender(
@@ -64,9 +77,13 @@ def test_engine_scores_equal_the_naive_path(recommender, tiny_dataset, with_cf):
     assert np.ptp(naive) > 1e-4  # rows score 100x the tolerance apart, so the comparison means something
 
 
-def test_scoring_merges_trained_lora_into_the_weights_and_puts_them_back(recommender, tiny_dataset):
+def test_scoring_merges_trained_lora_into_the_weights_and_puts_them_back(any_lora_recommender, tiny_dataset):
+    recommender = any_lora_recommender
     model, builder, test = copy.deepcopy(recommender.model), recommender.hybrid_prompts, tiny_dataset.test
     lora_layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    assert (
+        len(lora_layers) == {"attention": 2, "all-linear": 7}[recommender.config.lora_targets] * 2
+    )  # 2 layers
     torch.manual_seed(1)
     with torch.no_grad():  # B starts at zero: give the adapters an effect to merge
         for layer in lora_layers:
@@ -98,10 +115,11 @@ def _disable_adapters(module: torch.nn.Module) -> None:
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_llama_layers_as_one_function_give_the_decoders_scores(
-    recommender, tiny_dataset, monkeypatch, compiled
+    any_lora_recommender, tiny_dataset, monkeypatch, compiled
 ):
     from ccfllm import scoring_layers
 
+    recommender = any_lora_recommender
     model, builder, test = copy.deepcopy(recommender.model), recommender.hybrid_prompts, tiny_dataset.test
     torch.manual_seed(1)
     with torch.no_grad():  # trained adapters, so that the merged weights are what the layers must read

@@ -98,6 +98,11 @@ def save_tiny_llama(folder, tokenizer, vocab_size: int | None = None):
 def test_lora_targets_follow_the_architecture():
     assert lora_target_modules(tiny_llama()) == ["q_proj", "v_proj"]
     assert lora_target_modules(tiny_gpt2()) == ["c_attn"]  # a transformers Conv1D, not an nn.Linear
+    every_block_linear = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert lora_target_modules(tiny_llama(), "all-linear") == every_block_linear  # not lm_head
+    assert lora_target_modules(tiny_gpt2(), "all-linear") == ["c_attn", "c_fc", "c_proj"]
+    with pytest.raises(CCFLLMError, match=r"LoRA targets must be one of \['attention', 'all-linear'\]"):
+        lora_target_modules(tiny_llama(), "mlp")
     unknown = torch.nn.Sequential()
     unknown.add_module("mixer", torch.nn.Linear(4, 4))
     with pytest.raises(CCFLLMError, match=r"No known attention projection among .*\['mixer'\]"):
@@ -113,6 +118,32 @@ def test_add_lora_trains_only_the_adapters_and_their_count_follows_r(r):
     q_adapter = r * 32 + 32 * r  # A (r x 32), B (32 x r)
     v_adapter = r * 32 + 16 * r  # A (r x 32), B (16 x r)
     assert sum(trainable.values()) == 2 * (q_adapter + v_adapter)  # 2 layers
+
+
+def test_all_linear_lora_adapts_every_block_linear_with_its_own_dropout_stream():
+    # hidden 32, 4 query heads and 2 key/value heads of size 8, MLP 32 -> 64 -> 32 (tiny_llama)
+    model = add_lora(
+        tiny_llama(kv_heads=2),
+        r=4,
+        dropout=0.1,
+        target_modules=lora_target_modules(tiny_llama(), "all-linear"),
+    )
+    trainable = sum(p.numel() for name, p in model.named_parameters() if p.requires_grad)
+    shapes = {
+        "q": (32, 32),
+        "k": (32, 16),
+        "v": (32, 16),
+        "o": (32, 32),
+        "gate": (32, 64),
+        "up": (32, 64),
+        "down": (64, 32),
+    }
+    per_layer = sum(4 * n_in + n_out * 4 for n_in, n_out in shapes.values())  # A (r x in), B (out x r)
+    assert trainable == 2 * per_layer  # 2 layers; lm_head and the embeddings untouched
+    streams = {
+        name.split(".")[-3]: m.stream for name, m in model.named_modules() if isinstance(m, GapDropout)
+    }
+    assert sorted(streams.values()) == list(range(7))  # q, k and v read one input: three masks, not one
 
 
 def test_lora_adapters_stay_float32_on_a_bf16_model():
@@ -347,38 +378,46 @@ def test_compiled_gap_dropout_keeps_its_masks_for_backward_and_apart_per_stream(
     torch.testing.assert_close(x.grad, expected)  # backward multiplies by the masks forward used
 
 
-def test_compiled_training_steps_equal_uncompiled_ones(tiny_llm_dir, tiny_dataset, backbone):
+@pytest.mark.parametrize("lora_targets", ["attention", "all-linear"])
+def test_compiled_training_steps_equal_uncompiled_ones(tiny_llm_dir, tiny_dataset, backbone, lora_targets):
     losses = {
-        compiled: few_steps(tiny_recommender(tiny_llm_dir, tiny_dataset, backbone, compiled), tiny_dataset, 3)
+        compiled: few_steps(
+            tiny_recommender(tiny_llm_dir, tiny_dataset, backbone, compiled, lora_targets), tiny_dataset, 3
+        )
         for compiled in (False, True)
     }
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
 
 
-def test_training_goes_on_uncompiled_where_compiling_fails(tiny_llm_dir, tiny_dataset, backbone, monkeypatch):
+def test_training_goes_on_uncompiled_where_compiling_fails(tiny_llm_dir, tiny_dataset, backbone):
     import torch._dynamo
     import torch._functorch.config
     import torch._inductor.config
 
+    # torch's own config.patch, not monkeypatch: monkeypatch's undo left enable_autograd_cache
+    # unreadable (AttributeError), and every later compile in the session failed on it
+    no_compiler = torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/g++",), "fx_graph_cache": False})
+    no_autograd_cache = torch._functorch.config.patch(enable_autograd_cache=False)
     torch._dynamo.reset()  # forget the layers compiled by other tests
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/g++",))
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
     losses = {}
-    for compiled in (True, False):
-        recommender = tiny_recommender(tiny_llm_dir, tiny_dataset, backbone, compiled)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            losses[compiled] = few_steps(recommender, tiny_dataset, steps=2)
-        failed = [w for w in caught if "torch.compile failed" in str(w.message)]
-        assert len(failed) == (1 if compiled else 0), [str(w.message) for w in caught]
-    torch._dynamo.reset()
+    try:
+        with no_compiler, no_autograd_cache:
+            for compiled in (True, False):
+                recommender = tiny_recommender(tiny_llm_dir, tiny_dataset, backbone, compiled)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    losses[compiled] = few_steps(recommender, tiny_dataset, steps=2)
+                failed = [w for w in caught if "torch.compile failed" in str(w.message)]
+                assert len(failed) == (1 if compiled else 0), [str(w.message) for w in caught]
+    finally:
+        torch._dynamo.reset()
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-6)
 
 
-def tiny_recommender(llm_dir, dataset, backbone, compile_training: bool):
+def tiny_recommender(llm_dir, dataset, backbone, compile_training: bool, lora_targets: str = "attention"):
     torch.manual_seed(0)
-    config = ccf_config("cpu", llm=str(llm_dir), **{**TINY_CCF, "compile_training": compile_training})
+    settings = {**TINY_CCF, "compile_training": compile_training, "lora_targets": lora_targets}
+    config = ccf_config("cpu", llm=str(llm_dir), **settings)
     return build_recommender(config, dataset, backbone, load_llm(str(llm_dir), device="cpu", dtype="float32"))
 
 

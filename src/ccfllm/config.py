@@ -73,6 +73,7 @@ STRATEGIES = ("two-stage", "stage1-only", "end-to-end", "zero-shot")  # Table 4;
 STAGE1_PROMPTS = ("text", "hybrid")
 CF_FEATURES = ("embedding", "embedding+bias")
 FUSIONS = ("gate", "alpha-one", "alpha-scalar")  # Eq. 3-4, and the two ablations of Figure 3a
+LORA_LAYERS = ("attention", "all-linear")  # llm.lora_target_modules
 LOSSES = ("eq5", "yes-logit", "answer-ce")  # CCF-LLM's Eq. 5, CoLLM's, TALLRec's (methods/__init__.py)
 # The LLM recommenders, and the settings each changes from CCF-LLM's (what each builds: methods/).
 METHOD_SETTINGS: dict[str, dict[str, Any]] = {
@@ -117,6 +118,11 @@ class CCFConfig:
         "trained stage 1 with the same settings",
         "",
     )
+    lora_targets: str = _help(
+        "layers LoRA adapts: 'attention' (q/v on Llama, as LoRA's paper) or 'all-linear' (every linear "
+        "layer of the blocks: attention and MLP)",
+        "attention",
+    )
     lora_r: int = _help("LoRA rank", 8)
     lora_alpha: int = _help("LoRA alpha", 16)
     lora_dropout: float = _help("LoRA dropout", 0.05)
@@ -154,6 +160,7 @@ class CCFConfig:
             "cf_model": tuple(CF_PRESETS),
             "method": tuple(METHOD_SETTINGS),
             "loss": LOSSES,
+            "lora_targets": LORA_LAYERS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -33,7 +33,7 @@ from .device import seed_everything
 from .engine import score_rows
 from .errors import CCFLLMError, CheckpointError
 from .io import atomic_path
-from .llm import LoadedLLM, add_lora, load_llm
+from .llm import LoadedLLM, add_lora, load_llm, lora_target_modules
 from .methods import LOSSES, METHODS, uses_backbone
 from .methods.ccf_llm import CCFLLM, CFFeatures
 from .methods.softprompt import FreeFeatures
@@ -88,7 +88,8 @@ def build_recommender(
     device = llm.model.device
     features = _cf_features(config, dataset, backbone)
     second = _cf_features(config, dataset, second_backbone) if config.cf_model2 else None
-    peft_model = add_lora(llm.model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
+    targets = lora_target_modules(llm.model, config.lora_targets)
+    peft_model = add_lora(llm.model, config.lora_r, config.lora_alpha, config.lora_dropout, targets)
     score = LOSSES[config.loss].score
     model = CCFLLM(peft_model, features, config, llm.yes_id, llm.no_id, score, second).to(device)
     similar = similar_items(backbone, dataset) if method.prompt == "cf-text" else None
@@ -198,8 +199,8 @@ def run_ccf_llm(
 # them train the same LoRA adapter, so one can reuse the other's (the runner shares it among variants).
 STAGE1_SETTINGS = (
     "llm", "dtype", "loss", "loss_k", "lr_lora", "batch_size", "epochs", "train_rows", "valid_rows",
-    "eval_every", "patience", "max_tokens", "max_history", "lora_r", "lora_alpha", "lora_dropout", "seed",
-    "stage1_prompt", "test_rows",
+    "eval_every", "patience", "max_tokens", "max_history", "lora_targets", "lora_r", "lora_alpha",
+    "lora_dropout", "seed", "stage1_prompt", "test_rows",
 )  # fmt: skip
 
 
@@ -209,7 +210,8 @@ def stage1_signature(config: CCFConfig | dict) -> dict | None:
     settings = config if isinstance(config, dict) else to_dict(config)
     if settings["stage1_prompt"] != "text" or settings["strategy"] in ("end-to-end", "zero-shot"):
         return None
-    return {key: settings.get(key) for key in STAGE1_SETTINGS}
+    defaults = to_dict(CCFConfig())  # a run saved before a setting existed ran with its default
+    return {key: settings.get(key, defaults[key]) for key in STAGE1_SETTINGS}
 
 
 def check_stage1_donor(config: CCFConfig, donor: Path) -> None:

@@ -34,6 +34,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
 )
 
+from .config import LORA_LAYERS
 from .device import resolve_device, resolve_dtype
 from .errors import CCFLLMError
 from .io import atomic_path
@@ -138,10 +139,16 @@ def answer_token_ids(
     return ids
 
 
-def lora_target_modules(model: torch.nn.Module) -> list[str]:
-    """The attention projections LoRA adapts: q/v for Llama-like models, the fused or named
-    equivalents for other architectures."""
+def lora_target_modules(model: torch.nn.Module, which: str = "attention") -> list[str]:
+    """The layers LoRA adapts. 'attention': the attention projections, q/v for Llama-like models,
+    the fused or named equivalents for other architectures. 'all-linear': every linear layer but the
+    output layer (on Llama: q, k, v, o and the MLP's gate, up and down)."""
+    if which not in LORA_LAYERS:
+        raise CCFLLMError(f"LoRA targets must be one of {list(LORA_LAYERS)}, got {which!r}.")
     linear_names = _linear_layer_names(model)
+    if which == "all-linear":
+        output = _output_layer_name(model)
+        return sorted(name for name in linear_names if name != output)
     for targets in LORA_TARGETS:
         if set(targets) <= linear_names:
             return list(targets)
@@ -573,6 +580,14 @@ def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
 
 def _describe(tokenizer: PreTrainedTokenizerBase) -> str:
     return f"tokenizer {type(tokenizer).__name__} ({tokenizer.name_or_path or 'built in code'})"
+
+
+def _output_layer_name(model: torch.nn.Module) -> str | None:
+    """The last name part of the layer that maps hidden states to the vocabulary, if the model has one."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    names = [name for name, module in model.named_modules() if module is output and output is not None]
+    return names[0].rsplit(".", 1)[-1] if names else None
 
 
 def _linear_layer_names(model: torch.nn.Module) -> set[str]:
