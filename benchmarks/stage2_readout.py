@@ -8,7 +8,12 @@ run's logit log(s / (1 - s)) on (b_u, b_i, 1): the weights it gives each bias, t
 variance they explain, the AUC of the fitted part and of what is left, and how much of what is left
 is a per-user or a per-item offset.
 
+With --without-cf it also scores the test split again with every user's and item's CF features
+withheld (x^CF = 0, the cold-start policy applied to every row; a few minutes), and splits the run's
+logit into that part, what the LLM makes of the text alone, and the rest, what the CF features add.
+
     .venv/bin/python benchmarks/stage2_readout.py --run runs/ccf-llm/mf-cpu-seed0
+    .venv/bin/python benchmarks/stage2_readout.py --run runs/ccf-llm/mf-cpu-seed0 --without-cf
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ import numpy as np
 import pandas as pd
 from safetensors.numpy import load_file
 
+from ccfllm.data import load_collm_split, resolve_data_dir
+from ccfllm.engine import score_rows
 from ccfllm.errors import CCFLLMError
-from ccfllm.experiment import read_run_config
+from ccfllm.experiment import load_run, read_run_config
 from ccfllm.metrics import auc
 
 WEIGHTS = (0.3, 0.5, 0.6, 0.7, 0.8, 1.0, 1.3, 1.6, 2.0)
@@ -32,6 +39,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--run", type=Path, required=True, help="a saved CCF-LLM run (predictions.parquet)")
+    parser.add_argument(
+        "--without-cf", action="store_true", help="also score the test split with the CF features withheld"
+    )
+    parser.add_argument("--data", default=None, help="the run's dataset folder, if not the default")
     args = parser.parse_args()
     try:
         settings = read_run_config(args.run)
@@ -49,8 +60,8 @@ def main() -> None:
     label = rows["label"].to_numpy()
     user_bias = biases["user_bias"][rows["uid"].to_numpy()]
     item_bias = biases["item_bias"][rows["iid"].to_numpy()]
-    score = rows["score"].to_numpy().clip(1e-7, 1 - 1e-7)
-    logit = np.log(score / (1 - score))
+    score = rows["score"].to_numpy()
+    logit = logit_of(score)
 
     print(f"run {args.run}: {len(rows)} test rows, CF backbone {cf_folder}")
     print(f"  run's test AUC                    {auc(label, score):.4f}")
@@ -90,6 +101,54 @@ def main() -> None:
             f"  share of what is left carried by its means per {name}: {means.var() / left.var():.3f} "
             f"({per:.1f} rows per {name}; about {1 / per:.2f} by chance)"
         )
+    if args.without_cf:
+        try:
+            text_part = logit_of(scores_without_cf(args.run, args.data, rows))
+        except CCFLLMError as exc:
+            parser.error(str(exc))
+        print_split_by_cf(label, logit, text_part)
+
+
+def logit_of(score: np.ndarray) -> np.ndarray:
+    score = score.clip(1e-7, 1 - 1e-7)
+    return np.log(score / (1 - score))
+
+
+def scores_without_cf(run: Path, data: str | None, rows: pd.DataFrame) -> np.ndarray:
+    """The run's test scores with every user's and item's x^CF set to zero (all of them 'unknown')."""
+    dataset = load_collm_split(
+        resolve_data_dir(data), max_history=read_run_config(run)["config"]["max_history"]
+    )
+    test = dataset.test
+    if len(rows) != len(test):
+        raise CCFLLMError(
+            f"{run} scored {len(rows)} of the {len(test)} test rows (test_rows); --without-cf needs a run "
+            "that scored all of them."
+        )
+    if not (np.array_equal(test.uid, rows["uid"]) and np.array_equal(test.iid, rows["iid"])):
+        raise CCFLLMError(
+            f"{run}'s predictions are not the test split of {dataset.source}, row for row: "
+            "name the run's dataset with --data."
+        )
+    recommender = load_run(run, dataset)
+    model = recommender.model
+    for features in (model.cf, model.second_cf):
+        if features is not None:
+            features.known_users.zero_()
+            features.known_items.zero_()
+    return score_rows(model, recommender.hybrid_prompts, test, None, recommender.config.eval_batch_size, True)
+
+
+def print_split_by_cf(label: np.ndarray, logit: np.ndarray, text_part: np.ndarray) -> None:
+    cf_part = logit - text_part
+    print("  the run's logit = text part (CF withheld) + CF part (the rest):")
+    for name, part in (("whole logit", logit), ("text part", text_part), ("CF part", cf_part)):
+        print(f"    {name:12s} std {part.std():.3f}, AUC {auc(label, part):.4f}")
+    print(f"    correlation of the two parts {np.corrcoef(text_part, cf_part)[0, 1]:+.3f}")
+    print(
+        "    CF part + w * text part, by w  "
+        + ", ".join(f"{w}: {auc(label, cf_part + w * text_part):.4f}" for w in (0.0, 0.5, 1.0, 2.0))
+    )
 
 
 if __name__ == "__main__":

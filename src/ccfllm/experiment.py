@@ -303,9 +303,10 @@ def predict_rows(recommender: Recommender, dataset: CTRDataset, rows: pd.DataFra
     """Scores for arbitrary (uid, iid) rows, with the cold-start policy of the README.
 
     A row's history is its `history` column if given, else the user's most recent liked items in the
-    dataset. A user or item that the CF backbone never saw in training has no CF embedding: its positions
-    carry text only (the title tokens unfused; the user token gets ALG of a zero vector), and the `cf`
-    column says which side had one. A new item needs a `title` column.
+    dataset. A user or item that the CF backbone never saw in training has no CF embedding: its x^CF is
+    a zero vector, so its positions carry no collaborative signal (the user token is ALG(0); each title
+    token is fused with ALG(0), Eq. 4, which is the same for every such item), and the `cf` column says
+    which side had one. A new item needs a `title` column.
     """
     frame = _checked_prediction_rows(rows, dataset)
     titles = _titles_with_new_items(dataset, frame)
