@@ -81,9 +81,8 @@ def test_scoring_merges_trained_lora_into_the_weights_and_puts_them_back(any_lor
     recommender = any_lora_recommender
     model, builder, test = copy.deepcopy(recommender.model), recommender.hybrid_prompts, tiny_dataset.test
     lora_layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
-    assert (
-        len(lora_layers) == {"attention": 2, "all-linear": 7}[recommender.config.lora_targets] * 2
-    )  # 2 layers
+    per_layer = {"attention": 2, "all-linear": 7}[recommender.config.lora_targets]
+    assert len(lora_layers) == 2 * per_layer  # the tiny Llama has 2 layers
     torch.manual_seed(1)
     with torch.no_grad():  # B starts at zero: give the adapters an effect to merge
         for layer in lora_layers:

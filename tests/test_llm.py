@@ -105,8 +105,13 @@ def test_lora_targets_follow_the_architecture():
         lora_target_modules(tiny_llama(), "mlp")
     unknown = torch.nn.Sequential()
     unknown.add_module("mixer", torch.nn.Linear(4, 4))
-    with pytest.raises(CCFLLMError, match=r"No known attention projection among .*\['mixer'\]"):
+    with pytest.raises(
+        CCFLLMError, match=r"No known attention projection among .*\['mixer'\]; set lora_targets=all"
+    ):
         lora_target_modules(unknown)
+    assert lora_target_modules(unknown, "all-linear") == ["mixer"]
+    with pytest.raises(CCFLLMError, match="no linear layer besides its output layer"):
+        lora_target_modules(torch.nn.Sequential(), "all-linear")
 
 
 @pytest.mark.parametrize("r", [4, 8])

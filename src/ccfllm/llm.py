@@ -148,13 +148,16 @@ def lora_target_modules(model: torch.nn.Module, which: str = "attention") -> lis
     linear_names = _linear_layer_names(model)
     if which == "all-linear":
         output = _output_layer_name(model)
-        return sorted(name for name in linear_names if name != output)
+        inner = sorted(name for name in linear_names if name != output)
+        if not inner:
+            raise CCFLLMError("This model has no linear layer besides its output layer for LoRA to adapt.")
+        return inner
     for targets in LORA_TARGETS:
         if set(targets) <= linear_names:
             return list(targets)
     raise CCFLLMError(
         f"No known attention projection among this model's linear layers {sorted(linear_names)}; "
-        "pass the LoRA target modules explicitly."
+        "set lora_targets=all-linear to adapt all of them but the output layer."
     )
 
 
