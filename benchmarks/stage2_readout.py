@@ -29,7 +29,7 @@ from ccfllm.data import load_collm_split, resolve_data_dir
 from ccfllm.engine import score_rows
 from ccfllm.errors import CCFLLMError
 from ccfllm.experiment import load_run, read_run_config
-from ccfllm.metrics import auc
+from ccfllm.metrics import auc, logit
 
 WEIGHTS = (0.3, 0.5, 0.6, 0.7, 0.8, 1.0, 1.3, 1.6, 2.0)
 
@@ -103,22 +103,20 @@ def main() -> None:
         )
     if args.without_cf:
         try:
-            text_part = logit_of(scores_without_cf(args.run, args.data, rows))
+            text_part = logit_of(scores_without_cf(args.run, args.data, settings, rows))
         except CCFLLMError as exc:
             parser.error(str(exc))
         print_split_by_cf(label, logit, text_part)
 
 
 def logit_of(score: np.ndarray) -> np.ndarray:
-    score = score.clip(1e-7, 1 - 1e-7)
-    return np.log(score / (1 - score))
+    """A run's logit from its scores, which can round to exactly 0 or 1."""
+    return logit(score.clip(1e-7, 1 - 1e-7))
 
 
-def scores_without_cf(run: Path, data: str | None, rows: pd.DataFrame) -> np.ndarray:
+def scores_without_cf(run: Path, data: str | None, settings: dict, rows: pd.DataFrame) -> np.ndarray:
     """The run's test scores with every user's and item's x^CF set to zero (all of them 'unknown')."""
-    dataset = load_collm_split(
-        resolve_data_dir(data), max_history=read_run_config(run)["config"]["max_history"]
-    )
+    dataset = load_collm_split(resolve_data_dir(data), max_history=settings["config"]["max_history"])
     test = dataset.test
     if len(rows) != len(test):
         raise CCFLLMError(

@@ -32,7 +32,7 @@ from ccfllm.data.dataset import Split
 from ccfllm.device import keep_freed_memory
 from ccfllm.errors import CCFLLMError
 from ccfllm.llm import load_llm
-from ccfllm.metrics import auc
+from ccfllm.metrics import auc, logit
 from ccfllm.prompt import PromptBuilder
 from ccfllm.train import sample_rows
 
@@ -42,8 +42,7 @@ PROBE_STRENGTHS = (1e-4, 1e-3, 1e-2, 1e-1)  # sklearn's C: inverse L2 strength
 
 def cf_logits(model, split: Split) -> np.ndarray:
     """The backbone's logit of each row (its click probability, turned back)."""
-    probability = predict_split(model, split)
-    return np.log(probability) - np.log1p(-probability)
+    return logit(predict_split(model, split))
 
 
 def release_years(titles: np.ndarray, iid: np.ndarray) -> np.ndarray:

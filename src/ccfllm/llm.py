@@ -587,10 +587,10 @@ def _describe(tokenizer: PreTrainedTokenizerBase) -> str:
 
 def _output_layer_name(model: torch.nn.Module) -> str | None:
     """The last name part of the layer that maps hidden states to the vocabulary, if the model has one."""
-    get_output = getattr(model, "get_output_embeddings", None)
-    output = get_output() if callable(get_output) else None
-    names = [name for name, module in model.named_modules() if module is output and output is not None]
-    return names[0].rsplit(".", 1)[-1] if names else None
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output is None:
+        return None
+    return next((name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module is output), None)
 
 
 def _linear_layer_names(model: torch.nn.Module) -> set[str]:

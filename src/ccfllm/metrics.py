@@ -8,6 +8,11 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 
+def logit(p: np.ndarray | float) -> np.ndarray:
+    """log(p / (1 - p)): a probability back to the score it came from."""
+    return np.log(p) - np.log1p(-p)
+
+
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve over all rows; ties count one half."""
     labels = np.asarray(labels)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..data.dataset import CTRDataset, Split
+from ..metrics import logit
 
 
 def smoothed_means(ids: np.ndarray, labels: np.ndarray, size: int, k: float) -> np.ndarray:
@@ -24,8 +25,4 @@ def reference_scores(dataset: CTRDataset, split: Split, k: float = 5.0) -> np.nd
     prior = labels.mean()
     user_mean = smoothed_means(train.uid, labels, dataset.n_users, k)
     item_mean = smoothed_means(train.iid, labels, dataset.n_items, k)
-    return _logit(user_mean[split.uid]) + _logit(item_mean[split.iid]) - _logit(prior)
-
-
-def _logit(p: np.ndarray | float) -> np.ndarray:
-    return np.log(p) - np.log1p(-p)
+    return logit(user_mean[split.uid]) + logit(item_mean[split.iid]) - logit(prior)
