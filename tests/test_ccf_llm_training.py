@@ -4,6 +4,8 @@ loss falls, that a saved run reloads to the same scores, and the cold-start poli
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -17,7 +19,7 @@ from ccfllm.experiment import build_recommender, evaluate_run, load_run, predict
 from ccfllm.llm import load_llm
 from ccfllm.methods.ccf_llm import ccf_loss, click_score
 from ccfllm.metrics import auc
-from ccfllm.train import Stage, trainable_parameters
+from ccfllm.train import Stage, learning_rate_schedule, train_stage, trainable_parameters
 from conftest import TINY_CCF
 
 
@@ -85,6 +87,49 @@ def test_a_few_steps_lower_the_loss_and_touch_nothing_else(recommender, tiny_dat
     assert np.mean(losses[-5:]) < np.mean(losses[:5]), losses
     assert aucs[-1] > 0.6 and aucs[-1] > aucs[0] + 0.2, aucs
     assert all(torch.equal(p, frozen[name]) for name, p in model.named_parameters() if name in frozen)
+
+
+def test_the_cosine_schedule_warms_up_over_3_percent_then_decays_to_zero():
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimiser = torch.optim.AdamW([weight], lr=1e-3)
+    schedule = learning_rate_schedule(optimiser, "cosine", total_steps=100)  # warm-up: ceil(3.0) steps
+    rates = []
+    for _ in range(101):
+        rates.append(optimiser.param_groups[0]["lr"])
+        optimiser.step()
+        schedule.step()
+    hand = [1e-3 * s / 3 for s in range(3)] + [
+        1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 3) / 97)) for s in range(3, 101)
+    ]
+    np.testing.assert_allclose(rates, hand, rtol=1e-9, atol=1e-15)
+    assert rates[3] == pytest.approx(1e-3) and rates[100] == pytest.approx(0.0, abs=1e-15)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_a_stage_steps_at_the_learning_rate_its_schedule_gives(
+    recommender, tiny_dataset, monkeypatch, schedule
+):
+    import ccfllm.train as train_module
+
+    rates, real_step = [], train_module.training_step
+
+    def recording_step(model, batch, optimiser, loss):
+        rates.append(optimiser.param_groups[0]["lr"])
+        return real_step(model, batch, optimiser, loss)
+
+    monkeypatch.setattr(train_module, "training_step", recording_step)
+    config = replace(recommender.config, lr_schedule=schedule, patience=100)
+    train = tiny_dataset.train
+    train_stage(
+        recommender.model, Stage.FUSION, recommender.hybrid_prompts, train, tiny_dataset.valid, config, False
+    )
+    steps = -(-min(config.fusion_rows, len(train)) // config.batch_size)
+    assert len(rates) == steps == 8
+    if schedule == "constant":
+        assert rates == [config.lr_fusion] * steps
+    else:  # one warm-up step (ceil(0.03 * 8)), then the cosine over the other 7
+        hand = [0.0] + [config.lr_fusion * 0.5 * (1 + math.cos(math.pi * (s - 1) / 7)) for s in range(1, 8)]
+        np.testing.assert_allclose(rates, hand, rtol=1e-9)
 
 
 def test_scores_do_not_depend_on_batch_composition(recommender, tiny_dataset):

@@ -150,16 +150,15 @@ def test_a_donor_that_trained_another_stage_one_is_refused(tmp_path, tiny_datase
     assert not (tmp_path / "again").exists()
 
 
-def test_a_run_saved_before_a_stage_one_setting_existed_counts_as_its_default(settings):
+@pytest.mark.parametrize("setting, other", [("lora_targets", "all-linear"), ("lr_schedule", "cosine")])
+def test_a_run_saved_before_a_stage_one_setting_existed_counts_as_its_default(settings, setting, other):
     from ccfllm.config import to_dict
     from ccfllm.experiment import stage1_signature
 
     config = ccf_config("cpu", **settings)
-    saved_before = {k: v for k, v in to_dict(config).items() if k != "lora_targets"}
+    saved_before = {k: v for k, v in to_dict(config).items() if k != setting}
     assert stage1_signature(saved_before) == stage1_signature(config)
-    assert stage1_signature(ccf_config("cpu", **settings, lora_targets="all-linear")) != stage1_signature(
-        config
-    )
+    assert stage1_signature(ccf_config("cpu", **settings, **{setting: other})) != stage1_signature(config)
 
 
 def test_the_commit_is_dirty_for_changed_code_but_not_for_the_results_file_appended(tmp_path, monkeypatch):

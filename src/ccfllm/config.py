@@ -74,6 +74,7 @@ STAGE1_PROMPTS = ("text", "hybrid")
 CF_FEATURES = ("embedding", "embedding+bias")
 FUSIONS = ("gate", "alpha-one", "alpha-scalar")  # Eq. 3-4, and the two ablations of Figure 3a
 LORA_LAYERS = ("attention", "all-linear")  # llm.lora_target_modules
+LR_SCHEDULES = ("constant", "cosine")  # train.learning_rate_schedule
 LOSSES = ("eq5", "yes-logit", "answer-ce")  # CCF-LLM's Eq. 5, CoLLM's, TALLRec's (methods/__init__.py)
 # The LLM recommenders, and the settings each changes from CCF-LLM's (what each builds: methods/).
 METHOD_SETTINGS: dict[str, dict[str, Any]] = {
@@ -132,6 +133,11 @@ class CCFConfig:
     loss_k: float = _help("weight k of the BPR term of Eq. 5", 2.0)
     lr_lora: float = _help("AdamW learning rate of the LoRA stage (paper: 1e-4)", 1e-4)
     lr_fusion: float = _help("AdamW learning rate of the ALG + GATE stage", 1e-4)
+    lr_schedule: str = _help(
+        "learning rate over each stage: 'constant', or 'cosine' (Vicuna's training script, which the "
+        "paper follows: linear warm-up over the first 3% of the stage's steps, then cosine decay to 0)",
+        "constant",
+    )
     batch_size: int = _help("training rows per step (paper: 3)", 3)
     eval_batch_size: int = _help("rows per scoring batch", 32)
     epochs: int = _help("passes over the training rows per stage", 5)
@@ -161,6 +167,7 @@ class CCFConfig:
             "method": tuple(METHOD_SETTINGS),
             "loss": LOSSES,
             "lora_targets": LORA_LAYERS,
+            "lr_schedule": LR_SCHEDULES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -226,6 +233,7 @@ CCF_PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 3,
         "lr_lora": 1e-4,
         "lr_fusion": 1e-4,
+        "lr_schedule": "cosine",  # the paper "referenced the official training script for Vicuna"
         "epochs": 5,
         "train_rows": 0,
         "fusion_rows": 0,

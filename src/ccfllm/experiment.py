@@ -198,9 +198,9 @@ def run_ccf_llm(
 # Settings that decide what stage 1 learns, when it reads the text-only prompt: two runs that agree on
 # them train the same LoRA adapter, so one can reuse the other's (the runner shares it among variants).
 STAGE1_SETTINGS = (
-    "llm", "dtype", "loss", "loss_k", "lr_lora", "batch_size", "epochs", "train_rows", "valid_rows",
-    "eval_every", "patience", "max_tokens", "max_history", "lora_targets", "lora_r", "lora_alpha",
-    "lora_dropout", "seed", "stage1_prompt", "test_rows",
+    "llm", "dtype", "loss", "loss_k", "lr_lora", "lr_schedule", "batch_size", "epochs", "train_rows",
+    "valid_rows", "eval_every", "patience", "max_tokens", "max_history", "lora_targets", "lora_r",
+    "lora_alpha", "lora_dropout", "seed", "stage1_prompt", "test_rows",
 )  # fmt: skip
 
 

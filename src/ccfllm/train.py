@@ -9,6 +9,7 @@ counts as a candidate, so a stage never ends worse on valid than it began.
 from __future__ import annotations
 
 import enum
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import get_constant_schedule, get_cosine_schedule_with_warmup
 
 from .config import CCFConfig
 from .data.dataset import Split
@@ -81,6 +83,7 @@ def train_stage(
     steps_per_epoch = -(-len(train_rows) // config.batch_size)
     eval_every = config.eval_every or steps_per_epoch
     total_steps = steps_per_epoch * config.epochs
+    schedule = learning_rate_schedule(optimiser, config.lr_schedule, total_steps)
 
     def validate() -> float:
         return auc(
@@ -106,6 +109,7 @@ def train_stage(
             device
         )
         losses.append(training_step(model, batch, optimiser, loss_for(config)))
+        schedule.step()
         step += 1
         bar.update()
         if step % eval_every and step != total_steps:
@@ -126,6 +130,20 @@ def train_stage(
     _restore(parameters, best_state)
     model.eval()
     return StageResult(stage.value, best_auc, best_step, step, time.perf_counter() - started, curve)
+
+
+WARMUP_SHARE = 0.03  # FastChat's Vicuna training script: --warmup_ratio 0.03 --lr_scheduler_type cosine
+
+
+def learning_rate_schedule(
+    optimiser: torch.optim.Optimizer, schedule: str, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """'constant', or 'cosine' as in Vicuna's training script, which the paper follows (4.1): a linear
+    warm-up over the first 3% of the stage's steps, then a cosine decay to zero at its last step."""
+    if schedule == "constant":
+        return get_constant_schedule(optimiser)
+    warmup_steps = math.ceil(WARMUP_SHARE * total_steps)  # as transformers' Trainer rounds warmup_ratio
+    return get_cosine_schedule_with_warmup(optimiser, warmup_steps, total_steps)
 
 
 def loss_for(config: CCFConfig) -> Callable[[Answer, torch.Tensor], torch.Tensor]:
