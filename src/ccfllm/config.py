@@ -74,7 +74,7 @@ STAGE1_PROMPTS = ("text", "hybrid")
 CF_FEATURES = ("embedding", "embedding+bias")
 FUSIONS = ("gate", "alpha-one", "alpha-scalar")  # Eq. 3-4, and the two ablations of Figure 3a
 LORA_LAYERS = ("attention", "all-linear")  # llm.lora_target_modules
-LR_SCHEDULES = ("constant", "cosine")  # train.learning_rate_schedule
+LR_SCHEDULES = ("constant", "cosine")  # transformers' scheduler names (train.learning_rate_schedule)
 LOSSES = ("eq5", "yes-logit", "answer-ce")  # CCF-LLM's Eq. 5, CoLLM's, TALLRec's (methods/__init__.py)
 # The LLM recommenders, and the settings each changes from CCF-LLM's (what each builds: methods/).
 METHOD_SETTINGS: dict[str, dict[str, Any]] = {

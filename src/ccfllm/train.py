@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import get_constant_schedule, get_cosine_schedule_with_warmup
+from transformers import get_scheduler
 
 from .config import CCFConfig
 from .data.dataset import Split
@@ -138,12 +138,11 @@ WARMUP_SHARE = 0.03  # FastChat's Vicuna training script: --warmup_ratio 0.03 --
 def learning_rate_schedule(
     optimiser: torch.optim.Optimizer, schedule: str, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """'constant', or 'cosine' as in Vicuna's training script, which the paper follows (4.1): a linear
-    warm-up over the first 3% of the stage's steps, then a cosine decay to zero at its last step."""
-    if schedule == "constant":
-        return get_constant_schedule(optimiser)
+    """transformers' schedule of that name (its `lr_scheduler_type`): 'constant', or 'cosine' as in
+    Vicuna's training script, which the paper follows (4.1): a linear warm-up over the first 3% of the
+    stage's steps, then a cosine decay to zero at its last step. 'constant' takes no warm-up."""
     warmup_steps = math.ceil(WARMUP_SHARE * total_steps)  # as transformers' Trainer rounds warmup_ratio
-    return get_cosine_schedule_with_warmup(optimiser, warmup_steps, total_steps)
+    return get_scheduler(schedule, optimiser, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
 
 
 def loss_for(config: CCFConfig) -> Callable[[Answer, torch.Tensor], torch.Tensor]:
