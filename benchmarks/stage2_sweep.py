@@ -17,7 +17,7 @@ from ccfllm.data import load_collm_split, resolve_data_dir
 from ccfllm.device import seed_everything
 from ccfllm.engine import score_rows
 from ccfllm.errors import CCFLLMError
-from ccfllm.experiment import load_run, read_run_config
+from ccfllm.experiment import load_run, read_run_config, test_split
 from ccfllm.methods.ccf_llm import Alignment, Gate
 from ccfllm.metrics import auc, uauc
 from ccfllm.train import Stage, train_stage
@@ -29,6 +29,7 @@ def main() -> None:
     )
     parser.add_argument("--run", type=Path, required=True, help="a saved two-stage CCF-LLM run")
     parser.add_argument("--data", default=None)
+    parser.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda:N'")
     parser.add_argument("--set", dest="settings", action="append", default=[], help="KEY=VALUE for stage 2")
     parser.add_argument("--test", action="store_true", help="also score the test split after stage 2")
     parser.add_argument(
@@ -38,11 +39,12 @@ def main() -> None:
     try:
         record = read_run_config(args.run)["config"]
         dataset = load_collm_split(resolve_data_dir(args.data), max_history=record["max_history"])
-        recommender = load_run(args.run, dataset)
+        recommender = load_run(args.run, dataset, device=args.device)
         config = replace_checked(recommender.config, parse_overrides(args.settings))
     except CCFLLMError as exc:
         parser.error(str(exc))
     model = recommender.model
+    model.compile_training, model.compile_scoring = config.compile_training, config.compile_scoring
     if args.base_llm:  # LoRA's B at zero: the adapter adds nothing
         with torch.no_grad():
             for name, parameter in model.llm.named_parameters():
@@ -66,9 +68,12 @@ def main() -> None:
             f"  step {point['step']:4d}  valid AUC {point['valid_auc']:.4f}  train loss {point['train_loss']}"
         )
     if args.test:
-        test = dataset.test
+        test = test_split(dataset, config)  # all rows, or the seeded sample `test_rows` asks for
         scores = score_rows(model, recommender.hybrid_prompts, test, None, config.eval_batch_size, True)
-        print(f"test AUC {auc(test.label, scores):.4f}, UAUC {uauc(test.uid, test.label, scores):.4f}")
+        print(
+            f"test AUC {auc(test.label, scores):.4f}, UAUC {uauc(test.uid, test.label, scores):.4f} "
+            f"({len(test)} rows)"
+        )
 
 
 if __name__ == "__main__":
