@@ -4,6 +4,20 @@ and prints Hit@1 / Hit@5 / NDCG@10 of SASRec and A-LLMRec, stage 2's loss and th
 
     .venv/bin/python benchmarks/allmrec_stage2.py --set stage2_positions=5
 
+`--slots` asks whether the frozen LLM can name the candidate its soft tokens point to: each item
+slot is fed a signal in place of the joint embedding e_i, trained and ranked as above.
+
+- `joint` (the default): e_i itself, A-LLMRec as it is.
+- `answer`: +1 in every dimension for the row's answer, -1 for every other item (history and
+  candidates). An oracle: a pipeline that works must learn to name the marked title (Hit@1 near
+  1); one that stays at chance cannot be steered through its slots at all.
+- `sasrec`: the SASRec score of the user and the item (x_u . E_i), standardised over the row's
+  slots, in every dimension. The LLM has only to name the candidate whose slot carries the highest
+  number to match SASRec; what it loses against SASRec on the same rows is lost in reading the
+  slots, not in comparing the user with the items.
+
+The signals other than `joint` read the answer or SASRec's scores: a diagnostic, no recommender.
+
 Settings are AllmrecConfig's (`ccfllm allmrec train --help`) over the `cpu` preset.
 """
 
@@ -13,6 +27,7 @@ import argparse
 import time
 
 import numpy as np
+import torch
 
 from ccfllm.cf.next_item import next_item_metrics, rank_candidates
 from ccfllm.cli import CF_HISTORY
@@ -30,12 +45,68 @@ from ccfllm.next_item_experiment import (
     stage2_settings,
     train_sasrec_and_alignment,
 )
+from ccfllm.prompt import ITEM_SLOT, PromptBatch
+
+SLOTS = ("joint", "answer", "sasrec")
+
+
+class SignalALLMRec(ALLMRec):
+    """ALLMRec whose item slots carry F_I(signal) instead of F_I(e_i). For the `answer` signal, a
+    training batch names each row's answer (`iid`, which next_title_loss fills with the target); a
+    ranked row, whose batch does not, is found by its history in `answers` (history bytes -> answer)."""
+
+    def __init__(self, *args, signal: str, answers: dict[bytes, int], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.signal, self.answers = signal, answers
+
+    def input_embeddings(self, batch: PromptBatch, history: torch.Tensor) -> torch.Tensor:
+        embeddings = super().input_embeddings(batch, history)
+        if self.signal == "joint":
+            return embeddings
+        is_slot = batch.kind == ITEM_SLOT
+        row, items = is_slot.nonzero()[:, 0], batch.item[is_slot]
+        with torch.no_grad():
+            values = self._slot_values(row, items, history, batch.iid)
+        signal = values[:, None].expand(-1, self.alignment.latent_dim)
+        embeddings[is_slot] = self.item_projection(signal).to(embeddings.dtype)
+        return embeddings
+
+    def _slot_values(
+        self, row: torch.Tensor, items: torch.Tensor, history: torch.Tensor, iid: torch.Tensor
+    ) -> torch.Tensor:
+        if self.signal == "answer":
+            answer = iid
+            if not bool((iid > 0).all()):
+                keys = history.cpu().numpy()
+                answer = torch.as_tensor([self.answers[key.tobytes()] for key in keys], device=iid.device)
+            return (items == answer[row]).float() * 2 - 1
+        user = self.sasrec.user_embedding(
+            torch.zeros(len(history), dtype=torch.long, device=history.device),
+            history[:, -self.sasrec.config.max_history :],
+        )
+        score = (user[row] * self.sasrec.item_embedding(items)).sum(-1).float()
+        standardised = torch.zeros_like(score)
+        for r in row.unique():
+            own = row == r
+            standardised[own] = (score[own] - score[own].mean()) / score[own].std().clamp_min(1e-6)
+        return standardised
+
+
+def answer_lookup(split) -> dict[bytes, int]:
+    """History bytes -> target over the split's rows (each row's history must identify it)."""
+    lookup: dict[bytes, int] = {}
+    for history, target in zip(split.history, split.target, strict=True):
+        key = np.ascontiguousarray(history, dtype=np.int64).tobytes()
+        if lookup.setdefault(key, int(target)) != int(target):
+            raise SystemExit(f"two {split.name} rows share a history with different answers")
+    return lookup
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--slots", choices=SLOTS, default="joint", help="what the item slots carry")
     parser.add_argument("--data", default=None)
     parser.add_argument("--set", dest="settings", action="append", default=[], help="KEY=VALUE")
     args = parser.parse_args()
@@ -50,6 +121,7 @@ def main() -> None:
         dataset, config.n_candidates, config.seed, config.sasrec_history, config.cold_user_share
     )
     test = sample_split(task.splits["test"], config.test_rows, config.seed)
+    train = training_positions(task, config.stage2_positions)
     device = resolve_device(config.device)
     timings: dict[str, float] = {}
     sasrec, stage1, _ = train_sasrec_and_alignment(config, task, device, timings)
@@ -58,20 +130,29 @@ def main() -> None:
     prompts = NextItemPrompts(
         llm.tokenizer, task.item_titles, NOUNS.get(dataset.domain, "item"), config.prompt_history
     )
-    model = ALLMRec(llm.model, sasrec, stage1.alignment, config.hidden).to(device)
-    rows = len(training_positions(task, config.stage2_positions))
+    model = SignalALLMRec(
+        llm.model,
+        sasrec,
+        stage1.alignment,
+        config.hidden,
+        signal=args.slots,
+        answers=answer_lookup(test) if args.slots == "answer" else {},
+    ).to(device)
     clock = time.perf_counter()
     losses = train_stage2(model, prompts, task, **stage2_settings(config))
     timings["stage2_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
     ranks = {
         "SASRec": rank_candidates(sasrec, test),
-        "A-LLMRec": llm_ranks(model, prompts, test, config, progress=True),
+        "A-LLMRec" + ("" if args.slots == "joint" else f", slots carry: {args.slots}"): llm_ranks(
+            model, prompts, test, config, progress=True
+        ),
     }
     timings["inference_s"] = time.perf_counter() - clock
 
-    print(f"\nA-LLMRec stage 2 on {task.name}, cpu preset with {changed or 'nothing'} changed")
-    print(f"stage 2: {rows} training rows available, {len(losses)} steps of {config.stage2_batch}")
+    print(f"\nA-LLMRec stage 2, slots carry {args.slots!r}, on {task.name}, cpu preset with "
+          f"{changed or 'nothing'} changed")  # fmt: skip
+    print(f"stage 2: {len(train)} training rows available, {len(losses)} steps of {config.stage2_batch}")
     window = min(50, len(losses))
     print(
         f"next-title loss per token: first {window} steps {np.mean(losses[:window]):.3f}, "
