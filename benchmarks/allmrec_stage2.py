@@ -121,7 +121,6 @@ def main() -> None:
         dataset, config.n_candidates, config.seed, config.sasrec_history, config.cold_user_share
     )
     test = sample_split(task.splits["test"], config.test_rows, config.seed)
-    train = training_positions(task, config.stage2_positions)
     device = resolve_device(config.device)
     timings: dict[str, float] = {}
     sasrec, stage1, _ = train_sasrec_and_alignment(config, task, device, timings)
@@ -138,6 +137,7 @@ def main() -> None:
         signal=args.slots,
         answers=answer_lookup(test) if args.slots == "answer" else {},
     ).to(device)
+    rows = len(training_positions(task, config.stage2_positions))
     clock = time.perf_counter()
     losses = train_stage2(model, prompts, task, **stage2_settings(config))
     timings["stage2_s"] = time.perf_counter() - clock
@@ -152,7 +152,7 @@ def main() -> None:
 
     print(f"\nA-LLMRec stage 2, slots carry {args.slots!r}, on {task.name}, cpu preset with "
           f"{changed or 'nothing'} changed")  # fmt: skip
-    print(f"stage 2: {len(train)} training rows available, {len(losses)} steps of {config.stage2_batch}")
+    print(f"stage 2: {rows} training rows available, {len(losses)} steps of {config.stage2_batch}")
     window = min(50, len(losses))
     print(
         f"next-title loss per token: first {window} steps {np.mean(losses[:window]):.3f}, "
