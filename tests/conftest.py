@@ -3,6 +3,7 @@ and items; a user likes an item of their own group with probability 0.85, anothe
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,20 @@ def tiny_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dataset(tiny_dir):
     return load_collm_split(tiny_dir, max_history=5)
+
+
+def renamed(dataset, name: str = "a copy"):
+    """The same rows under another name (a copy of the data in another folder)."""
+    return type(dataset)(**{**dataset.__dict__, "name": name, "source": f"/elsewhere/{name}"})
+
+
+def one_label_flipped(dataset):
+    """Another dataset with the same name and counts: the first train row's label flipped."""
+    train = dataset.train
+    label = train.label.copy()
+    label[0] = 1 - label[0]
+    splits = {**dataset.splits, "train": dataclasses.replace(train, label=label)}
+    return type(dataset)(**{**dataset.__dict__, "splits": splits})
 
 
 # -- a tiny tokenizer and a tiny randomly initialised Llama, built in code ----------------------------

@@ -19,6 +19,7 @@ from ccfllm.errors import CheckpointError
 from ccfllm.methods.allmrec import CollaborativeTextAlignment, alignment_diagnostics, train_alignment
 from ccfllm.prompt import ITEM_SLOT, USER
 from ccfllm.text_encoder import load_sentence_encoder
+from conftest import one_label_flipped
 from test_next_item import cyclic_dataset
 from test_text_encoder import save_tiny_bert
 
@@ -219,6 +220,8 @@ def test_a_run_reports_every_model_on_all_cold_and_warm_answers(tmp_path, tiny_l
     ]
     from ccfllm.next_item_experiment import evaluate_allmrec, load_allmrec
 
+    with pytest.raises(CheckpointError, match="was trained on"):
+        load_allmrec(result.folder, one_label_flipped(cyclic_dataset(24, 30, 8)), device="cpu")
     reloaded = evaluate_allmrec(
         load_allmrec(result.folder, cyclic_dataset(24, 30, 8), device="cpu"), progress=False
     )

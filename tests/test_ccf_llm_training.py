@@ -20,7 +20,7 @@ from ccfllm.llm import load_llm
 from ccfllm.methods.ccf_llm import ccf_loss, click_score
 from ccfllm.metrics import auc
 from ccfllm.train import Stage, learning_rate_schedule, train_stage, trainable_parameters
-from conftest import TINY_CCF
+from conftest import TINY_CCF, one_label_flipped
 
 
 def tiny_ccf_config(llm_dir, **overrides):
@@ -195,9 +195,8 @@ def test_a_broken_or_foreign_run_is_refused(saved_run, tiny_dataset, tmp_path):
     (foreign / "config.json").write_text(json.dumps(record))
     with pytest.raises(CheckpointError, match="was trained with the LLM"):
         load_run(foreign, tiny_dataset, device="cpu")
-    other = type(tiny_dataset)(**{**tiny_dataset.__dict__, "name": "other"})
     with pytest.raises(CheckpointError, match="was trained on"):
-        load_run(saved_run.folder, other, device="cpu")
+        load_run(saved_run.folder, one_label_flipped(tiny_dataset), device="cpu")
 
 
 def test_predict_scores_unknown_users_and_new_items_from_text(saved_run, tiny_dataset):

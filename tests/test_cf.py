@@ -13,6 +13,7 @@ from ccfllm.cf.checkpoint import load_cf, load_embeddings, save_cf
 from ccfllm.cf.train import evaluate_cf, predict_split, train_cf
 from ccfllm.config import cf_config, parse_overrides
 from ccfllm.errors import CCFLLMError, CheckpointError
+from conftest import one_label_flipped, renamed
 
 BACKBONES = ("mf", "lightgcn", "sasrec")
 
@@ -108,9 +109,9 @@ def test_checkpoint_from_another_model_dimension_or_dataset_is_refused(tiny_data
         load_cf(folder, expect_model="sasrec")
     with pytest.raises(CheckpointError, match="dimension 16, but 128"):
         load_cf(folder, expect_dim=128)
-    other = type(tiny_dataset)(**{**tiny_dataset.__dict__, "name": "other"})
     with pytest.raises(CheckpointError, match="was trained on"):
-        load_cf(folder, dataset=other)
+        load_cf(folder, dataset=one_label_flipped(tiny_dataset))
+    assert load_cf(folder, dataset=renamed(tiny_dataset)).config.model == "mf"  # the same rows: loads
     with pytest.raises(CheckpointError, match="already exists"):
         save_cf(trained["mf"].model, tiny_dataset, folder, {})
 

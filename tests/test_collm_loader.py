@@ -12,7 +12,9 @@ import pandas as pd
 import pytest
 
 from ccfllm.data import PAD, load_collm_split, resolve_data_dir
+from ccfllm.data.dataset import same_dataset
 from ccfllm.errors import DataError
+from conftest import one_label_flipped, renamed
 
 SHIPPED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "ml-1m-collm"
 
@@ -114,3 +116,18 @@ def test_shipped_movielens_split_counts_and_semantics():
     assert (dataset.test.warm == test["not_cold"].astype(bool).to_numpy()).all()
     expected = [[i for i in his.tolist() if i != PAD][-10:] for his in test["his"]]
     assert [row[row != PAD].tolist() for row in dataset.test.history] == expected
+
+
+def test_a_dataset_is_recognised_by_its_rows_not_its_name_or_folder(tiny_dataset, tiny_dir, tmp_path):
+    recorded = tiny_dataset.fingerprint()
+    copy = load_collm_split(shutil.copytree(tiny_dir, tmp_path / "my-copy"), max_history=5, name="mine")
+    assert copy.fingerprint()["dataset"] == "mine" and same_dataset(recorded, copy.fingerprint())
+    assert same_dataset(recorded, renamed(tiny_dataset).fingerprint())
+    flipped = one_label_flipped(tiny_dataset).fingerprint()
+    assert flipped["rows"] == recorded["rows"] and not same_dataset(recorded, flipped)
+    # a record from before contents were hashed: compared by name and counts, as it was then
+    legacy = {key: value for key, value in recorded.items() if key != "content"}
+    assert same_dataset(legacy, tiny_dataset.fingerprint())
+    assert not same_dataset(legacy, renamed(tiny_dataset).fingerprint())
+    assert same_dataset("tiny", recorded) and not same_dataset("other", recorded)  # a name alone
+    assert not same_dataset(None, recorded)

@@ -83,7 +83,7 @@ def test_a_corrupt_or_foreign_results_file_is_refused(tmp_path, tiny_dataset):
     with pytest.raises(CCFLLMError, match="is not a readable results file"):
         read_results(corrupt, tiny_dataset)
     foreign = tmp_path / "foreign.jsonl"
-    other = {**tiny_dataset.fingerprint(), "dataset": "amazon-book"}
+    other = {**tiny_dataset.fingerprint(), "dataset": "amazon-book", "content": "0123456789abcdef"}
     foreign.write_text(json.dumps({"format": "ccfllm-results/1", "dataset": other}) + "\n")
     with pytest.raises(CCFLLMError, match="holds results on .*amazon-book.* name another --results file"):
         read_results(foreign, tiny_dataset)

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from .cf.next_item import next_item_metrics, rank_candidates, train_next_item_sasrec
 from .cf.sasrec import SASRec
 from .config import AllmrecConfig, cf_config, replace_checked, to_dict
-from .data.dataset import CTRDataset
+from .data.dataset import CTRDataset, same_dataset
 from .data.next_item import NextItemSplit, NextItemTask, next_item_task
 from .device import resolve_device
 from .errors import CheckpointError
@@ -128,7 +128,7 @@ def run_allmrec(
         timings["train_speedup_vs_tallrec"] = timings["tallrec_train_s"] / timings["stage2_s"]
         timings["inference_speedup_vs_tallrec"] = timings["tallrec_inference_s"] / timings["inference_s"]
 
-        _save(folder, config, model, task, table, timings, stage1.losses, joint_space, losses)
+        _save(folder, config, model, dataset, table, timings, stage1.losses, joint_space, losses)
     return AllmrecResult(out, table, timings, time.perf_counter() - started)
 
 
@@ -249,7 +249,7 @@ def sample_split(split: NextItemSplit, rows: int, seed: int) -> NextItemSplit:
 
 
 def _save(
-    folder: Path, config, model: ALLMRec, task, table, timings, stage1_losses, joint_space, stage2_losses
+    folder: Path, config, model: ALLMRec, dataset, table, timings, stage1_losses, joint_space, stage2_losses
 ) -> None:
     parts = {
         "sasrec": model.sasrec,
@@ -261,7 +261,7 @@ def _save(
         state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
         save_file(state, folder / f"{name}.safetensors")
     save_file({"text_items": model.text_items.detach().cpu().contiguous()}, folder / "item_texts.safetensors")
-    record = {"format": FORMAT, "config": to_dict(config), "dataset": task.name}
+    record = {"format": FORMAT, "config": to_dict(config), "dataset": dataset.fingerprint()}
     (folder / "config.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     metrics = {
         "table": table,
@@ -286,8 +286,8 @@ def load_allmrec(folder: str | Path, dataset: CTRDataset, device: str = "auto") 
     """Rebuild a saved A-LLMRec run: the same task (it is seeded), SASRec, the alignment, the projections."""
     folder = Path(folder)
     record = _read_record(folder)
-    if record["dataset"] != dataset.name:
-        raise CheckpointError(f"{folder} was trained on {record['dataset']}, not on {dataset.name}.")
+    if not same_dataset(record["dataset"], dataset.fingerprint()):
+        raise CheckpointError(f"{folder} was trained on {record['dataset']}, not on {dataset.fingerprint()}.")
     config = replace_checked(AllmrecConfig(), {**record["config"], "device": device})
     task = next_item_task(
         dataset, config.n_candidates, config.seed, config.sasrec_history, config.cold_user_share

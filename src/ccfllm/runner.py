@@ -23,7 +23,7 @@ import torch
 
 from .cf.checkpoint import read_metadata
 from .config import CF_PRESETS, METHOD_SETTINGS, ccf_config
-from .data.dataset import CTRDataset
+from .data.dataset import CTRDataset, same_dataset
 from .errors import CCFLLMError
 from .io import atomic_path
 from .methods import METHODS, uses_backbone
@@ -158,7 +158,7 @@ def read_results(path: Path, dataset: CTRDataset) -> list[dict]:
         ) from exc
     if not isinstance(header, dict) or header.get("format") != RESULTS_FORMAT:
         raise CCFLLMError(f"{path} is not a ccfllm results file (no {RESULTS_FORMAT!r} header).")
-    if header.get("dataset") != dataset.fingerprint():
+    if not same_dataset(header.get("dataset"), dataset.fingerprint()):
         raise CCFLLMError(
             f"{path} holds results on {header.get('dataset')}, not on {dataset.fingerprint()}: "
             "name another --results file for this dataset."

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from ..config import CFConfig, replace_checked, to_dict
-from ..data.dataset import CTRDataset
+from ..data.dataset import CTRDataset, same_dataset
 from ..device import resolve_device
 from ..errors import CheckpointError
 from ..io import atomic_path
@@ -103,7 +103,7 @@ def load_cf(
     if expect_dim is not None and config.dim != expect_dim:
         raise CheckpointError(f"{folder} has dimension {config.dim}, but {expect_dim} was asked for.")
     trained_on = json.loads(metadata["dataset"])
-    if dataset is not None and trained_on != dataset.fingerprint():
+    if dataset is not None and not same_dataset(trained_on, dataset.fingerprint()):
         raise CheckpointError(
             f"{folder} was trained on {trained_on}, which is not the dataset given ({dataset.fingerprint()})."
         )

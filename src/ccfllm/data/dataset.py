@@ -8,6 +8,7 @@ left-padded with 0 so that a batch of rows is one (N, H) matrix.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -87,13 +88,26 @@ class CTRDataset:
         return self.splits["test"]
 
     def fingerprint(self) -> dict:
-        """What a checkpoint records to recognise the dataset it was trained on."""
+        """What a checkpoint records to recognise the dataset it was trained on (same_dataset)."""
         return {
             "dataset": self.name,
             "n_users": int(self.n_users),
             "n_items": int(self.n_items),
             "rows": {name: len(split) for name, split in self.splits.items()},
+            "content": self.content_hash(),
         }
+
+    def content_hash(self) -> str:
+        """SHA-256 (first 16 hex digits) of every split's rows and the item titles: the same for a copy
+        of the data under any folder or name. Histories are left out: they follow from the rows."""
+        digest = hashlib.sha256()
+        for name, split in sorted(self.splits.items()):
+            digest.update(name.encode())
+            for column in (split.uid, split.iid, split.label, split.timestamp):
+                digest.update(np.ascontiguousarray(column, dtype=np.int64).tobytes())
+        titles = (t if isinstance(t, str) else "" for t in self.item_titles)
+        digest.update("\x1f".join(titles).encode())
+        return digest.hexdigest()[:16]
 
     def summary(self) -> pd.DataFrame:
         """Counts per split: rows, users, items, label balance, cold items and users."""
@@ -132,3 +146,21 @@ def pad_histories(histories: list[list[int]], max_history: int) -> np.ndarray:
 def warm_mask(uid: np.ndarray, iid: np.ndarray, train_uid: np.ndarray, train_iid: np.ndarray) -> np.ndarray:
     """CoLLM's `not_cold`: the row's user and item both appear in the train split."""
     return np.isin(uid, train_uid) & np.isin(iid, train_iid)
+
+
+def same_dataset(recorded: dict | str | None, given: dict) -> bool:
+    """Whether the fingerprint a checkpoint or results file recorded names the dataset given. By content
+    where the record holds its hash, whatever the dataset's name (a copy elsewhere is the same data);
+    records written before contents were hashed compare by name and counts, as they did then, and a
+    record that is a name alone (A-LLMRec runs of that time) by name."""
+    if isinstance(recorded, str):
+        return recorded == given["dataset"]
+    if not isinstance(recorded, dict):
+        return False
+    if "content" in recorded:
+        return _without(recorded, "dataset") == _without(given, "dataset")
+    return recorded == _without(given, "content")
+
+
+def _without(fingerprint: dict, key: str) -> dict:
+    return {k: v for k, v in fingerprint.items() if k != key}
