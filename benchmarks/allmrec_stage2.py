@@ -15,6 +15,10 @@ slot is fed a signal in place of the joint embedding e_i, trained and ranked as 
   slots, in every dimension. The LLM has only to name the candidate whose slot carries the highest
   number to match SASRec; what it loses against SASRec on the same rows is lost in reading the
   slots, not in comparing the user with the items.
+- `graded`: a graded oracle, standard normal draws afresh for every prompt, the row's largest
+  moved to the answer's slot. Where `answer` works and `sasrec` does not, this tells whether the
+  LLM cannot pick the largest of 20 graded values, or can, and what fails with `sasrec` is
+  learning from a score that puts the answer first only some of the time.
 
 The signals other than `joint` read the answer or SASRec's scores: a diagnostic, no recommender.
 
@@ -37,6 +41,7 @@ from ccfllm.data.next_item import next_item_task, training_positions
 from ccfllm.device import keep_freed_memory, resolve_device
 from ccfllm.errors import CCFLLMError
 from ccfllm.methods.allmrec import ALLMRec, NextItemPrompts, train_stage2
+from ccfllm.metrics import target_ranks
 from ccfllm.next_item_experiment import (
     NOUNS,
     llm_ranks,
@@ -47,7 +52,7 @@ from ccfllm.next_item_experiment import (
 )
 from ccfllm.prompt import ITEM_SLOT, PromptBatch
 
-SLOTS = ("joint", "answer", "sasrec")
+SLOTS = ("joint", "answer", "sasrec", "graded")
 
 
 class SignalALLMRec(ALLMRec):
@@ -74,12 +79,11 @@ class SignalALLMRec(ALLMRec):
     def _slot_values(
         self, row: torch.Tensor, items: torch.Tensor, history: torch.Tensor, iid: torch.Tensor
     ) -> torch.Tensor:
-        if self.signal == "answer":
-            answer = iid
-            if not bool((iid > 0).all()):
-                keys = history.cpu().numpy()
-                answer = torch.as_tensor([self.answers[key.tobytes()] for key in keys], device=iid.device)
-            return (items == answer[row]).float() * 2 - 1
+        if self.signal in ("answer", "graded"):
+            is_answer = items == self._answers(history, iid)[row]
+            if self.signal == "answer":
+                return is_answer.float() * 2 - 1
+            return _largest_to_answer(torch.randn(len(items), device=items.device), row, is_answer)
         user = self.sasrec.user_embedding(
             torch.zeros(len(history), dtype=torch.long, device=history.device),
             history[:, -self.sasrec.config.max_history :],
@@ -90,6 +94,33 @@ class SignalALLMRec(ALLMRec):
             own = row == r
             standardised[own] = (score[own] - score[own].mean()) / score[own].std().clamp_min(1e-6)
         return standardised
+
+    def _answers(self, history: torch.Tensor, iid: torch.Tensor) -> torch.Tensor:
+        if bool((iid > 0).all()):
+            return iid
+        keys = history.cpu().numpy()
+        return torch.as_tensor([self.answers[key.tobytes()] for key in keys], device=iid.device)
+
+
+def _largest_to_answer(values: torch.Tensor, row: torch.Tensor, is_answer: torch.Tensor) -> torch.Tensor:
+    """values with each row's largest swapped into the row's answer slot."""
+    values = values.clone()
+    for r in row.unique():
+        own = (row == r).nonzero()[:, 0]
+        top, answer = own[values[own].argmax()], own[is_answer[own]]
+        values[top], values[answer] = values[answer].clone(), values[top].clone()
+    return values
+
+
+@torch.no_grad()
+def decoded_ranks(sasrec, alignment, split) -> np.ndarray:
+    """The answer's rank among each row's candidates by stage 1's score x_u . f_I^dec(e_i): the ranking
+    the joint embeddings hold before any LLM reads them."""
+    device = next(sasrec.parameters()).device
+    history = torch.as_tensor(split.history[:, -sasrec.config.max_history :], device=device)
+    user = sasrec.user_embedding(torch.zeros(len(history), dtype=torch.long, device=device), history)
+    items = alignment.decoded_item(sasrec.item_embedding(torch.as_tensor(split.candidates, device=device)))
+    return target_ranks(torch.einsum("bl,bcl->bc", user, items).cpu().numpy(), split.answer)
 
 
 def answer_lookup(split) -> dict[bytes, int]:
@@ -135,7 +166,7 @@ def main() -> None:
         stage1.alignment,
         config.hidden,
         signal=args.slots,
-        answers=answer_lookup(test) if args.slots == "answer" else {},
+        answers=answer_lookup(test) if args.slots in ("answer", "graded") else {},
     ).to(device)
     rows = len(training_positions(task, config.stage2_positions))
     clock = time.perf_counter()
@@ -144,6 +175,7 @@ def main() -> None:
     clock = time.perf_counter()
     ranks = {
         "SASRec": rank_candidates(sasrec, test),
+        "stage 1's score x_u . f_I^dec(e_i), no LLM": decoded_ranks(sasrec, stage1.alignment, test),
         "A-LLMRec" + ("" if args.slots == "joint" else f", slots carry: {args.slots}"): llm_ranks(
             model, prompts, test, config, progress=True
         ),
