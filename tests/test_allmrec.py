@@ -231,7 +231,8 @@ def test_a_run_reports_every_model_on_all_cold_and_warm_answers(tmp_path, tiny_l
                       tmp_path / "mlp", progress=False)  # fmt: skip
     assert mlp.table[2]["model"] == "MLP-LLM"
     report = write_allmrec_report(mlp.folder).read_text()
-    assert "- MLP-LLM > SASRec (Hit@1):" in report and (mlp.folder / "curves.png").stat().st_size > 0
+    assert report.startswith("# A-LLMRec on cyclic\n") and "- MLP-LLM > SASRec (Hit@1):" in report
+    assert (mlp.folder / "curves.png").stat().st_size > 0
     cold, warm = result.table[0]["rows cold"], result.table[0]["rows warm"]
     assert 0 < cold + warm <= 22 and result.table[0]["rows cold users"] == 2
 

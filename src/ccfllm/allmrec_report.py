@@ -72,14 +72,15 @@ def _read_run(run: Path) -> tuple[dict, dict]:
 
 
 def _header(run: Path, record: dict, table: dict) -> str:
-    config = record["config"]
+    config, recorded = record["config"], record["dataset"]
+    dataset = recorded["dataset"] if isinstance(recorded, dict) else recorded  # before 2026-11-28: a name
     rows = next(iter(table.values()))["rows"]
     settings = ", ".join(
         f"{k}={config[k]}"
         for k in ("variant", "llm", "sasrec_epochs", "stage1_epochs", "stage2_epochs", "stage2_lr", "seed")
     )
     return (
-        f"# A-LLMRec on {record['dataset']}\n\n"
+        f"# A-LLMRec on {dataset}\n\n"
         f"Run `{run}`: {rows} test rows, {config['n_candidates']} candidates each; {settings}. "
         "Each LLM model ranks a row's candidates by the mean log-probability per token of each quoted "
         "title after the prompt. The talk's figures (Amazon Movies and TV, OPT-6.7B) stand beside."
