@@ -28,7 +28,7 @@ from .cf.checkpoint import load_cf, save_cf
 from .cf.reference import reference_scores
 from .cf.train import evaluate_cf, predict_split, train_cf
 from .config import CCFConfig, cf_config, replace_checked, to_dict
-from .data.dataset import PAD, CTRDataset, Split, pad_histories, same_dataset
+from .data.dataset import PAD, CTRDataset, Split, pad_histories, refuse_other_dataset
 from .device import seed_everything
 from .engine import score_rows
 from .errors import CCFLLMError, CheckpointError
@@ -251,8 +251,7 @@ def load_run(
     config = replace_checked(
         CCFConfig(), {**record["config"], "device": device, "dtype": dtype or record["config"]["dtype"]}
     )
-    if not same_dataset(record["dataset"], dataset.fingerprint()):
-        raise CheckpointError(f"{folder} was trained on {record['dataset']}, not on {dataset.fingerprint()}.")
+    refuse_other_dataset(folder, record["dataset"], dataset)
     backbone = second = None
     if uses_backbone(METHODS[config.method]):
         cf_folder = _resolve_cf(folder, record["cf_checkpoint"])

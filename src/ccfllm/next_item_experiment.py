@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from .cf.next_item import next_item_metrics, rank_candidates, train_next_item_sasrec
 from .cf.sasrec import SASRec
 from .config import AllmrecConfig, cf_config, replace_checked, to_dict
-from .data.dataset import CTRDataset, same_dataset
+from .data.dataset import CTRDataset, refuse_other_dataset
 from .data.next_item import NextItemSplit, NextItemTask, next_item_task
 from .device import resolve_device
 from .errors import CheckpointError
@@ -286,8 +286,7 @@ def load_allmrec(folder: str | Path, dataset: CTRDataset, device: str = "auto") 
     """Rebuild a saved A-LLMRec run: the same task (it is seeded), SASRec, the alignment, the projections."""
     folder = Path(folder)
     record = _read_record(folder)
-    if not same_dataset(record["dataset"], dataset.fingerprint()):
-        raise CheckpointError(f"{folder} was trained on {record['dataset']}, not on {dataset.fingerprint()}.")
+    refuse_other_dataset(folder, record["dataset"], dataset)
     config = replace_checked(AllmrecConfig(), {**record["config"], "device": device})
     task = next_item_task(
         dataset, config.n_candidates, config.seed, config.sasrec_history, config.cold_user_share

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from ..config import CFConfig, replace_checked, to_dict
-from ..data.dataset import CTRDataset, same_dataset
+from ..data.dataset import CTRDataset, refuse_other_dataset
 from ..device import resolve_device
 from ..errors import CheckpointError
 from ..io import atomic_path
@@ -103,10 +103,8 @@ def load_cf(
     if expect_dim is not None and config.dim != expect_dim:
         raise CheckpointError(f"{folder} has dimension {config.dim}, but {expect_dim} was asked for.")
     trained_on = json.loads(metadata["dataset"])
-    if dataset is not None and not same_dataset(trained_on, dataset.fingerprint()):
-        raise CheckpointError(
-            f"{folder} was trained on {trained_on}, which is not the dataset given ({dataset.fingerprint()})."
-        )
+    if dataset is not None:
+        refuse_other_dataset(folder, trained_on, dataset)
     state = _read_state(path)
     model = cf_model_class(config.model)(config, trained_on["n_users"], trained_on["n_items"])
     model.adopt_shapes(state)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from ..errors import CheckpointError
+
 SPLITS = ("train", "valid", "test")
 PAD = 0
 
@@ -160,6 +162,15 @@ def same_dataset(recorded: dict | str | None, given: dict) -> bool:
     if "content" in recorded:
         return _without(recorded, "dataset") == _without(given, "dataset")
     return recorded == _without(given, "content")
+
+
+def refuse_other_dataset(source, recorded: dict | str | None, dataset: CTRDataset) -> None:
+    """One clear error where what `source` (a saved run or checkpoint) recorded is not `dataset`."""
+    if not same_dataset(recorded, dataset.fingerprint()):
+        raise CheckpointError(
+            f"{source} was trained on {recorded}, not on the dataset given ({dataset.fingerprint()}): "
+            "point --data at the data it was trained on, or train it again on this one."
+        )
 
 
 def _without(fingerprint: dict, key: str) -> dict:
