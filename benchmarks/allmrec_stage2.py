@@ -19,6 +19,16 @@ slot is fed a signal in place of the joint embedding e_i, trained and ranked as 
   moved to the answer's slot. Where `answer` works and `sasrec` does not, this tells whether the
   LLM cannot pick the largest of 20 graded values, or can, and what fails with `sasrec` is
   learning from a score that puts the answer first only some of the time.
+- `ranked`: the graded oracle's draws, but the answer's slot holds the value of the rank SASRec's
+  score gives the answer among the row's candidates, counted over all slots: the largest where
+  SASRec puts the answer first among the candidates (then it is the graded oracle), the second
+  largest where one candidate scores above it, and so on. Same values as `graded`, the answer as
+  often first as under SASRec: where `graded` is learnt and `ranked` is not, what fails with
+  `sasrec` is how rarely its largest candidate is the answer.
+
+For `sasrec` and `ranked` the script also prints how often SASRec's score is largest at the answer,
+among all slots and among the candidates' slots, over the training prompts (in-sample for SASRec,
+which trained on these positions) and the test prompts.
 
 The signals other than `joint` read the answer or SASRec's scores: a diagnostic, no recommender.
 
@@ -52,7 +62,7 @@ from ccfllm.next_item_experiment import (
 )
 from ccfllm.prompt import ITEM_SLOT, PromptBatch
 
-SLOTS = ("joint", "answer", "sasrec", "graded")
+SLOTS = ("joint", "answer", "sasrec", "graded", "ranked")
 
 
 class SignalALLMRec(ALLMRec):
@@ -63,6 +73,11 @@ class SignalALLMRec(ALLMRec):
     def __init__(self, *args, signal: str, answers: dict[bytes, int], **kwargs):
         super().__init__(*args, **kwargs)
         self.signal, self.answers = signal, answers
+        # per split: [prompts whose answer SASRec scores above every other slot, prompts]
+        # per split and slots compared: [prompts where SASRec scores the answer highest, prompts]
+        self.answer_first = {
+            (split, among): [0, 0] for split in ("train", "test") for among in ("all slots", "candidates")
+        }
 
     def input_embeddings(self, batch: PromptBatch, history: torch.Tensor) -> torch.Tensor:
         embeddings = super().input_embeddings(batch, history)
@@ -79,21 +94,34 @@ class SignalALLMRec(ALLMRec):
     def _slot_values(
         self, row: torch.Tensor, items: torch.Tensor, history: torch.Tensor, iid: torch.Tensor
     ) -> torch.Tensor:
-        if self.signal in ("answer", "graded"):
+        if self.signal == "answer":
+            return (items == self._answers(history, iid)[row]).float() * 2 - 1
+        if self.signal == "graded":
             is_answer = items == self._answers(history, iid)[row]
-            if self.signal == "answer":
-                return is_answer.float() * 2 - 1
-            return _largest_to_answer(torch.randn(len(items), device=items.device), row, is_answer)
-        user = self.sasrec.user_embedding(
-            torch.zeros(len(history), dtype=torch.long, device=history.device),
-            history[:, -self.sasrec.config.max_history :],
-        )
-        score = (user[row] * self.sasrec.item_embedding(items)).sum(-1).float()
+            return _answer_at_rank(torch.randn(len(items), device=items.device), row, is_answer)
+        score = self._sasrec_scores(row, items, history)
+        is_answer = items == self._answers(history, iid)[row]
+        is_candidate = ~(items[:, None] == history[row]).any(-1)  # candidates are never in the history
+        split = "train" if self.training else "test"
+        for among, compared in (("all slots", torch.ones_like(is_candidate)), ("candidates", is_candidate)):
+            counts = self.answer_first[split, among]
+            rank = _answer_ranks(score, row, is_answer, compared)
+            counts[0], counts[1] = counts[0] + int((rank == 0).sum()), counts[1] + len(rank)
+        if self.signal == "ranked":
+            rank = _answer_ranks(score, row, is_answer, is_candidate)
+            return _answer_at_rank(torch.randn(len(items), device=items.device), row, is_answer, rank)
         standardised = torch.zeros_like(score)
         for r in row.unique():
             own = row == r
             standardised[own] = (score[own] - score[own].mean()) / score[own].std().clamp_min(1e-6)
         return standardised
+
+    def _sasrec_scores(self, row: torch.Tensor, items: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        user = self.sasrec.user_embedding(
+            torch.zeros(len(history), dtype=torch.long, device=history.device),
+            history[:, -self.sasrec.config.max_history :],
+        )
+        return (user[row] * self.sasrec.item_embedding(items)).sum(-1).float()
 
     def _answers(self, history: torch.Tensor, iid: torch.Tensor) -> torch.Tensor:
         if bool((iid > 0).all()):
@@ -102,13 +130,26 @@ class SignalALLMRec(ALLMRec):
         return torch.as_tensor([self.answers[key.tobytes()] for key in keys], device=iid.device)
 
 
-def _largest_to_answer(values: torch.Tensor, row: torch.Tensor, is_answer: torch.Tensor) -> torch.Tensor:
-    """values with each row's largest swapped into the row's answer slot."""
+def _answer_ranks(
+    score: torch.Tensor, row: torch.Tensor, is_answer: torch.Tensor, compared: torch.Tensor
+) -> torch.Tensor:
+    """Per row (in order of row id), how many of its `compared` slots score above its answer's (0: none).
+    A row's answer fills one slot (it is a candidate, never in the history)."""
+    return torch.stack(
+        [(score[(row == r) & compared] > score[(row == r) & is_answer]).sum() for r in row.unique()]
+    )
+
+
+def _answer_at_rank(
+    values: torch.Tensor, row: torch.Tensor, is_answer: torch.Tensor, rank: torch.Tensor | None = None
+) -> torch.Tensor:
+    """values with each row's (rank+1)-th largest (default: its largest) swapped into its answer slot."""
     values = values.clone()
-    for r in row.unique():
+    for k, r in enumerate(row.unique()):
         own = (row == r).nonzero()[:, 0]
-        top, answer = own[values[own].argmax()], own[is_answer[own]]
-        values[top], values[answer] = values[answer].clone(), values[top].clone()
+        order = own[values[own].argsort(descending=True)]
+        chosen, answer = order[0 if rank is None else int(rank[k])], own[is_answer[own]]
+        values[chosen], values[answer] = values[answer].clone(), values[chosen].clone()
     return values
 
 
@@ -166,7 +207,7 @@ def main() -> None:
         stage1.alignment,
         config.hidden,
         signal=args.slots,
-        answers=answer_lookup(test) if args.slots in ("answer", "graded") else {},
+        answers=answer_lookup(test) if args.slots != "joint" else {},
     ).to(device)
     rows = len(training_positions(task, config.stage2_positions))
     clock = time.perf_counter()
@@ -198,6 +239,12 @@ def main() -> None:
     for name, model_ranks in ranks.items():
         metrics = next_item_metrics(model_ranks)
         print(f"| {name} | {metrics['hit@1']:.4f} | {metrics['hit@5']:.4f} | {metrics['ndcg@10']:.4f} |")
+    for (prompts_of, among), (first, total) in model.answer_first.items():
+        if total:
+            share = first / total
+            print(
+                f"SASRec scores the answer highest among {among}: {share:.4f} of {total} {prompts_of} prompts"
+            )
     print("\nseconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
 
 

@@ -15,7 +15,14 @@ import torch
 from ccfllm.config import ccf_config
 from ccfllm.engine import score_rows
 from ccfllm.errors import CCFLLMError, CheckpointError
-from ccfllm.experiment import build_recommender, evaluate_run, load_run, predict_rows, run_ccf_llm
+from ccfllm.experiment import (
+    build_recommender,
+    evaluate_run,
+    load_run,
+    partial_folder,
+    predict_rows,
+    run_ccf_llm,
+)
 from ccfllm.llm import load_llm
 from ccfllm.methods.ccf_llm import ccf_loss, click_score
 from ccfllm.metrics import auc
@@ -207,3 +214,49 @@ def test_predict_scores_unknown_users_and_new_items_from_text(saved_run, tiny_da
     assert scored["score"].between(0, 1).all()
     with pytest.raises(CCFLLMError, match=r"Items \[50\] are not in tiny: add a `title` column"):
         predict_rows(recommender, tiny_dataset, rows.drop(columns=["title"]))
+
+
+def test_an_interrupted_run_resumes_to_the_same_figures(
+    saved_run, tiny_llm_dir, tiny_dataset, tmp_path, monkeypatch
+):
+    import ccfllm.experiment as experiment
+
+    config = tiny_ccf_config(tiny_llm_dir, cf_model="mf")  # saved_run's settings
+    out = tmp_path / "ccf"
+    train_stage_as_is = experiment.train_stage
+
+    def interrupted_in_stage_2(model, stage, *args, **kwargs):
+        if stage == Stage.FUSION:
+            raise KeyboardInterrupt
+        return train_stage_as_is(model, stage, *args, **kwargs)
+
+    monkeypatch.setattr(experiment, "train_stage", interrupted_in_stage_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_ccf_llm(config, tiny_dataset, out, progress=False)
+    monkeypatch.setattr(experiment, "train_stage", train_stage_as_is)
+    partial = partial_folder(out)
+    assert not out.exists()
+    assert sorted(p.name for p in partial.iterdir()) == ["cf", "config.json", "stages"]
+    assert [p.name for p in (partial / "stages").iterdir()] == ["1-lora"]
+
+    with pytest.raises(CheckpointError, match="pass --resume to continue it, or --overwrite"):
+        run_ccf_llm(config, tiny_dataset, out, progress=False)
+    other = tiny_ccf_config(tiny_llm_dir, cf_model="mf", lr_fusion=1e-3)
+    with pytest.raises(CheckpointError, match="lr_fusion: 0.005 there, 0.001 now"):
+        run_ccf_llm(other, tiny_dataset, out, progress=False, resume=True)
+
+    resumed = run_ccf_llm(config, tiny_dataset, out, progress=False, resume=True)
+    assert resumed.table == saved_run.table  # every test figure, to the last digit
+    assert [s.curve for s in resumed.stages] == [s.curve for s in saved_run.stages]
+    assert not partial.exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in saved_run.folder.iterdir())
+    assert json.loads((out / "metrics.json").read_text())["resumed_stages"] == ["lora"]
+    scores = [pd.read_parquet(folder / "predictions.parquet").score for folder in (out, saved_run.folder)]
+    assert scores[0].equals(scores[1])
+
+
+def test_a_run_that_fails_before_finishing_anything_leaves_nothing(tiny_llm_dir, tiny_dataset, tmp_path):
+    config = tiny_ccf_config(tmp_path / "no-such-llm", cf_model="mf")
+    with pytest.raises(CCFLLMError):
+        run_ccf_llm(config, tiny_dataset, tmp_path / "run", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

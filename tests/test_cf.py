@@ -11,7 +11,7 @@ import torch
 from ccfllm.cf import CF_MODELS, CFModel, cf_model_class, register_cf_model
 from ccfllm.cf.checkpoint import load_cf, load_embeddings, save_cf
 from ccfllm.cf.train import evaluate_cf, predict_split, train_cf
-from ccfllm.config import cf_config, parse_overrides
+from ccfllm.config import ccf_config, cf_config, parse_overrides
 from ccfllm.errors import CCFLLMError, CheckpointError
 from conftest import one_label_flipped, renamed
 
@@ -158,8 +158,12 @@ def test_registry_refuses_duplicates_and_bad_names():
 def test_config_refuses_unknown_keys_and_bad_values():
     with pytest.raises(CCFLLMError, match="Did you mean 'weight_decay'"):
         cf_config("mf", weight_decy=0.1)
-    with pytest.raises(CCFLLMError, match="needs a int, got 'many'"):
+    with pytest.raises(CCFLLMError, match="needs a whole number, got 'many'"):
         cf_config("mf", **parse_overrides(["dim=many"]))
+    with pytest.raises(CCFLLMError, match="'lr' needs a number, got 'fast'"):
+        cf_config("mf", **parse_overrides(["lr=fast"]))
+    with pytest.raises(CCFLLMError, match="'compile_training' needs true or false, got 'maybe'"):
+        ccf_config("cpu", **parse_overrides(["compile_training=maybe"]))
     with pytest.raises(CCFLLMError, match="dropout must be in"):
         cf_config("sasrec", dropout=1.5)
     with pytest.raises(CCFLLMError, match="not of the form key=value"):

@@ -242,17 +242,30 @@ CF_HISTORY = 10  # rows are loaded with CoLLM's 10 most recent likes; prompts ma
 @click.option(
     "--seed", type=int, default=None, help="Seed for sampling, initialisation and data order (default 0)."
 )
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the interrupted run of the same settings in OUT.partial from its last finished stage.",
+)
 @_training_run_options
-def ccf_train(preset, method, data_dir, out, seed, settings, overwrite, quiet) -> None:
+def ccf_train(preset, method, data_dir, out, seed, resume, settings, overwrite, quiet) -> None:
     """Train CCF-LLM (or a baseline) end to end: CF backbone, stage 1 (LoRA), stage 2 (ALG + GATE);
-    test after each."""
-    from .experiment import run_ccf_llm
+    test after each. Until it ends, the run keeps each finished part in OUT.partial: rerun an
+    interrupted run with --resume to continue it."""
+    from .experiment import partial_folder, run_ccf_llm
 
     config = ccf_config(preset, **{"method": method, **_overrides(settings, seed)})
     default_out = f"runs/{config.method}/{config.cf_model}-{preset}-seed{config.seed}"
     out = _unused_run_folder(out or default_out, overwrite)
     dataset = load_collm_split(resolve_data_dir(data_dir), max_history=CF_HISTORY)
-    result = run_ccf_llm(config, dataset, out, overwrite=overwrite, progress=not quiet)
+    try:
+        result = run_ccf_llm(config, dataset, out, overwrite=overwrite, progress=not quiet, resume=resume)
+    except BaseException:  # Ctrl-C, SIGTERM or an error: say where the finished parts wait
+        if partial_folder(out).is_dir():
+            click.echo(
+                f"\nstopped: the finished parts are in {partial_folder(out)}; --resume continues.", err=True
+            )
+        raise
     minutes = result.seconds / 60
     click.echo(
         f"\n{config.method} ({config.cf_model}, {preset} preset) on {dataset.name}: {minutes:.1f} min; {out}"

@@ -401,6 +401,9 @@ def parse_overrides(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
     return result
 
 
+EXPECTED = {int: "a whole number", float: "a number", bool: "true or false"}
+
+
 def _coerce(value: Any, kind: Any, key: str) -> Any:
     if not isinstance(value, str) or kind is str:
         return value
@@ -411,7 +414,8 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
             return value.lower() in {"true", "1", "yes"}
         return kind(value)
     except ValueError as exc:
-        raise CCFLLMError(f"Setting '{key}' needs a {kind.__name__}, got {value!r}.") from exc
+        expected = EXPECTED.get(kind, f"a {kind.__name__}")
+        raise CCFLLMError(f"Setting '{key}' needs {expected}, got {value!r}.") from exc
 
 
 def to_dict(config: Any) -> dict[str, Any]:

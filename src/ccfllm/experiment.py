@@ -8,11 +8,17 @@ A run folder holds
   config.json             the CCFConfig, the LLM's fingerprint, the CF checkpoint, the dataset
   metrics.json            valid/test AUC and UAUC after each stage, the training curves, timings
   predictions.parquet     uid, iid, label, score on the test split, from the final model
+
+Until it is done, a run works in OUT.partial beside OUT, which keeps what it has finished: the backbone
+it trained (cf/), and each stage's weights, result, test scores and random-number state
+(stages/N-STAGE/). An interrupted run leaves that folder; `resume=True` (`ccfllm train --resume`)
+continues it with the same settings and ends where an uninterrupted run would, to the digit.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +28,7 @@ import pandas as pd
 import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from .cf.base import CFModel
 from .cf.checkpoint import load_cf, save_cf
@@ -32,7 +39,7 @@ from .data.dataset import PAD, CTRDataset, Split, pad_histories, refuse_other_da
 from .device import seed_everything
 from .engine import score_rows
 from .errors import CCFLLMError, CheckpointError
-from .io import atomic_path
+from .io import atomic_path, write_json
 from .llm import LoadedLLM, add_lora, load_llm, lora_target_modules
 from .methods import LOSSES, METHODS, uses_backbone
 from .methods.ccf_llm import CCFLLM, CFFeatures
@@ -143,56 +150,177 @@ def make_prompts(
 
 
 def run_ccf_llm(
-    config: CCFConfig, dataset: CTRDataset, out: str | Path, overwrite: bool = False, progress: bool = True
+    config: CCFConfig,
+    dataset: CTRDataset,
+    out: str | Path,
+    overwrite: bool = False,
+    progress: bool = True,
+    resume: bool = False,
 ) -> RunResult:
-    """The whole method: backbone, stages per `config.strategy`, test after each, saved run."""
+    """The whole method: backbone, stages per `config.strategy`, test after each, saved run. With
+    `resume`, the finished parts an interrupted run with the same settings left in OUT.partial are
+    loaded instead of trained again."""
     started = time.perf_counter()
     out = Path(out)
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite.")
     if config.stage1_from:
         check_stage1_donor(config, Path(config.stage1_from))  # before any training
+    work = _work_folder(out, config, dataset, resume, overwrite)
+    try:
+        result = _run_stages(config, dataset, work, progress)
+        with atomic_path(out) as folder:
+            folder.mkdir()
+            for backbone_folder in ("cf", "cf2"):
+                if (work / backbone_folder).is_dir():
+                    shutil.copytree(work / backbone_folder, folder / backbone_folder)
+            _save_run(folder=folder, **result)
+    except BaseException:
+        _drop_if_nothing_finished(work)
+        raise
+    shutil.rmtree(work)
+    return RunResult(out, result["table"], result["stages"], time.perf_counter() - started)
+
+
+def _run_stages(config: CCFConfig, dataset: CTRDataset, work: Path, progress: bool) -> dict:
+    """Train (or load from `work`, where an interrupted run finished them) the backbones and the stages,
+    scoring the test split after each; -> what _save_run writes."""
     test = test_split(dataset, config)
     method = METHODS[config.method]
-    with atomic_path(out) as folder:
-        folder.mkdir()
-        table, backbones, cf_references = [], [], []
-        names = [n for n in (config.cf_model, config.cf_model2) if n] if uses_backbone(method) else []
-        for number, name in enumerate(names):
-            backbone, reference = _backbone(config, dataset, folder, progress, second=number == 1)
-            scores = predict_split(backbone, test)
-            table.append({"model": f"{name} (CF backbone alone)", **_metrics(test, scores)})
-            backbones.append(backbone)
-            cf_references.append(reference)
-        reference = reference_scores(dataset, test, 5.0)
-        table.append({"model": "mean-label reference (k=5)", **_metrics(test, reference)})
-        llm = load_llm(**_llm_arguments(config))
-        first, second = (backbones + [None, None])[:2]
-        recommender = build_recommender(config, dataset, first, llm, second)
-        stages = []
-        for number, stage in enumerate(_stages(config.strategy), 1):
-            prompts = recommender.prompts_for(stage)
-            last = number == len(_stages(config.strategy))
-            row = {"model": f"{method.title} after stage {stage.value}"}
-            if stage == Stage.LORA and config.stage1_from:
-                stages.append(reuse_stage1(recommender, Path(config.stage1_from)))
-                if not last:  # the donor scored the same weights on the same rows
-                    table.append({**row, **_donor_stage1_row(Path(config.stage1_from))})
-                    continue
-            else:
-                stages.append(
-                    train_stage(
-                        recommender.model, stage, prompts, dataset.train, dataset.valid, config, progress
-                    )
+    llm = load_llm(**_llm_arguments(config))  # before the backbone: a bad --llm fails at once
+    table, backbones, cf_references = [], [], []
+    names = [n for n in (config.cf_model, config.cf_model2) if n] if uses_backbone(method) else []
+    for number, name in enumerate(names):
+        backbone, reference = _backbone(config, dataset, work, progress, second=number == 1)
+        scores = predict_split(backbone, test)
+        table.append({"model": f"{name} (CF backbone alone)", **_metrics(test, scores)})
+        backbones.append(backbone)
+        cf_references.append(reference)
+    reference = reference_scores(dataset, test, 5.0)
+    table.append({"model": "mean-label reference (k=5)", **_metrics(test, reference)})
+    first, second = (backbones + [None, None])[:2]
+    recommender = build_recommender(config, dataset, first, llm, second)
+    stages, resumed = [], []
+    for number, stage in enumerate(_stages(config.strategy), 1):
+        prompts = recommender.prompts_for(stage)
+        last = number == len(_stages(config.strategy))
+        row = {"model": f"{method.title} after stage {stage.value}"}
+        finished = work / "stages" / f"{number}-{stage.value}"
+        if finished.is_dir():
+            result, row, scores = _load_stage(recommender, finished)
+            stages.append(result)
+            table.append(row)
+            resumed.append(stage.value)
+            if progress:
+                tqdm.write(
+                    f"stage {stage.value}: loaded from {finished} (valid AUC {result.best_valid_auc:.4f})"
                 )
-            scores = score_rows(recommender.model, prompts, test, None, config.eval_batch_size, progress)
-            table.append({**row, **_metrics(test, scores)})
-        if not stages:  # zero-shot: the LLM as it comes, reading the method's prompt
-            prompts = recommender.final_prompts()
-            scores = score_rows(recommender.model, prompts, test, None, config.eval_batch_size, progress)
-            table.append({"model": f"{method.title} zero-shot", **_metrics(test, scores)})
-        _save_run(recommender, dataset, folder, cf_references, table, stages, test, scores)
-    return RunResult(out, table, stages, time.perf_counter() - started)
+            continue
+        if stage == Stage.LORA and config.stage1_from:
+            stages.append(reuse_stage1(recommender, Path(config.stage1_from)))
+            if not last:  # the donor scored the same weights on the same rows
+                table.append({**row, **_donor_stage1_row(Path(config.stage1_from))})
+                continue
+        else:
+            stages.append(
+                train_stage(recommender.model, stage, prompts, dataset.train, dataset.valid, config, progress)
+            )
+        scores = score_rows(recommender.model, prompts, test, None, config.eval_batch_size, progress)
+        table.append({**row, **_metrics(test, scores)})
+        _save_stage(recommender, finished, stages[-1], table[-1], scores)
+    if not stages:  # zero-shot: the LLM as it comes, reading the method's prompt
+        prompts = recommender.final_prompts()
+        scores = score_rows(recommender.model, prompts, test, None, config.eval_batch_size, progress)
+        table.append({"model": f"{method.title} zero-shot", **_metrics(test, scores)})
+    return dict(
+        recommender=recommender,
+        dataset=dataset,
+        cf_references=cf_references,
+        table=table,
+        stages=stages,
+        resumed=resumed,
+        test=test,
+        scores=scores,
+    )
+
+
+# -- an interrupted run's finished parts (OUT.partial) ----------------------------------------------
+
+
+def partial_folder(out: str | Path) -> Path:
+    """Where the run that will write `out` keeps its finished parts until it is done."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def _work_folder(out: Path, config: CCFConfig, dataset: CTRDataset, resume: bool, overwrite: bool) -> Path:
+    """OUT.partial: continued when `resume` (refused if its settings or data differ), else started
+    afresh; refused when it exists and neither `resume` nor `overwrite` says what to do with it."""
+    work = partial_folder(out)
+    record = {"config": to_dict(config), "dataset": dataset.fingerprint()}
+    if work.exists() and resume:
+        _check_same_run(work, record, dataset)
+        return work
+    if work.exists() and not overwrite:
+        raise CheckpointError(
+            f"{work} holds the finished parts of an interrupted run: pass --resume to continue it, "
+            "or --overwrite to start over."
+        )
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    write_json(work / "config.json", record)
+    return work
+
+
+def _check_same_run(work: Path, record: dict, dataset: CTRDataset) -> None:
+    try:
+        saved = json.loads(_require(work / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{work}/config.json is not valid JSON ({exc}); delete {work}.") from exc
+    refuse_other_dataset(work, saved["dataset"], dataset)
+    differ = {
+        key: (saved["config"].get(key), value)
+        for key, value in record["config"].items()
+        if saved["config"].get(key) != value
+    }
+    if differ:
+        shown = ", ".join(f"{key}: {was!r} there, {now!r} now" for key, (was, now) in sorted(differ.items()))
+        raise CheckpointError(
+            f"{work} was started with other settings ({shown}): resume with the same settings, "
+            "or pass --overwrite without --resume to start over."
+        )
+
+
+def _save_stage(recommender: Recommender, folder: Path, result: StageResult, row: dict, scores) -> None:
+    """A finished stage: its weights, result, test row and scores, and the random-number state after it."""
+    device = recommender.llm.model.device
+    state = {"test_scores": torch.as_tensor(np.asarray(scores)).contiguous(), "rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["rng_cuda"] = torch.cuda.get_rng_state(device)
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        _save_weights(recommender, tmp)
+        save_file(state, tmp / "state.safetensors")
+        (tmp / "stage.json").write_text(json.dumps({"result": vars(result), "row": row}, indent=2) + "\n")
+
+
+def _load_stage(recommender: Recommender, folder: Path) -> tuple[StageResult, dict, np.ndarray]:
+    _load_weights(recommender, folder)
+    state = load_file(_require(folder / "state.safetensors"))
+    torch.set_rng_state(state["rng"])
+    device = recommender.llm.model.device
+    if "rng_cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng_cuda"], device)
+    record = json.loads(_require(folder / "stage.json").read_text())
+    return StageResult(**record["result"]), record["row"], state["test_scores"].numpy()
+
+
+def _drop_if_nothing_finished(work: Path) -> None:
+    """Keep an interrupted run's folder only if it holds a trained backbone or a finished stage."""
+    finished = [work / "cf", work / "cf2", *(work / "stages").glob("*")]
+    if not any(path.is_dir() for path in finished):
+        shutil.rmtree(work, ignore_errors=True)
 
 
 # Settings that decide what stage 1 learns, when it reads the text-only prompt: two runs that agree on
@@ -267,18 +395,7 @@ def load_run(
             f"{folder} was trained with the LLM {record['llm']}, but {config.llm} loads as {llm.fingerprint}."
         )
     recommender = build_recommender(config, dataset, backbone, llm, second)
-    adapter = _require(folder / "adapter" / "adapter_model.safetensors")
-    set_peft_model_state_dict(recommender.model.llm, load_file(adapter, device=str(llm.model.device)))
-    fusion = load_file(_require(folder / "fusion.safetensors"), device=str(llm.model.device))
-    _, unexpected = recommender.model.load_state_dict(fusion, strict=False)
-    missing = sorted(
-        {k for k in recommender.model.state_dict() if k.startswith(_fusion_prefixes(config))} - set(fusion)
-    )
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{folder}/fusion.safetensors does not fit this model: "
-            f"missing {missing[:3]}, unexpected {unexpected[:3]}."
-        )
+    _load_weights(recommender, folder)
     recommender.model.eval()
     return recommender
 
@@ -371,6 +488,8 @@ def _backbone(
         model = load_cf(checkpoint, dataset=dataset, expect_model=name, device="cpu")
         return model, str(Path(checkpoint).resolve())
     subfolder = "cf2" if second else "cf"
+    if (folder / subfolder).is_dir():  # an interrupted run trained it already
+        return load_cf(folder / subfolder, dataset=dataset, expect_model=name, device="cpu"), subfolder
     return train_backbone(config, dataset, folder / subfolder, progress, name), subfolder
 
 
@@ -413,7 +532,8 @@ def _fusion_prefixes(config: CCFConfig) -> tuple[str, ...]:
     return ("alignment.", "gate.", *tables[source], *second)
 
 
-def _save_run(recommender, dataset, folder, cf_references, table, stages, test, scores) -> None:
+def _save_weights(recommender: Recommender, folder: Path) -> None:
+    """The trained parts: the LoRA adapter (PEFT's format) and what the other stages train."""
     model, config = recommender.model, recommender.config
     model.llm.save_pretrained(folder / "adapter")
     state = {
@@ -422,6 +542,27 @@ def _save_run(recommender, dataset, folder, cf_references, table, stages, test, 
         if k.startswith(_fusion_prefixes(config))
     }
     save_file(state, folder / "fusion.safetensors", metadata={"format": RUN_FORMAT})
+
+
+def _load_weights(recommender: Recommender, folder: Path) -> None:
+    """Load what _save_weights wrote; refuse a missing part or weights of another shape of model."""
+    device = str(recommender.llm.model.device)
+    adapter = _require(folder / "adapter" / "adapter_model.safetensors")
+    set_peft_model_state_dict(recommender.model.llm, load_file(adapter, device=device))
+    fusion = load_file(_require(folder / "fusion.safetensors"), device=device)
+    _, unexpected = recommender.model.load_state_dict(fusion, strict=False)
+    prefixes = _fusion_prefixes(recommender.config)
+    missing = sorted({k for k in recommender.model.state_dict() if k.startswith(prefixes)} - set(fusion))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{folder}/fusion.safetensors does not fit this model: "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}."
+        )
+
+
+def _save_run(*, recommender, dataset, folder, cf_references, table, stages, resumed, test, scores) -> None:
+    config = recommender.config
+    _save_weights(recommender, folder)
     record = {
         "format": RUN_FORMAT,
         "config": to_dict(config),
@@ -431,7 +572,7 @@ def _save_run(recommender, dataset, folder, cf_references, table, stages, test, 
         "dataset": dataset.fingerprint(),
     }
     (folder / "config.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    metrics = {"table": table, "stages": [vars(s) for s in stages]}
+    metrics = {"table": table, "stages": [vars(s) for s in stages], "resumed_stages": resumed}
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     frame = pd.DataFrame({"uid": test.uid, "iid": test.iid, "label": test.label, "score": scores})
     frame.to_parquet(folder / "predictions.parquet", index=False)

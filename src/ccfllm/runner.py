@@ -244,7 +244,8 @@ def _run_one(
     config = ccf_config(preset, **settings)
     folder = runs / planned.key(preset)
     if not (folder / "metrics.json").is_file():
-        run_ccf_llm(config, dataset, folder, overwrite=folder.exists(), progress=progress)
+        # a run interrupted in an earlier sitting continues from its last finished stage
+        run_ccf_llm(config, dataset, folder, overwrite=folder.exists(), progress=progress, resume=True)
     metrics = json.loads((folder / "metrics.json").read_text())
     stages = metrics["stages"]
     final = metrics["table"][-1]
@@ -257,6 +258,7 @@ def _run_one(
         ],
         "folder": str(folder),
         "stage1_from": donor["key"] if donor else None,
+        "resumed_stages": metrics.get("resumed_stages", []),
     }
 
 
