@@ -202,25 +202,35 @@ def test_ccf_llm_train_evaluate_predict_end_to_end(runner, tiny_dir, tiny_llm_di
     assert not (tmp_path / "never.parquet").exists()
 
 
-def test_a_terminated_run_leaves_nothing_half_written(tiny_dir, tiny_llm_dir, tmp_path):
+def test_a_terminated_run_keeps_only_its_finished_parts(runner, tiny_dir, tiny_llm_dir, tmp_path):
     import signal
     import subprocess
     import sys
     import time
 
     out = tmp_path / "runs" / "killed"
+    partial = out.with_name("killed.partial")
     settings = [f"llm={tiny_llm_dir}", "device=cpu", "dtype=float32", "alg_hidden=8", "gate_hidden=4"]
     settings += ["train_rows=4000", "batch_size=2", "eval_every=1000", "max_history=3"]  # long enough to kill
-    command = [sys.executable, "-m", "ccfllm.cli", "train", "--data", str(tiny_dir), "--out", str(out)]
-    command += ["--quiet", *[item for s in settings for item in ("--set", s)]]
+    arguments = ["train", "--data", str(tiny_dir), "--out", str(out)]
+    arguments += ["--quiet", *[item for s in settings for item in ("--set", s)]]
+    command = [sys.executable, "-m", "ccfllm.cli", *arguments]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not list(out.parent.glob(".killed.*/killed/cf")) and time.monotonic() < deadline:
-        time.sleep(0.05)  # the run is under way: its backbone is saved in the temporary folder
+    while not (partial / "cf").is_dir() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the run is under way: its backbone is saved
     assert process.poll() is None, process.communicate()
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 128 + signal.SIGTERM
-    assert list(out.parent.iterdir()) == []  # neither the run folder nor its temporary one
+    assert "--resume continues" in process.stderr.read()
+    # no run folder, no temporary folder: only the finished backbone and the run's settings
+    assert list(out.parent.iterdir()) == [partial]
+    assert sorted(p.name for p in partial.iterdir()) == ["cf", "config.json"]
+    assert sorted(p.name for p in (partial / "cf").iterdir()) == [
+        "embeddings.safetensors", "metrics.json", "model.safetensors"
+    ]  # fmt: skip
+    again = runner.invoke(main, arguments)
+    assert again.exit_code == 2 and "pass --resume to continue it" in again.output
 
 
 def test_allmrec_train_prints_its_table(runner, tiny_dir, tiny_llm_dir, tmp_path):

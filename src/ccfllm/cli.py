@@ -70,8 +70,8 @@ class FriendlyGroup(click.Group):
     """Turns a CCFLLMError anywhere below into one line on stderr and exit status 2, not a traceback."""
 
     def invoke(self, ctx: click.Context):
-        # A terminated run (kill, a job scheduler's SIGTERM) unwinds like Ctrl-C, so that the half-written
-        # run folder or results file beside its place is removed on the way out.
+        # A terminated run (kill, a job scheduler's SIGTERM) unwinds like Ctrl-C, so that anything
+        # half-written beside its place is removed on the way out (`train` keeps its finished parts).
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:
             return super().invoke(ctx)
