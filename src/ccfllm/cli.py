@@ -258,13 +258,14 @@ def ccf_train(preset, method, data_dir, out, seed, resume, settings, overwrite, 
     default_out = f"runs/{config.method}/{config.cf_model}-{preset}-seed{config.seed}"
     out = _unused_run_folder(out or default_out, overwrite)
     dataset = load_collm_split(resolve_data_dir(data_dir), max_history=CF_HISTORY)
+    kept = partial_folder(out)
+    was_kept = kept.is_dir()
     try:
         result = run_ccf_llm(config, dataset, out, overwrite=overwrite, progress=not quiet, resume=resume)
-    except BaseException:  # Ctrl-C, SIGTERM or an error: say where the finished parts wait
-        if partial_folder(out).is_dir():
-            click.echo(
-                f"\nstopped: the finished parts are in {partial_folder(out)}; --resume continues.", err=True
-            )
+    except BaseException as exc:  # Ctrl-C, SIGTERM or an error: say where the finished parts wait
+        refused_before_work = isinstance(exc, CCFLLMError) and was_kept  # the error names the folder
+        if kept.is_dir() and not refused_before_work:
+            click.echo(f"\nstopped: the finished parts are in {kept}; --resume continues.", err=True)
         raise
     minutes = result.seconds / 60
     click.echo(
