@@ -401,7 +401,7 @@ def parse_overrides(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
     return result
 
 
-EXPECTED = {int: "a whole number", float: "a number", bool: "true or false"}
+_KIND_IN_WORDS = {int: "a whole number", float: "a number", bool: "true or false"}
 
 
 def _coerce(value: Any, kind: Any, key: str) -> Any:
@@ -414,7 +414,7 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
             return value.lower() in {"true", "1", "yes"}
         return kind(value)
     except ValueError as exc:
-        expected = EXPECTED.get(kind, f"a {kind.__name__}")
+        expected = _KIND_IN_WORDS.get(kind, f"a {kind.__name__}")
         raise CCFLLMError(f"Setting '{key}' needs {expected}, got {value!r}.") from exc
 
 
