@@ -73,7 +73,6 @@ class SignalALLMRec(ALLMRec):
     def __init__(self, *args, signal: str, answers: dict[bytes, int], **kwargs):
         super().__init__(*args, **kwargs)
         self.signal, self.answers = signal, answers
-        # per split: [prompts whose answer SASRec scores above every other slot, prompts]
         # per split and slots compared: [prompts where SASRec scores the answer highest, prompts]
         self.answer_first = {
             (split, among): [0, 0] for split in ("train", "test") for among in ("all slots", "candidates")
@@ -103,13 +102,14 @@ class SignalALLMRec(ALLMRec):
         is_answer = items == self._answers(history, iid)[row]
         is_candidate = ~(items[:, None] == history[row]).any(-1)  # candidates are never in the history
         split = "train" if self.training else "test"
+        ranks = {}
         for among, compared in (("all slots", torch.ones_like(is_candidate)), ("candidates", is_candidate)):
+            ranks[among] = _answer_ranks(score, row, is_answer, compared)
             counts = self.answer_first[split, among]
-            rank = _answer_ranks(score, row, is_answer, compared)
-            counts[0], counts[1] = counts[0] + int((rank == 0).sum()), counts[1] + len(rank)
+            counts[0], counts[1] = counts[0] + int((ranks[among] == 0).sum()), counts[1] + len(ranks[among])
         if self.signal == "ranked":
-            rank = _answer_ranks(score, row, is_answer, is_candidate)
-            return _answer_at_rank(torch.randn(len(items), device=items.device), row, is_answer, rank)
+            draws = torch.randn(len(items), device=items.device)
+            return _answer_at_rank(draws, row, is_answer, ranks["candidates"])
         standardised = torch.zeros_like(score)
         for r in row.unique():
             own = row == r

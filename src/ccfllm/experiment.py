@@ -356,9 +356,7 @@ def check_stage1_donor(config: CCFConfig, donor: Path) -> None:
 def reuse_stage1(recommender: Recommender, donor: Path) -> StageResult:
     """Load a donor run's stage-1 LoRA adapter into `recommender`; its stage-1 result stands for ours."""
     check_stage1_donor(recommender.config, donor)
-    adapter = _require(donor / "adapter" / "adapter_model.safetensors")
-    device = str(recommender.llm.model.device)
-    set_peft_model_state_dict(recommender.model.llm, load_file(adapter, device=device))
+    _load_adapter(recommender, donor)
     stages = json.loads(_require(donor / "metrics.json").read_text())["stages"]
     return StageResult(**{**stages[0], "seconds": 0.0})
 
@@ -544,12 +542,17 @@ def _save_weights(recommender: Recommender, folder: Path) -> None:
     save_file(state, folder / "fusion.safetensors", metadata={"format": RUN_FORMAT})
 
 
+def _load_adapter(recommender: Recommender, folder: Path) -> None:
+    """The LoRA adapter a run or a finished stage saved in `folder`/adapter."""
+    adapter = _require(folder / "adapter" / "adapter_model.safetensors")
+    device = str(recommender.llm.model.device)
+    set_peft_model_state_dict(recommender.model.llm, load_file(adapter, device=device))
+
+
 def _load_weights(recommender: Recommender, folder: Path) -> None:
     """Load what _save_weights wrote; refuse a missing part or weights of another shape of model."""
-    device = str(recommender.llm.model.device)
-    adapter = _require(folder / "adapter" / "adapter_model.safetensors")
-    set_peft_model_state_dict(recommender.model.llm, load_file(adapter, device=device))
-    fusion = load_file(_require(folder / "fusion.safetensors"), device=device)
+    _load_adapter(recommender, folder)
+    fusion = load_file(_require(folder / "fusion.safetensors"), device=str(recommender.llm.model.device))
     _, unexpected = recommender.model.load_state_dict(fusion, strict=False)
     prefixes = _fusion_prefixes(recommender.config)
     missing = sorted({k for k in recommender.model.state_dict() if k.startswith(prefixes)} - set(fusion))
