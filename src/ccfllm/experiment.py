@@ -275,9 +275,12 @@ def _work_folder(out: Path, config: CCFConfig, dataset: CTRDataset, resume: bool
 
 def _check_same_run(work: Path, record: dict, dataset: CTRDataset) -> None:
     try:
-        saved = json.loads(_require(work / "config.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{work}/config.json is not valid JSON ({exc}); delete {work}.") from exc
+        saved = json.loads((work / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"{work}/config.json cannot be read ({exc}), so the interrupted run cannot be checked: "
+            f"delete {work}, or pass --overwrite without --resume to start over."
+        ) from exc
     refuse_other_dataset(work, saved["dataset"], dataset)
     differ = {
         key: (saved["config"].get(key), value)
