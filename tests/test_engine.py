@@ -17,6 +17,7 @@ from ccfllm.experiment import build_recommender
 from ccfllm.llm import float32_output_weight, load_llm
 from ccfllm.prompt import ITEM
 from ccfllm.scoring_layers import layer_weights
+from conftest import save_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -141,10 +142,14 @@ def test_llama_layers_as_one_function_give_the_decoders_scores(
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_llama_layer_function_sees_each_row_as_its_own_unpadded_prompt(tiny_llm_dir, monkeypatch, compiled):
+@pytest.mark.parametrize("kv_heads", [4, 2])  # 2: each key/value head serves two query heads, as in SmolLM2
+def test_llama_layer_function_sees_each_row_as_its_own_unpadded_prompt(
+    tmp_path, tiny_dataset, monkeypatch, compiled, kv_heads
+):
     from ccfllm import scoring_layers
 
-    decoder = load_llm(str(tiny_llm_dir), device="cpu", dtype="float32").model.model  # LlamaModel
+    folder = save_tiny_llama(tmp_path / "llama", tiny_dataset.item_titles, kv_heads=kv_heads)
+    decoder = load_llm(str(folder), device="cpu", dtype="float32").model.model  # LlamaModel
     if not compiled:
         monkeypatch.setattr(scoring_layers, "_compiled", {"failed": True})
     torch.manual_seed(0)

@@ -308,8 +308,8 @@ def attention_for_training(model: PreTrainedModel) -> Iterator[None]:
     PyTorch's CPU flash-attention kernel (what `sdpa` runs here) is fast forward but its backward took
     nine times its forward: eager attention made a training step of the default LLM about 20% faster
     on this machine with gradients as close to float32's (cosine 0.993 against sdpa's 0.992 in bf16).
-    Scoring keeps `sdpa`, which is faster there and closer to float32. Other devices, other attention
-    implementations and blocks without gradients are left as they are.
+    Blocks without gradients (scoring: see `scoring_layers.attention` for its attention on CPU), other
+    devices and other attention implementations are left as they are.
     """
     loaded = model.config._attn_implementation
     if model.device.type != "cpu" or loaded != "sdpa" or not torch.is_grad_enabled():

@@ -41,35 +41,61 @@ def decoder_layer(
     hidden: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    allowed: torch.Tensor,
+    bias: torch.Tensor,
     past_keys: torch.Tensor | None,
     past_values: torch.Tensor | None,
     weights: tuple[torch.Tensor, ...],
     eps: float,
     scale: float,
+    last_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One Llama layer. hidden (B, T, d); `allowed` (B, 1, T, past + T) says which keys each position
-    sees; past keys/values (B, kv_heads, past, head_dim) or None. -> hidden, and the keys and values
-    of the past and this pass."""
+    """One Llama layer. hidden (B, T, d); `bias` (B, 1, T, past + T) is 0 where a position sees a key and
+    -inf where not; past keys/values (B, kv_heads, past, head_dim) or None. -> hidden, and the keys and values
+    of the past and this pass. With `last_only` (the decoder's last layer, where only the answer
+    position is read) the returned hidden is the last position's alone, (B, 1, d): every position's
+    keys and values, but the query, attention output and MLP of one."""
     norm1, q_weight, k_weight, v_weight, o_weight, norm2, gate, up, down = weights
-    batch, length, _ = hidden.shape
     head_dim = cos.shape[-1]
 
     def heads(x: torch.Tensor) -> torch.Tensor:
-        return x.view(batch, length, -1, head_dim).transpose(1, 2)
+        return x.view(x.shape[0], x.shape[1], -1, head_dim).transpose(1, 2)
 
     x = rms_norm(hidden, norm1, eps)
-    queries = rotate(heads(F.linear(x, q_weight)), cos, sin)
     keys = rotate(heads(F.linear(x, k_weight)), cos, sin)
     values = heads(F.linear(x, v_weight))
+    if last_only:
+        hidden, x, cos, sin, bias = hidden[:, -1:], x[:, -1:], cos[:, -1:], sin[:, -1:], bias[:, :, -1:]
+    queries = rotate(heads(F.linear(x, q_weight)), cos, sin)
     if past_keys is not None:
         keys, values = torch.cat([past_keys, keys], dim=2), torch.cat([past_values, values], dim=2)
-    attended = F.scaled_dot_product_attention(
-        queries, keys, values, attn_mask=allowed, scale=scale, enable_gqa=True
-    )
-    hidden = hidden + F.linear(attended.transpose(1, 2).reshape(batch, length, -1), o_weight)
+    attended = attention(queries, keys, values, bias, scale)
+    hidden = hidden + F.linear(attended.transpose(1, 2).flatten(2), o_weight)
     x = rms_norm(hidden, norm2, eps)
     return hidden + F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down), keys, values
+
+
+def attention(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """softmax(queries keys^T * scale + bias) values, each key/value head serving heads // kv_heads
+    query heads. (B, heads, T, head_dim), (B, kv_heads, S, head_dim) twice, bias (B, 1, T, S). On a CPU
+    as two batched matmuls and a float32 softmax (`_attention_by_matmuls`); elsewhere through SDPA."""
+    if queries.device.type == "cpu":
+        return _attention_by_matmuls(queries, keys, values, bias, scale)
+    return F.scaled_dot_product_attention(queries, keys, values, attn_mask=bias, scale=scale, enable_gqa=True)
+
+
+@torch.compiler.disable  # inside the compiled layer inductor's softmax kernel ran slower than SDPA
+def _attention_by_matmuls(queries, keys, values, bias, scale) -> torch.Tensor:
+    """PyTorch's CPU flash-attention kernel ran the engine's attention at under 100 GFLOP/s on the AMD
+    EPYC machine; two bf16 matmuls and a softmax took the engine's scoring from 43 to 35 s a 1,024-row
+    sample there (README, Speed)."""
+    batch, heads, length, head_dim = queries.shape
+    groups, seen = keys.shape[1], keys.shape[2]
+    grouped = queries.reshape(batch, groups, heads // groups * length, head_dim)
+    scores = (grouped @ keys.transpose(-1, -2)).view(batch, heads, length, seen)
+    weights = (scores.float() * scale + bias).softmax(-1).to(values.dtype)
+    return (weights.view(batch, groups, -1, seen) @ values).view(batch, heads, length, head_dim)
 
 
 _compiled: dict[str, object] = {}
@@ -141,16 +167,26 @@ def _run_layers(layer, decoder, weights, prefix, suffix, owner) -> torch.Tensor:
     suffix_positions = prefix_mask.sum(-1, keepdim=True)[owner] + positions_from_mask(suffix_mask)
     prefix_rotary = decoder.rotary_emb(prefix_hidden, positions_from_mask(prefix_mask))
     suffix_rotary = decoder.rotary_emb(suffix_hidden, suffix_positions)
-    prefix_allowed = _causal(prefix_mask)
     sees_prefix = prefix_mask[owner].bool()[:, None, None, :].expand(-1, 1, suffix_mask.shape[1], -1)
-    suffix_allowed = torch.cat([sees_prefix, _causal(suffix_mask)], dim=-1)
-    for module, matrices in zip(decoder.layers, weights, strict=True):
+    prefix_bias = _bias(_causal(prefix_mask), prefix_hidden.dtype)
+    suffix_bias = _bias(torch.cat([sees_prefix, _causal(suffix_mask)], dim=-1), suffix_hidden.dtype)
+    last = len(weights) - 1
+    for index, (module, matrices) in enumerate(zip(decoder.layers, weights, strict=True)):
         eps, scale = module.input_layernorm.variance_epsilon, module.self_attn.scaling
+        # in the last layer the prefixes give only keys and values, and a suffix only its answer position
         prefix_hidden, keys, values = layer(
-            prefix_hidden, *prefix_rotary, prefix_allowed, None, None, matrices, eps, scale
+            prefix_hidden, *prefix_rotary, prefix_bias, None, None, matrices, eps, scale, index == last
         )
         suffix_hidden, _, _ = layer(
-            suffix_hidden, *suffix_rotary, suffix_allowed, keys[owner], values[owner], matrices, eps, scale
+            suffix_hidden,
+            *suffix_rotary,
+            suffix_bias,
+            keys[owner],
+            values[owner],
+            matrices,
+            eps,
+            scale,
+            index == last,
         )
     return decoder.norm(suffix_hidden[:, -1])
 
@@ -163,3 +199,8 @@ def _causal(mask: torch.Tensor) -> torch.Tensor:
     causal = order[None, :] <= order[:, None]  # (T, T): key <= query
     seen = causal[None] & mask.bool()[:, None, :]
     return (seen | torch.eye(length, dtype=torch.bool, device=mask.device)[None])[:, None]
+
+
+def _bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Which keys each query sees (bool) -> the attention's additive bias: 0 there, -inf elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
