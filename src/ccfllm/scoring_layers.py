@@ -172,21 +172,16 @@ def _run_layers(layer, decoder, weights, prefix, suffix, owner) -> torch.Tensor:
     suffix_bias = _bias(torch.cat([sees_prefix, _causal(suffix_mask)], dim=-1), suffix_hidden.dtype)
     last = len(weights) - 1
     for index, (module, matrices) in enumerate(zip(decoder.layers, weights, strict=True)):
-        eps, scale = module.input_layernorm.variance_epsilon, module.self_attn.scaling
         # in the last layer the prefixes give only keys and values, and a suffix only its answer position
-        prefix_hidden, keys, values = layer(
-            prefix_hidden, *prefix_rotary, prefix_bias, None, None, matrices, eps, scale, index == last
-        )
-        suffix_hidden, _, _ = layer(
-            suffix_hidden,
-            *suffix_rotary,
-            suffix_bias,
-            keys[owner],
-            values[owner],
+        settings = (
             matrices,
-            eps,
-            scale,
+            module.input_layernorm.variance_epsilon,
+            module.self_attn.scaling,
             index == last,
+        )
+        prefix_hidden, keys, values = layer(prefix_hidden, *prefix_rotary, prefix_bias, None, None, *settings)
+        suffix_hidden, _, _ = layer(
+            suffix_hidden, *suffix_rotary, suffix_bias, keys[owner], values[owner], *settings
         )
     return decoder.norm(suffix_hidden[:, -1])
 
