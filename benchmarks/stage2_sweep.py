@@ -2,6 +2,11 @@
 prints the valid-AUC curve of each, to choose the preset's fusion settings without rerunning stage 1.
 
     .venv/bin/python benchmarks/stage2_sweep.py --run runs/ccf-llm/mf-cpu --set lr_fusion=3e-3
+    .venv/bin/python benchmarks/stage2_sweep.py --run runs/ccf-llm/mf-cpu --holdout 0.2 --test
+
+`--holdout S` trains stage 2 on the latest share S of the training rows, reading x^CF from a backbone
+of the run's kind trained on the rest, so that its rows are out-of-sample for the backbone they read,
+as valid and test rows are; validation and test read the run's backbone.
 """
 
 from __future__ import annotations
@@ -12,12 +17,14 @@ from pathlib import Path
 
 import torch
 
-from ccfllm.config import parse_overrides, replace_checked
+from ccfllm.cf.train import evaluate_cf, train_cf
+from ccfllm.config import cf_config, parse_overrides, replace_checked
 from ccfllm.data import load_collm_split, resolve_data_dir
+from ccfllm.data.dataset import without_latest_train_rows
 from ccfllm.device import seed_everything
 from ccfllm.engine import score_rows
 from ccfllm.errors import CCFLLMError
-from ccfllm.experiment import load_run, read_run_config, test_split
+from ccfllm.experiment import _cf_features, load_run, read_run_config, test_split
 from ccfllm.methods.ccf_llm import Alignment, Gate
 from ccfllm.metrics import auc, uauc
 from ccfllm.train import Stage, train_stage
@@ -34,6 +41,13 @@ def main() -> None:
     parser.add_argument("--test", action="store_true", help="also score the test split after stage 2")
     parser.add_argument(
         "--base-llm", action="store_true", help="train stage 2 on the LLM without the stage-1 adapter"
+    )
+    parser.add_argument(
+        "--holdout",
+        type=float,
+        default=0.0,
+        help="train stage 2 on this latest share of the train rows, reading x^CF from a backbone "
+        "trained on the rest (validation and test read the run's backbone)",
     )
     args = parser.parse_args()
     try:
@@ -55,9 +69,18 @@ def main() -> None:
     device = next(model.parameters()).device
     model.alignment = Alignment(model.cf.dim, config.alg_hidden, llm_dim).to(device)
     model.gate = Gate(llm_dim, config.gate_hidden, config.fusion).to(device)
+    train, holdout_features = dataset.train, None
+    if args.holdout:
+        train, holdout_features = holdout_backbone(dataset, config, args.holdout, device)
     started = time.perf_counter()
     result = train_stage(
-        model, Stage.FUSION, recommender.hybrid_prompts, dataset.train, dataset.valid, config
+        model,
+        Stage.FUSION,
+        recommender.hybrid_prompts,
+        train,
+        dataset.valid,
+        config,
+        train_features=holdout_features,
     )
     print(
         f"settings {args.settings}: {time.perf_counter() - started:.0f} s, "
@@ -74,6 +97,16 @@ def main() -> None:
             f"test AUC {auc(test.label, scores):.4f}, UAUC {uauc(test.uid, test.label, scores):.4f} "
             f"({len(test)} rows)"
         )
+
+
+def holdout_backbone(dataset, config, share: float, device):
+    """The latest `share` of the train rows, and x^CF from the run's backbone kind trained on the rest."""
+    earlier, late = without_latest_train_rows(dataset, share)
+    cf = cf_config(config.cf_model, seed=config.seed, device="cpu", max_history=max(config.max_history, 1))
+    backbone = train_cf(cf, earlier).model
+    print(f"holdout backbone on {len(earlier.train)} rows: {evaluate_cf(backbone, dataset)}")
+    print(f"stage 2 trains on the latest {len(late)} train rows")
+    return late, _cf_features(config, earlier, backbone).to(device)
 
 
 if __name__ == "__main__":

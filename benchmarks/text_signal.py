@@ -9,9 +9,12 @@ test AUC of:
   hidden state at the answer position of the text prompt stage 1 reads (the `cpu` preset's history
   length), fitted on `--train-rows` training rows;
 each alone and beside MF's logit, in a two-feature logistic regression fitted on the valid rows, and
-for the year also on the training rows, where MF's logit is in-sample as it is for stage 2.
+for the year also on the training rows, where MF's logit is in-sample as it is for stage 2, and on the
+latest `--holdout` share of the training rows with the logit of an MF trained on the rest (so
+out-of-sample there too; the test rows still read the MF trained on every training row).
 
     .venv/bin/python benchmarks/text_signal.py [--train-rows 4096] [--valid-rows 1024] [--test-rows 2048]
+        [--holdout 0.2] [--no-probe]
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from tqdm import tqdm
 from ccfllm.cf.train import predict_split, train_cf
 from ccfllm.config import ccf_config, cf_config
 from ccfllm.data import load_collm_split, resolve_data_dir
-from ccfllm.data.dataset import Split
+from ccfllm.data.dataset import Split, without_latest_train_rows
 from ccfllm.device import keep_freed_memory
 from ccfllm.errors import CCFLLMError
 from ccfllm.llm import load_llm
@@ -68,6 +71,13 @@ def answer_states(llm, builder: PromptBuilder, split: Split, batch_size: int, na
     return np.concatenate(states)
 
 
+def holdout_rows(dataset, share: float, seed: int) -> tuple[Split, np.ndarray]:
+    """The latest `share` of the training rows, and the logit on them of an MF trained on the rest."""
+    earlier, late = without_latest_train_rows(dataset, share)
+    backbone = train_cf(cf_config("mf", seed=seed, device="cpu"), earlier, progress=False).model
+    return late, cf_logits(backbone, late)
+
+
 def with_cf(fit_feature, fit_cf, fit_label, test_feature, test_cf) -> np.ndarray:
     """Test scores of a logistic regression on (CF logit, feature) fitted on the `fit_` rows."""
     combiner = LogisticRegression(max_iter=1000).fit(np.stack([fit_cf, fit_feature], 1), fit_label)
@@ -84,7 +94,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data")
+    parser.add_argument("--holdout", type=float, default=0.2, help="share of the latest training rows")
+    parser.add_argument("--no-probe", action="store_true", help="skip the LLM probe (a minute, not ten)")
     args = parser.parse_args()
+    if not 0 < args.holdout < 1:
+        parser.error(f"--holdout must be between 0 and 1, got {args.holdout}.")
     for name in ("train_rows", "valid_rows", "test_rows"):
         if getattr(args, name) < 0 or (name != "test_rows" and getattr(args, name) == 0):
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
@@ -106,23 +120,35 @@ def main() -> None:
         f"{dataset.name}: {len(splits['train'])} train, {len(splits['valid'])} valid, "
         f"{len(splits['test'])} test rows sampled (seed {args.seed})"
     )
+    late, late_cf = holdout_rows(dataset, args.holdout, args.seed)
     print(
-        "| signal | test AUC alone | with MF's logit, fitted on valid | fitted on train |\n|---|---|---|---|"
+        "| signal | test AUC alone | with MF's logit, fitted on valid | fitted on train | "
+        f"fitted on the latest {args.holdout:.0%} of train, MF trained on the rest |\n|---|---|---|---|---|"
     )
-    print(f"| MF logit | {auc(label['test'], cf['test']):.4f} | - | - |")
+    print(f"| MF logit | {auc(label['test'], cf['test']):.4f} | - | - | - |")
 
+    splits["late"], cf["late"], label["late"] = late, late_cf, late.label
     year = {name: release_years(dataset.item_titles, split.iid) for name, split in splits.items()}
     if any(np.isnan(values).any() for values in year.values()):
-        print("| release year | n/a: some titles end without one | - | - |")
+        print("| release year | n/a: some titles end without one | - | - | - |")
     else:
         fitted = {
             fit: auc(label["test"], with_cf(year[fit], cf[fit], label[fit], year["test"], cf["test"]))
-            for fit in ("valid", "train")
+            for fit in ("valid", "train", "late")
         }
         print(
             f"| release year (older: liked more) | {auc(label['test'], -year['test']):.4f} | "
-            f"{fitted['valid']:.4f} | {fitted['train']:.4f} |"
+            f"{fitted['valid']:.4f} | {fitted['train']:.4f} | {fitted['late']:.4f} |"
         )
+    print(
+        f"MF's logit on the {len(splits['train'])} sampled train rows (in-sample): AUC "
+        f"{auc(label['train'], cf['train']):.4f}; on the latest {len(late)}, "
+        f"from the MF trained on the rest: {auc(label['late'], cf['late']):.4f}"
+    )
+    if args.no_probe:
+        print(f"{time.time() - started:.0f} s in all")
+        return
+    del splits["late"]
 
     preset = ccf_config("cpu")
     llm = load_llm(preset.llm, device=preset.device, dtype=preset.dtype)

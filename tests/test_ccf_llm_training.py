@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ccfllm.config import ccf_config
+from ccfllm.data.dataset import without_latest_train_rows
 from ccfllm.engine import score_rows
 from ccfllm.errors import CCFLLMError, CheckpointError
 from ccfllm.experiment import (
@@ -24,7 +25,7 @@ from ccfllm.experiment import (
     run_ccf_llm,
 )
 from ccfllm.llm import load_llm
-from ccfllm.methods.ccf_llm import ccf_loss, click_score
+from ccfllm.methods.ccf_llm import CFFeatures, ccf_loss, click_score
 from ccfllm.metrics import auc
 from ccfllm.train import Stage, learning_rate_schedule, train_stage, trainable_parameters
 from conftest import TINY_CCF, one_label_flipped
@@ -94,6 +95,58 @@ def test_a_few_steps_lower_the_loss_and_touch_nothing_else(recommender, tiny_dat
     assert np.mean(losses[-5:]) < np.mean(losses[:5]), losses
     assert aucs[-1] > 0.6 and aucs[-1] > aucs[0] + 0.2, aucs
     assert all(torch.equal(p, frozen[name]) for name, p in model.named_parameters() if name in frozen)
+
+
+def test_training_rows_read_the_features_given_and_validation_the_models_own(recommender, tiny_dataset):
+    model = recommender.model
+    own = model.cf
+    other = CFFeatures(own.backbone, own.known_users, own.known_items, own.with_bias)
+    read = {"own": 0, "other": 0}
+
+    def counting(features, name):
+        items = features.items
+
+        def counted(iid):
+            read[name] += 1
+            return items(iid)
+
+        features.items = counted
+
+    counting(own, "own")
+    counting(other, "other")
+    config = replace(recommender.config, fusion_rows=16, eval_every=1, patience=5)
+    result = train_stage(
+        model,
+        Stage.FUSION,
+        recommender.hybrid_prompts,
+        tiny_dataset.train,
+        tiny_dataset.valid,
+        config,
+        progress=False,
+        train_features=other,
+    )
+    assert result.steps == 2 and model.cf is own
+    assert read["other"] == 2  # one training batch each step, each reading its items once
+    assert read["own"] > 0 and read["own"] % 3 == 0  # the same reads at step 0 and after both steps
+
+
+def test_the_latest_train_rows_are_split_off_by_time(tiny_dataset):
+    earlier, latest = without_latest_train_rows(tiny_dataset, 0.25)
+    train = tiny_dataset.train
+    assert len(latest) == round(0.25 * len(train)) and len(earlier.train) + len(latest) == len(train)
+    assert earlier.train.timestamp.max() <= latest.timestamp.min()
+    assert sorted_rows(earlier.train, latest) == sorted_rows(train)
+    assert earlier.valid is tiny_dataset.valid and earlier.test is tiny_dataset.test
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        without_latest_train_rows(tiny_dataset, 1.0)
+
+
+def sorted_rows(*splits) -> list[tuple[int, int, int]]:
+    return sorted(
+        (u, i, t)
+        for s in splits
+        for u, i, t in zip(s.uid.tolist(), s.iid.tolist(), s.timestamp.tolist(), strict=True)
+    )
 
 
 def test_the_cosine_schedule_warms_up_over_3_percent_then_decays_to_zero():

@@ -11,7 +11,8 @@ from __future__ import annotations
 import enum
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,8 +71,11 @@ def train_stage(
     valid: Split,
     config: CCFConfig,
     progress: bool = True,
+    train_features: torch.nn.Module | None = None,
 ) -> StageResult:
-    """Train the parameters of `stage` on sampled train rows; validate every `eval_every` steps."""
+    """Train the parameters of `stage` on sampled train rows; validate every `eval_every` steps.
+    With `train_features`, the training rows read their x^CF from it (a backbone that did not see
+    them) and validation reads the model's own."""
     started = time.perf_counter()
     lr = config.lr_lora if stage == Stage.LORA else config.lr_fusion
     parameters = trainable_parameters(model, stage, config.tune_cf)
@@ -108,7 +112,8 @@ def train_stage(
         batch = builder.batch(train.uid[rows], train.iid[rows], train.history[rows], train.label[rows]).to(
             device
         )
-        losses.append(training_step(model, batch, optimiser, loss_for(config)))
+        with cf_features_of(model, train_features):
+            losses.append(training_step(model, batch, optimiser, loss_for(config)))
         schedule.step()
         step += 1
         bar.update()
@@ -164,6 +169,19 @@ def training_step(
     value.backward()
     optimiser.step()
     return value.item()
+
+
+@contextmanager
+def cf_features_of(model: CCFLLM, features: torch.nn.Module | None) -> Iterator[None]:
+    """Let `model` read x^CF from `features` inside the block (nothing changes for None)."""
+    if features is None:
+        yield
+        return
+    own, model.cf = model.cf, features
+    try:
+        yield
+    finally:
+        model.cf = own
 
 
 def sample_rows(n_rows: int, wanted: int, generator: np.random.Generator) -> np.ndarray:

@@ -9,7 +9,7 @@ left-padded with 0 so that a batch of rows is one (N, H) matrix.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -148,6 +148,17 @@ def pad_histories(histories: list[list[int]], max_history: int) -> np.ndarray:
 def warm_mask(uid: np.ndarray, iid: np.ndarray, train_uid: np.ndarray, train_iid: np.ndarray) -> np.ndarray:
     """CoLLM's `not_cold`: the row's user and item both appear in the train split."""
     return np.isin(uid, train_uid) & np.isin(iid, train_iid)
+
+
+def without_latest_train_rows(dataset: CTRDataset, share: float) -> tuple[CTRDataset, Split]:
+    """The dataset with only the earliest (1 - share) of its train rows, and the latest `share` of them
+    (by timestamp): rows a backbone trained on the first did not see, the way it does not see test rows."""
+    if not 0 < share < 1:
+        raise ValueError(f"share must be between 0 and 1, got {share}")
+    order = np.argsort(dataset.train.timestamp, kind="stable")
+    cut = int(round((1 - share) * len(order)))
+    earliest, latest = (dataset.train.take(np.sort(part)) for part in (order[:cut], order[cut:]))
+    return replace(dataset, splits={**dataset.splits, "train": earliest}), latest
 
 
 def same_dataset(recorded: dict | str | None, given: dict) -> bool:
