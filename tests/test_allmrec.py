@@ -4,12 +4,14 @@ alignment (and SBERT, unless frozen) and leave SASRec alone; stage 2, the run, a
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from ccfllm.allmrec_report import write_allmrec_report
 from ccfllm.cf.next_item import train_next_item_sasrec
@@ -181,10 +183,7 @@ def test_stage2_steps_through_compiled_layers_equal_uncompiled_ones(tmp_path, ti
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
 
 
-def test_a_run_reports_every_model_on_all_cold_and_warm_answers(tmp_path, tiny_llm_dir):
-    from ccfllm.config import allmrec_config
-    from ccfllm.next_item_experiment import run_allmrec
-
+def tiny_run_settings(tmp_path, tiny_llm_dir) -> dict:
     encoder = save_tiny_bert(tmp_path / "sbert", "mean", True)
     settings = dict(
         llm=str(tiny_llm_dir), encoder=str(encoder), device="cpu", dtype="float32", n_candidates=6
@@ -192,6 +191,13 @@ def test_a_run_reports_every_model_on_all_cold_and_warm_answers(tmp_path, tiny_l
     settings.update(compile_training=False)  # test_stage2_steps_through_compiled_layers_... compiles
     settings.update(sasrec_dim=16, sasrec_history=10, sasrec_epochs=3, latent_dim=8, hidden=16)
     settings.update(stage1_epochs=2, stage1_batch=8, stage2_batch=4, stage2_lr=3e-3, prompt_history=4)
+    return settings
+
+
+def test_a_run_reports_every_model_on_all_cold_and_warm_answers(tmp_path, tiny_llm_dir):
+    from ccfllm.next_item_experiment import run_allmrec
+
+    settings = tiny_run_settings(tmp_path, tiny_llm_dir)
     config = allmrec_config("cpu", **settings)
     result = run_allmrec(
         config, cyclic_dataset(n_users=24, n_items=30, length=8), tmp_path / "run", progress=False
@@ -235,6 +241,61 @@ def test_a_run_reports_every_model_on_all_cold_and_warm_answers(tmp_path, tiny_l
     assert (mlp.folder / "curves.png").stat().st_size > 0
     cold, warm = result.table[0]["rows cold"], result.table[0]["rows warm"]
     assert 0 < cold + warm <= 22 and result.table[0]["rows cold users"] == 2
+
+
+def test_an_interrupted_run_resumes_to_the_same_figures(tmp_path, tiny_llm_dir, monkeypatch):
+    from ccfllm import next_item_experiment as experiment
+    from ccfllm.partial import partial_folder
+
+    config = allmrec_config("cpu", **tiny_run_settings(tmp_path, tiny_llm_dir))
+    dataset = cyclic_dataset(n_users=24, n_items=30, length=8)
+    unbroken = experiment.run_allmrec(config, dataset, tmp_path / "unbroken", progress=False)
+    calls = {"stage 1": 0, "stage 2": 0}
+    stage1_as_is, stage2_as_is, tallrec_as_is = (
+        experiment.train_sasrec_and_alignment,
+        experiment.train_stage2,
+        experiment._tallrec,
+    )
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out, partial = tmp_path / "run", partial_folder(tmp_path / "run")
+    monkeypatch.setattr(experiment, "train_stage2", interrupt)  # in stage 2: parts 1 and 2 kept
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run_allmrec(config, dataset, out, progress=False)
+    assert not out.exists()
+    assert sorted(p.name for p in (partial / "parts").iterdir()) == ["1-sasrec-stage1", "2-zero-shot"]
+    with pytest.raises(CheckpointError, match="pass --resume to continue it, or --overwrite"):
+        experiment.run_allmrec(config, dataset, out, progress=False)
+    other = dataclasses.replace(config, stage2_lr=1e-3)
+    with pytest.raises(CheckpointError, match="stage2_lr: 0.003 there, 0.001 now"):
+        experiment.run_allmrec(other, dataset, out, progress=False, resume=True)
+
+    monkeypatch.setattr(experiment, "train_stage2", counted("stage 2", stage2_as_is))
+    monkeypatch.setattr(experiment, "train_sasrec_and_alignment", counted("stage 1", stage1_as_is))
+    monkeypatch.setattr(experiment, "_tallrec", interrupt)  # in TALLRec: stage 2 kept too
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run_allmrec(config, dataset, out, progress=False, resume=True)
+    assert sorted(p.name for p in (partial / "parts").iterdir())[-1] == "3-stage2"
+    assert calls == {"stage 1": 0, "stage 2": 1}
+
+    monkeypatch.setattr(experiment, "_tallrec", tallrec_as_is)
+    resumed = experiment.run_allmrec(config, dataset, out, progress=False, resume=True)
+    assert calls == {"stage 1": 0, "stage 2": 2}  # the second: TALLRec's, whose LoRA starts where it would
+    assert resumed.table == unbroken.table and not partial.exists()
+    metrics = [json.loads((run / "metrics.json").read_text()) for run in (out, unbroken.folder)]
+    assert metrics[0]["stage2_losses"] == metrics[1]["stage2_losses"]
+    for name in sorted(p.name for p in unbroken.folder.glob("*.safetensors")):
+        saved = [load_file(run / name) for run in (out, unbroken.folder)]
+        assert all(torch.equal(saved[0][k], saved[1][k]) for k in saved[1]), name
 
 
 def hand_made_run(folder):

@@ -20,13 +20,13 @@ from ccfllm.experiment import (
     build_recommender,
     evaluate_run,
     load_run,
-    partial_folder,
     predict_rows,
     run_ccf_llm,
 )
 from ccfllm.llm import load_llm
 from ccfllm.methods.ccf_llm import CFFeatures, ccf_loss, click_score
 from ccfllm.metrics import auc
+from ccfllm.partial import partial_folder
 from ccfllm.train import Stage, learning_rate_schedule, train_stage, trainable_parameters
 from conftest import TINY_CCF, one_label_flipped
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -38,6 +40,11 @@ _COMPILE_SCORING_OPTION = click.option(
     default=None,
     help="Score with each Llama layer compiled, or not (default: as the run was trained). Compiling "
     "costs 15-40 s once per process on CPU: for a few rows, --no-compile-scoring is quicker.",
+)
+_RESUME_OPTION = click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the interrupted run of the same settings in OUT.partial from its last finished part.",
 )
 _SPLITS_OPTION = click.option(
     "--split",
@@ -242,31 +249,20 @@ CF_HISTORY = 10  # rows are loaded with CoLLM's 10 most recent likes; prompts ma
 @click.option(
     "--seed", type=int, default=None, help="Seed for sampling, initialisation and data order (default 0)."
 )
-@click.option(
-    "--resume",
-    is_flag=True,
-    help="Continue the interrupted run of the same settings in OUT.partial from its last finished stage.",
-)
+@_RESUME_OPTION
 @_training_run_options
 def ccf_train(preset, method, data_dir, out, seed, resume, settings, overwrite, quiet) -> None:
     """Train CCF-LLM (or a baseline) end to end: CF backbone, stage 1 (LoRA), stage 2 (ALG + GATE);
     test after each. Until it ends, the run keeps each finished part in OUT.partial: rerun an
     interrupted run with --resume to continue it."""
-    from .experiment import partial_folder, run_ccf_llm
+    from .experiment import run_ccf_llm
 
     config = ccf_config(preset, **{"method": method, **_overrides(settings, seed)})
     default_out = f"runs/{config.method}/{config.cf_model}-{preset}-seed{config.seed}"
     out = _unused_run_folder(out or default_out, overwrite)
     dataset = load_collm_split(resolve_data_dir(data_dir), max_history=CF_HISTORY)
-    kept = partial_folder(out)
-    was_kept = kept.is_dir()
-    try:
+    with _saying_where_finished_parts_wait(out):
         result = run_ccf_llm(config, dataset, out, overwrite=overwrite, progress=not quiet, resume=resume)
-    except BaseException as exc:  # Ctrl-C, SIGTERM or an error: say where the finished parts wait
-        refused_before_work = isinstance(exc, CCFLLMError) and was_kept  # the error names the folder
-        if kept.is_dir() and not refused_before_work:
-            click.echo(f"\nstopped: the finished parts are in {kept}; --resume continues.", err=True)
-        raise
     minutes = result.seconds / 60
     click.echo(
         f"\n{config.method} ({config.cf_model}, {preset} preset) on {dataset.name}: {minutes:.1f} min; {out}"
@@ -352,15 +348,18 @@ def allmrec() -> None:
     help="Run folder (default: runs/allmrec/VARIANT-PRESET-seedSEED).",
 )
 @click.option("--seed", type=int, default=None, help="Seed for sampling, initialisation and data order.")
+@_RESUME_OPTION
 @_training_run_options
-def allmrec_train(preset, data_dir, out, seed, settings, overwrite, quiet) -> None:
-    """Train SASRec, A-LLMRec's two stages, and rank the test candidates with each model."""
+def allmrec_train(preset, data_dir, out, seed, resume, settings, overwrite, quiet) -> None:
+    """Train SASRec, A-LLMRec's two stages, and rank the test candidates with each model. Until it ends,
+    the run keeps each finished part in OUT.partial: rerun an interrupted run with --resume to continue it."""
     from .next_item_experiment import run_allmrec
 
     config = allmrec_config(preset, **_overrides(settings, seed))
     out = _unused_run_folder(out or f"runs/allmrec/{config.variant}-{preset}-seed{config.seed}", overwrite)
     dataset = load_collm_split(resolve_data_dir(data_dir), max_history=CF_HISTORY)
-    result = run_allmrec(config, dataset, out, overwrite=overwrite, progress=not quiet)
+    with _saying_where_finished_parts_wait(out):
+        result = run_allmrec(config, dataset, out, overwrite=overwrite, progress=not quiet, resume=resume)
     click.echo(f"\n{config.variant} ({preset} preset) on {dataset.name}: {result.seconds / 60:.1f} min")
     _echo_report(write_allmrec_report(Path(out)))
 
@@ -500,6 +499,23 @@ def _overrides(settings: tuple[str, ...], seed: int | None) -> dict:
     if seed is not None:
         overrides["seed"] = seed
     return overrides
+
+
+@contextlib.contextmanager
+def _saying_where_finished_parts_wait(out: Path) -> Iterator[None]:
+    """On Ctrl-C, SIGTERM or an error inside the block, say where the run's finished parts wait, unless
+    they were there before and the run was refused before any work (its error names the folder)."""
+    from .partial import partial_folder
+
+    kept = partial_folder(out)
+    was_kept = kept.is_dir()
+    try:
+        yield
+    except BaseException as exc:
+        refused_before_work = isinstance(exc, CCFLLMError) and was_kept
+        if kept.is_dir() and not refused_before_work:
+            click.echo(f"\nstopped: the finished parts are in {kept}; --resume continues.", err=True)
+        raise
 
 
 def _unused_run_folder(out: str | Path, overwrite: bool) -> Path:

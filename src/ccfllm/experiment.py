@@ -39,13 +39,19 @@ from .data.dataset import PAD, CTRDataset, Split, pad_histories, refuse_other_da
 from .device import seed_everything
 from .engine import score_rows
 from .errors import CCFLLMError, CheckpointError
-from .io import atomic_path, write_json
+from .io import atomic_path
 from .llm import LoadedLLM, add_lora, load_llm, lora_target_modules
 from .methods import LOSSES, METHODS, uses_backbone
 from .methods.ccf_llm import CCFLLM, CFFeatures
 from .methods.softprompt import FreeFeatures
 from .methods.tallrec import similar_items
 from .metrics import split_metrics
+from .partial import (
+    drop_if_nothing_finished,
+    open_partial_folder,
+    random_state,
+    restore_random_state,
+)
 from .prompt import PromptBuilder
 from .train import Stage, StageResult, sample_rows, train_stage
 
@@ -166,7 +172,7 @@ def run_ccf_llm(
         raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite.")
     if config.stage1_from:
         check_stage1_donor(config, Path(config.stage1_from))  # before any training
-    work = _work_folder(out, config, dataset, resume, overwrite)
+    work = open_partial_folder(out, config, dataset, resume, overwrite)
     try:
         result = _run_stages(config, dataset, work, progress)
         with atomic_path(out) as folder:
@@ -176,7 +182,7 @@ def run_ccf_llm(
                     shutil.copytree(work / backbone_folder, folder / backbone_folder)
             _save_run(folder=folder, **result)
     except BaseException:
-        _drop_if_nothing_finished(work)
+        drop_if_nothing_finished(work, [work / "cf", work / "cf2", *(work / "stages").glob("*")])
         raise
     shutil.rmtree(work)
     return RunResult(out, result["table"], result["stages"], time.perf_counter() - started)
@@ -247,60 +253,12 @@ def _run_stages(config: CCFConfig, dataset: CTRDataset, work: Path, progress: bo
 # -- an interrupted run's finished parts (OUT.partial) ----------------------------------------------
 
 
-def partial_folder(out: str | Path) -> Path:
-    """Where the run that will write `out` keeps its finished parts until it is done."""
-    out = Path(out)
-    return out.with_name(out.name + ".partial")
-
-
-def _work_folder(out: Path, config: CCFConfig, dataset: CTRDataset, resume: bool, overwrite: bool) -> Path:
-    """OUT.partial: continued when `resume` (refused if its settings or data differ), else started
-    afresh; refused when it exists and neither `resume` nor `overwrite` says what to do with it."""
-    work = partial_folder(out)
-    record = {"config": to_dict(config), "dataset": dataset.fingerprint()}
-    if work.exists() and resume:
-        _check_same_run(work, record, dataset)
-        return work
-    if work.exists() and not overwrite:
-        raise CheckpointError(
-            f"{work} holds the finished parts of an interrupted run: pass --resume to continue it, "
-            "or --overwrite to start over."
-        )
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    write_json(work / "config.json", record)
-    return work
-
-
-def _check_same_run(work: Path, record: dict, dataset: CTRDataset) -> None:
-    try:
-        saved = json.loads((work / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(
-            f"{work}/config.json cannot be read ({exc}), so the interrupted run cannot be checked: "
-            f"delete {work}, or pass --overwrite without --resume to start over."
-        ) from exc
-    refuse_other_dataset(work, saved["dataset"], dataset)
-    differ = {
-        key: (saved["config"].get(key), value)
-        for key, value in record["config"].items()
-        if saved["config"].get(key) != value
-    }
-    if differ:
-        shown = ", ".join(f"{key}: {was!r} there, {now!r} now" for key, (was, now) in sorted(differ.items()))
-        raise CheckpointError(
-            f"{work} was started with other settings ({shown}): resume with the same settings, "
-            "or pass --overwrite without --resume to start over."
-        )
-
-
 def _save_stage(recommender: Recommender, folder: Path, result: StageResult, row: dict, scores) -> None:
     """A finished stage: its weights, result, test row and scores, and the random-number state after it."""
-    device = recommender.llm.model.device
-    state = {"test_scores": torch.as_tensor(np.asarray(scores)).contiguous(), "rng": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["rng_cuda"] = torch.cuda.get_rng_state(device)
+    state = {
+        "test_scores": torch.as_tensor(np.asarray(scores)).contiguous(),
+        **random_state(recommender.llm.model.device),
+    }
     with atomic_path(folder) as tmp:
         tmp.mkdir()
         _save_weights(recommender, tmp)
@@ -311,19 +269,9 @@ def _save_stage(recommender: Recommender, folder: Path, result: StageResult, row
 def _load_stage(recommender: Recommender, folder: Path) -> tuple[StageResult, dict, np.ndarray]:
     _load_weights(recommender, folder)
     state = load_file(_require(folder / "state.safetensors"))
-    torch.set_rng_state(state["rng"])
-    device = recommender.llm.model.device
-    if "rng_cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["rng_cuda"], device)
+    restore_random_state(state, recommender.llm.model.device)
     record = json.loads(_require(folder / "stage.json").read_text())
     return StageResult(**record["result"]), record["row"], state["test_scores"].numpy()
-
-
-def _drop_if_nothing_finished(work: Path) -> None:
-    """Keep an interrupted run's folder only if it holds a trained backbone or a finished stage."""
-    finished = [work / "cf", work / "cf2", *(work / "stages").glob("*")]
-    if not any(path.is_dir() for path in finished):
-        shutil.rmtree(work, ignore_errors=True)
 
 
 # Settings that decide what stage 1 learns, when it reads the text-only prompt: two runs that agree on

@@ -12,6 +12,7 @@ fine-tuned encoder's output, which is all that A-LLMRec(SBERT) reads).
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from .data.dataset import CTRDataset, refuse_other_dataset
 from .data.next_item import NextItemSplit, NextItemTask, next_item_task
 from .device import resolve_device
 from .errors import CheckpointError
-from .io import atomic_path
+from .io import atomic_path, write_json
 from .llm import add_lora, load_llm
 from .methods.allmrec import (
     GENRE_QUESTION,
@@ -43,6 +44,7 @@ from .methods.allmrec import (
     train_stage2,
 )
 from .metrics import target_ranks
+from .partial import drop_if_nothing_finished, open_partial_folder, random_state, restore_random_state
 from .text_encoder import load_sentence_encoder
 from .train import sample_rows
 
@@ -65,71 +67,137 @@ def run_allmrec(
     out: str | Path,
     overwrite: bool = False,
     progress: bool = True,
+    resume: bool = False,
 ) -> AllmrecResult:
+    """The whole run, each part timed into the run's timings. Until it ends, the run keeps each
+    finished part (SASRec and stage 1, the zero-shot ranking, stage 2 with its rankings) in
+    OUT.partial; with `resume` the parts an interrupted run with the same settings left there are
+    loaded instead of done again, and the run ends as the unbroken one would."""
     started = time.perf_counter()
     out = Path(out)
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite.")
+    work = open_partial_folder(out, config, dataset, resume, overwrite)
+    try:
+        with atomic_path(out) as folder:
+            folder.mkdir()
+            table, timings = _run_parts(config, dataset, work / "parts", folder, progress)
+    except BaseException:
+        drop_if_nothing_finished(work, (work / "parts").glob("*"))
+        raise
+    shutil.rmtree(work)
+    return AllmrecResult(out, table, timings, time.perf_counter() - started)
+
+
+def _run_parts(
+    config: AllmrecConfig, dataset: CTRDataset, parts: Path, folder: Path, progress: bool
+) -> tuple[list[dict], dict]:
+    """SASRec and stage 1, the LLM alone, stage 2, TALLRec; each finished part but the last is kept
+    under `parts` (or loaded from there); the finished run is saved in `folder`."""
     task = next_item_task(
         dataset, config.n_candidates, config.seed, config.sasrec_history, config.cold_user_share
     )
     test = sample_split(task.splits["test"], config.test_rows, config.seed)
     groups = task.item_popularity_group()[test.target]  # -1 cold, 1 warm answers
     device = resolve_device(config.device)
-    with atomic_path(out) as folder:
-        folder.mkdir()
+    cold_users = task.splits.get("cold_users")
+
+    def row(name: str, ranks_of) -> dict:  # ranks_of(split) -> the answers' ranks
+        return _row(name, ranks_of(test), groups, ranks_of(cold_users) if cold_users else None)
+
+    def ranked_by(model: ALLMRec, prompts: NextItemPrompts, test_ranks: np.ndarray | None = None):
+        """ranks_of for an LLM model; `test_ranks` where the test rows are ranked (and timed) already."""
+        return lambda split: (
+            test_ranks
+            if split is test and test_ranks is not None
+            else llm_ranks(model, prompts, split, config, progress)
+        )
+
+    part = parts / "1-sasrec-stage1"
+    if part.is_dir():
+        sasrec, alignment, text_items = (x.to(device) for x in _rebuild_stage1(part, config, task))
+        record = _resume_from(part, device)  # after building the modules, which draws their first weights
+    else:
         timings = {}
         sasrec, stage1, text_items = train_sasrec_and_alignment(config, task, device, timings, progress)
-        cold_users = task.splits.get("cold_users")
+        alignment, record = stage1.alignment, {"timings": timings, "stage1_losses": stage1.losses}
+        _save_part(part, record, device, sasrec=sasrec, alignment=alignment, item_texts=text_items)
+    timings, stage1_losses = dict(record["timings"]), record["stage1_losses"]
+    table = [row("SASRec", lambda split: rank_candidates(sasrec, split))]
+    joint_space = joint_space_check(alignment, sasrec, text_items)
 
-        def row(name: str, ranks_of) -> dict:  # ranks_of(split) -> the answers' ranks
-            return _row(name, ranks_of(test), groups, ranks_of(cold_users) if cold_users else None)
-
-        def ranked_by(model: ALLMRec, prompts: NextItemPrompts, test_ranks: np.ndarray | None = None):
-            """ranks_of for an LLM model; `test_ranks` where the test rows are ranked (and timed) already."""
-            return lambda split: (
-                test_ranks
-                if split is test and test_ranks is not None
-                else llm_ranks(model, prompts, split, config, progress)
-            )
-
-        table = [row("SASRec", lambda split: rank_candidates(sasrec, split))]
-        joint_space = joint_space_check(stage1.alignment, sasrec, text_items)
-
-        llm = load_task_llm(config)
-        noun = NOUNS.get(dataset.domain, "item")
-        soft = NextItemPrompts(llm.tokenizer, task.item_titles, noun, config.prompt_history)
-        plain = NextItemPrompts(llm.tokenizer, task.item_titles, noun, config.prompt_history, soft=False)
-        model = ALLMRec(llm.model, sasrec, stage1.alignment, config.hidden).to(device)
+    llm = load_task_llm(config)
+    noun = NOUNS.get(dataset.domain, "item")
+    soft = NextItemPrompts(llm.tokenizer, task.item_titles, noun, config.prompt_history)
+    plain = NextItemPrompts(llm.tokenizer, task.item_titles, noun, config.prompt_history, soft=False)
+    model = ALLMRec(llm.model, sasrec, alignment, config.hidden).to(device)
+    part = parts / "2-zero-shot"
+    if part.is_dir():
+        record = _read_part(part)
+    else:
         clock = time.perf_counter()
-        table.append(row("LLM alone (zero-shot, titles)", ranked_by(model, plain)))
-        timings["zero_shot_inference_s"] = time.perf_counter() - clock
+        record = {"row": row("LLM alone (zero-shot, titles)", ranked_by(model, plain))}
+        record["timings"] = {"zero_shot_inference_s": time.perf_counter() - clock}
+        _save_part(part, record)
+    table.append(record["row"])
+    timings.update(record["timings"])
 
+    part = parts / "3-stage2"
+    if part.is_dir():
+        record = _resume_from(part, device)
+        _load_projections(part, model)
+    else:
         clock = time.perf_counter()
         losses = train_stage2(model, soft, task, **stage2_settings(config), progress=progress)
-        timings["stage2_s"] = time.perf_counter() - clock
+        part_timings = {"stage2_s": time.perf_counter() - clock}
         clock = time.perf_counter()
         ranks = llm_ranks(model, soft, test, config, progress)
-        timings["inference_s"] = time.perf_counter() - clock
+        part_timings["inference_s"] = time.perf_counter() - clock
         name = "MLP-LLM" if config.variant == "mlp-llm" else "A-LLMRec"
-        table.append(row(name, ranked_by(model, soft, ranks)))
-
-        timings["generation"] = [
+        rows = [row(name, ranked_by(model, soft, ranks))]
+        part_timings["generation"] = [
             {"uid": int(u), "question": GENRE_QUESTION, "answer": ask(model, soft, h)}
             for u, h in zip(test.uid[:3], test.history[:3], strict=True)
         ]
         model.text_items = text_items
-        table.append(row(f"{name} (SBERT)", ranked_by(model, soft)))
+        rows.append(row(f"{name} (SBERT)", ranked_by(model, soft)))
+        model.text_items = None
+        record = {"rows": rows, "timings": part_timings, "stage2_losses": losses}
+        projections = {"user_projection": model.user_projection, "item_projection": model.item_projection}
+        _save_part(part, record, device, **projections)
+    table += record["rows"]
+    timings.update(record["timings"])
+    model.text_items = text_items
 
-        tallrec, tallrec_ranks = _tallrec(
-            config, task, test, sasrec, stage1.alignment, plain, timings, progress
-        )
-        table.append(row("TALLRec (LoRA, titles)", ranked_by(tallrec, plain, tallrec_ranks)))
-        timings["train_speedup_vs_tallrec"] = timings["tallrec_train_s"] / timings["stage2_s"]
-        timings["inference_speedup_vs_tallrec"] = timings["tallrec_inference_s"] / timings["inference_s"]
+    tallrec, tallrec_ranks = _tallrec(config, task, test, sasrec, alignment, plain, timings, progress)
+    table.append(row("TALLRec (LoRA, titles)", ranked_by(tallrec, plain, tallrec_ranks)))
+    timings["train_speedup_vs_tallrec"] = timings["tallrec_train_s"] / timings["stage2_s"]
+    timings["inference_speedup_vs_tallrec"] = timings["tallrec_inference_s"] / timings["inference_s"]
 
-        _save(folder, config, model, dataset, table, timings, stage1.losses, joint_space, losses)
-    return AllmrecResult(out, table, timings, time.perf_counter() - started)
+    _save(folder, config, model, dataset, table, timings, stage1_losses, joint_space, record["stage2_losses"])
+    return table, timings
+
+
+def _save_part(folder: Path, record: dict, device: torch.device | None = None, **weights) -> None:
+    """A finished part: its JSON `record`, the `weights` (modules or tensors) it trained, and where it
+    drew random numbers (`device` given), the random-number state after it."""
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        for name, value in weights.items():
+            _save_weights(tmp, name, value)
+        if device is not None:
+            save_file(random_state(device), tmp / "random_state.safetensors")
+        write_json(tmp / "part.json", record)
+
+
+def _read_part(folder: Path) -> dict:
+    return json.loads(_require_file(folder / "part.json").read_text())
+
+
+def _resume_from(folder: Path, device: torch.device) -> dict:
+    """A finished part's record, with the random-number state it ended with restored."""
+    restore_random_state(load_file(_require_file(folder / "random_state.safetensors")), device)
+    return _read_part(folder)
 
 
 def train_sasrec_and_alignment(
@@ -251,16 +319,9 @@ def sample_split(split: NextItemSplit, rows: int, seed: int) -> NextItemSplit:
 def _save(
     folder: Path, config, model: ALLMRec, dataset, table, timings, stage1_losses, joint_space, stage2_losses
 ) -> None:
-    parts = {
-        "sasrec": model.sasrec,
-        "alignment": model.alignment,
-        "user_projection": model.user_projection,
-        "item_projection": model.item_projection,
-    }
-    for name, module in parts.items():
-        state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-        save_file(state, folder / f"{name}.safetensors")
-    save_file({"text_items": model.text_items.detach().cpu().contiguous()}, folder / "item_texts.safetensors")
+    for name in ("sasrec", "alignment", "user_projection", "item_projection"):
+        _save_weights(folder, name, getattr(model, name))
+    _save_weights(folder, "item_texts", model.text_items)
     record = {"format": FORMAT, "config": to_dict(config), "dataset": dataset.fingerprint()}
     (folder / "config.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     metrics = {
@@ -271,6 +332,12 @@ def _save(
         "stage2_losses": stage2_losses,
     }
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+
+
+def _save_weights(folder: Path, name: str, value: torch.nn.Module | torch.Tensor) -> None:
+    """`folder`/NAME.safetensors: a module's state, or Q_i as {"text_items": tensor}."""
+    state = value.state_dict() if isinstance(value, torch.nn.Module) else {"text_items": value}
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, folder / f"{name}.safetensors")
 
 
 @dataclass
@@ -292,6 +359,20 @@ def load_allmrec(folder: str | Path, dataset: CTRDataset, device: str = "auto") 
         dataset, config.n_candidates, config.seed, config.sasrec_history, config.cold_user_share
     )
     torch_device = resolve_device(device)
+    sasrec, alignment, text_items = _rebuild_stage1(folder, config, task)
+    llm = load_task_llm(config, device)
+    model = ALLMRec(llm.model, sasrec.to(torch_device), alignment.to(torch_device), config.hidden)
+    _load_projections(folder, model)
+    prompts = NextItemPrompts(
+        llm.tokenizer, task.item_titles, NOUNS.get(dataset.domain, "item"), config.prompt_history
+    )
+    return LoadedAllmrec(model.to(torch_device).eval(), prompts, task, config, text_items.to(torch_device))
+
+
+def _rebuild_stage1(
+    folder: Path, config: AllmrecConfig, task: NextItemTask
+) -> tuple[SASRec, CollaborativeTextAlignment, torch.Tensor]:
+    """SASRec, the alignment and Q_i as saved in `folder` (a run, or its finished first part), on CPU."""
     sasrec_config = cf_config("sasrec", dim=config.sasrec_dim, max_history=config.sasrec_history)
     sasrec = SASRec(sasrec_config, int(max(task.sequences)) + 1, task.n_items)
     sasrec.load_state_dict(_weights(folder, "sasrec"))
@@ -300,14 +381,12 @@ def load_allmrec(folder: str | Path, dataset: CTRDataset, device: str = "auto") 
         config.sasrec_dim, text_items.shape[1], config.latent_dim, config.hidden, config.latent_norm
     )
     alignment.load_state_dict(_weights(folder, "alignment"))
-    llm = load_task_llm(config, device)
-    model = ALLMRec(llm.model, sasrec.to(torch_device), alignment.to(torch_device), config.hidden)
+    return sasrec, alignment, text_items
+
+
+def _load_projections(folder: Path, model: ALLMRec) -> None:
     model.user_projection.load_state_dict(_weights(folder, "user_projection"))
     model.item_projection.load_state_dict(_weights(folder, "item_projection"))
-    prompts = NextItemPrompts(
-        llm.tokenizer, task.item_titles, NOUNS.get(dataset.domain, "item"), config.prompt_history
-    )
-    return LoadedAllmrec(model.to(torch_device).eval(), prompts, task, config, text_items.to(torch_device))
 
 
 def evaluate_allmrec(run: LoadedAllmrec, split: str = "test", progress: bool = True) -> dict[str, dict]:
@@ -337,7 +416,10 @@ def _read_record(folder: Path) -> dict:
 
 
 def _weights(folder: Path, name: str) -> dict[str, torch.Tensor]:
-    path = folder / f"{name}.safetensors"
+    return load_file(_require_file(folder / f"{name}.safetensors"))
+
+
+def _require_file(path: Path) -> Path:
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the run folder is incomplete. Retrain the run.")
-    return load_file(path)
+    return path

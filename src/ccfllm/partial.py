@@ -1,0 +1,85 @@
+"""An interrupted run's finished parts: the folder OUT.partial that keeps them until the run is done,
+the check that a resumed run has the settings and data of the one that started it, and the
+random-number state a part ends with, so that a resumed run goes on exactly as an unbroken one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from .config import to_dict
+from .data.dataset import CTRDataset, refuse_other_dataset
+from .errors import CheckpointError
+from .io import write_json
+
+
+def partial_folder(out: str | Path) -> Path:
+    """Where the run that will write `out` keeps its finished parts until it is done."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def open_partial_folder(out: Path, config, dataset: CTRDataset, resume: bool, overwrite: bool) -> Path:
+    """OUT.partial: continued when `resume` (refused if its settings or data differ), else started
+    afresh; refused when it exists and neither `resume` nor `overwrite` says what to do with it."""
+    work = partial_folder(out)
+    record = {"config": to_dict(config), "dataset": dataset.fingerprint()}
+    if work.exists() and resume:
+        _check_same_run(work, record, dataset)
+        return work
+    if work.exists() and not overwrite:
+        raise CheckpointError(
+            f"{work} holds the finished parts of an interrupted run: pass --resume to continue it, "
+            "or --overwrite to start over."
+        )
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    write_json(work / "config.json", record)
+    return work
+
+
+def _check_same_run(work: Path, record: dict, dataset: CTRDataset) -> None:
+    try:
+        saved = json.loads((work / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"{work}/config.json cannot be read ({exc}), so the interrupted run cannot be checked: "
+            f"delete {work}, or pass --overwrite without --resume to start over."
+        ) from exc
+    refuse_other_dataset(work, saved["dataset"], dataset)
+    differ = {
+        key: (saved["config"].get(key), value)
+        for key, value in record["config"].items()
+        if saved["config"].get(key) != value
+    }
+    if differ:
+        shown = ", ".join(f"{key}: {was!r} there, {now!r} now" for key, (was, now) in sorted(differ.items()))
+        raise CheckpointError(
+            f"{work} was started with other settings ({shown}): resume with the same settings, "
+            "or pass --overwrite without --resume to start over."
+        )
+
+
+def drop_if_nothing_finished(work: Path, finished: Iterable[Path]) -> None:
+    """Keep an interrupted run's folder only if one of its `finished` parts (folders) exists."""
+    if not any(path.is_dir() for path in finished):
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def random_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """torch's random-number state (and the GPU's, on CUDA), to save beside a finished part."""
+    state = {"rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["rng_cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_random_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["rng"])
+    if "rng_cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng_cuda"], device)
