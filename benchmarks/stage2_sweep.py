@@ -50,6 +50,8 @@ def main() -> None:
         "trained on the rest (validation and test read the run's backbone)",
     )
     args = parser.parse_args()
+    if not 0 <= args.holdout < 1:
+        parser.error(f"--holdout must be at least 0 and below 1, got {args.holdout}.")
     try:
         record = read_run_config(args.run)["config"]
         dataset = load_collm_split(resolve_data_dir(args.data), max_history=record["max_history"])
