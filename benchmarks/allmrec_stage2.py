@@ -32,6 +32,11 @@ which trained on these positions) and the test prompts.
 
 The signals other than `joint` read the answer or SASRec's scores: a diagnostic, no recommender.
 
+`--slot-shares` stops after stage 1 and prints, over the test prompts, how often the answer's slot
+scores highest among the prompt's item slots (its shown history and the candidates) and among the
+candidates alone, by SASRec's x_u . E_i and by stage 1's x_u . f_I^dec(e_i): whether the joint
+embeddings, like SASRec's, score the history above the answer.
+
 Settings are AllmrecConfig's (`ccfllm allmrec train --help`) over the `cpu` preset.
 """
 
@@ -164,6 +169,35 @@ def decoded_ranks(sasrec, alignment, split) -> np.ndarray:
     return target_ranks(torch.einsum("bl,bcl->bc", user, items).cpu().numpy(), split.answer)
 
 
+@torch.no_grad()
+def answer_largest_shares(sasrec, alignment, split, shown: int) -> dict[str, tuple[float, float]]:
+    """By SASRec's score and stage 1's: the share of rows whose answer scores highest among the
+    prompt's item slots (the `shown` most recent history items and the candidates), and among the
+    candidates alone (ties count against the answer)."""
+    device = next(sasrec.parameters()).device
+    history = torch.as_tensor(split.history, device=device)
+    user = sasrec.user_embedding(
+        torch.zeros(len(history), dtype=torch.long, device=device), history[:, -sasrec.config.max_history :]
+    )
+    candidates = torch.as_tensor(split.candidates, device=device)
+    column = torch.as_tensor(split.answer, device=device)  # the answer's column in `candidates`
+    recent = history[:, -shown:]
+    scorers = {
+        "SASRec's x_u . E_i": sasrec.item_embedding,
+        "stage 1's x_u . f_I^dec(e_i)": lambda items: alignment.decoded_item(sasrec.item_embedding(items)),
+    }
+    shares = {}
+    for name, embed in scorers.items():
+        candidate_scores = torch.einsum("bl,bcl->bc", user, embed(candidates))
+        history_scores = torch.einsum("bl,bhl->bh", user, embed(recent)).masked_fill(recent == 0, -torch.inf)
+        answer_score = candidate_scores.gather(1, column[:, None])[:, 0]
+        others = candidate_scores.scatter(1, column[:, None], -torch.inf).max(1).values
+        first_among_candidates = answer_score > others
+        first_of_all = first_among_candidates & (answer_score > history_scores.max(1).values)
+        shares[name] = (first_of_all.float().mean().item(), first_among_candidates.float().mean().item())
+    return shares
+
+
 def answer_lookup(split) -> dict[bytes, int]:
     """History bytes -> target over the split's rows (each row's history must identify it)."""
     lookup: dict[bytes, int] = {}
@@ -181,6 +215,7 @@ def main() -> None:
     parser.add_argument("--slots", choices=SLOTS, default="joint", help="what the item slots carry")
     parser.add_argument("--data", default=None)
     parser.add_argument("--set", dest="settings", action="append", default=[], help="KEY=VALUE")
+    parser.add_argument("--slot-shares", action="store_true", help="stop after stage 1; see above")
     args = parser.parse_args()
     try:
         changed = parse_overrides(args.settings)
@@ -196,6 +231,13 @@ def main() -> None:
     device = resolve_device(config.device)
     timings: dict[str, float] = {}
     sasrec, stage1, _ = train_sasrec_and_alignment(config, task, device, timings)
+    if args.slot_shares:
+        shares = answer_largest_shares(sasrec, stage1.alignment, test, config.prompt_history)
+        print(f"\n{len(test)} test prompts; the answer's slot scores highest among")
+        print("| score | all item slots (shown history and candidates) | the candidates |\n|---|---|---|")
+        for name, (of_all, of_candidates) in shares.items():
+            print(f"| {name} | {of_all:.4f} | {of_candidates:.4f} |")
+        return
 
     llm = load_task_llm(config)
     prompts = NextItemPrompts(
