@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 
 from ccfllm.cf.train import evaluate_cf, train_cf
-from ccfllm.config import cf_config, parse_overrides, replace_checked
+from ccfllm.config import parse_overrides, replace_checked
 from ccfllm.data import load_collm_split, resolve_data_dir
 from ccfllm.data.dataset import without_latest_train_rows
 from ccfllm.device import seed_everything
 from ccfllm.engine import score_rows
 from ccfllm.errors import CCFLLMError
-from ccfllm.experiment import _cf_features, load_run, read_run_config, test_split
+from ccfllm.experiment import backbone_config, cf_features, load_run, read_run_config, test_split
 from ccfllm.methods.ccf_llm import Alignment, Gate
 from ccfllm.metrics import auc, uauc
 from ccfllm.train import Stage, train_stage
@@ -104,11 +104,10 @@ def main() -> None:
 def holdout_backbone(dataset, config, share: float, device):
     """The latest `share` of the train rows, and x^CF from the run's backbone kind trained on the rest."""
     earlier, late = without_latest_train_rows(dataset, share)
-    cf = cf_config(config.cf_model, seed=config.seed, device="cpu", max_history=max(config.max_history, 1))
-    backbone = train_cf(cf, earlier).model
+    backbone = train_cf(backbone_config(config), earlier).model
     print(f"holdout backbone on {len(earlier.train)} rows: {evaluate_cf(backbone, dataset)}")
     print(f"stage 2 trains on the latest {len(late)} train rows")
-    return late, _cf_features(config, earlier, backbone).to(device)
+    return late, cf_features(config, earlier, backbone).to(device)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from .cf.base import CFModel
 from .cf.checkpoint import load_cf, save_cf
 from .cf.reference import reference_scores
 from .cf.train import evaluate_cf, predict_split, train_cf
-from .config import CCFConfig, cf_config, replace_checked, to_dict
+from .config import CCFConfig, CFConfig, cf_config, replace_checked, to_dict
 from .data.dataset import PAD, CTRDataset, Split, pad_histories, refuse_other_dataset
 from .device import seed_everything
 from .engine import score_rows
@@ -99,8 +99,8 @@ def build_recommender(
     seed_everything(config.seed)
     method = METHODS[config.method]
     device = llm.model.device
-    features = _cf_features(config, dataset, backbone)
-    second = _cf_features(config, dataset, second_backbone) if config.cf_model2 else None
+    features = cf_features(config, dataset, backbone)
+    second = cf_features(config, dataset, second_backbone) if config.cf_model2 else None
     targets = lora_target_modules(llm.model, config.lora_targets)
     peft_model = add_lora(llm.model, config.lora_r, config.lora_alpha, config.lora_dropout, targets)
     score = LOSSES[config.loss].score
@@ -113,7 +113,7 @@ def build_recommender(
     return Recommender(model, *builders, config=config, llm=llm)
 
 
-def _cf_features(config: CCFConfig, dataset: CTRDataset, backbone: CFModel | None) -> torch.nn.Module | None:
+def cf_features(config: CCFConfig, dataset: CTRDataset, backbone: CFModel | None) -> torch.nn.Module | None:
     """x^CF for the method: a frozen backbone's, free trainable tables (Softprompt) or none (TALLRec).
     Users and items absent from the training rows are marked unknown: they get zero vectors."""
     source = METHODS[config.method].cf_source
@@ -442,14 +442,19 @@ def _backbone(
     return train_backbone(config, dataset, folder / subfolder, progress, name), subfolder
 
 
+def backbone_config(config: CCFConfig, name: str | None = None) -> CFConfig:
+    """How a run trains its backbone `name` (default `config.cf_model`): its preset, the run's seed and
+    history length, on CPU."""
+    history = max(config.max_history, 1)
+    return cf_config(name or config.cf_model, seed=config.seed, device="cpu", max_history=history)
+
+
 def train_backbone(
     config: CCFConfig, dataset: CTRDataset, folder: Path, progress: bool = True, name: str | None = None
 ) -> CFModel:
-    """Train the backbone `name` (default `config.cf_model`) with its preset, the run's seed and history
-    length, and save it with its valid and test metrics in `folder`."""
-    history = max(config.max_history, 1)
-    cf = cf_config(name or config.cf_model, seed=config.seed, device="cpu", max_history=history)
-    result = train_cf(cf, dataset, progress=progress)
+    """Train the backbone `name` (default `config.cf_model`) as backbone_config says, and save it with its
+    valid and test metrics in `folder`."""
+    result = train_cf(backbone_config(config, name), dataset, progress=progress)
     metrics = {**evaluate_cf(result.model, dataset), "best_epoch": result.best_epoch}
     save_cf(result.model, dataset, folder, metrics)
     return result.model

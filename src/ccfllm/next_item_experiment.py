@@ -161,7 +161,6 @@ def _run_parts(
         ]
         model.text_items = text_items
         rows.append(row(f"{name} (SBERT)", ranked_by(model, soft)))
-        model.text_items = None
         record = {"rows": rows, "timings": part_timings, "stage2_losses": losses}
         projections = {"user_projection": model.user_projection, "item_projection": model.item_projection}
         _save_part(part, record, device, **projections)
@@ -322,8 +321,10 @@ def _save(
     for name in ("sasrec", "alignment", "user_projection", "item_projection"):
         _save_weights(folder, name, getattr(model, name))
     _save_weights(folder, "item_texts", model.text_items)
-    record = {"format": FORMAT, "config": to_dict(config), "dataset": dataset.fingerprint()}
-    (folder / "config.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    write_json(
+        folder / "config.json",
+        {"format": FORMAT, "config": to_dict(config), "dataset": dataset.fingerprint()},
+    )
     metrics = {
         "table": table,
         "timings": timings,
@@ -331,7 +332,7 @@ def _save(
         "joint_space": joint_space,
         "stage2_losses": stage2_losses,
     }
-    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    write_json(folder / "metrics.json", metrics)
 
 
 def _save_weights(folder: Path, name: str, value: torch.nn.Module | torch.Tensor) -> None:
