@@ -253,7 +253,7 @@ def main() -> None:
     ).to(device)
     rows = len(training_positions(task, config.stage2_positions))
     clock = time.perf_counter()
-    losses = train_stage2(model, prompts, task, **stage2_settings(config))
+    losses = train_stage2(model, prompts, task, **stage2_settings(config)).losses
     timings["stage2_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
     ranks = {

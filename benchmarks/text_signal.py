@@ -14,7 +14,7 @@ latest `--holdout` share of the training rows with the logit of an MF trained on
 out-of-sample there too; the test rows still read the MF trained on every training row).
 
     .venv/bin/python benchmarks/text_signal.py [--train-rows 4096] [--valid-rows 1024] [--test-rows 2048]
-        [--holdout 0.2] [--no-probe]
+        [--holdout 0.2] [--no-probe] [--llm NAME]
 """
 
 from __future__ import annotations
@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--data")
     parser.add_argument("--holdout", type=float, default=0.2, help="share of the latest training rows")
     parser.add_argument("--no-probe", action="store_true", help="skip the LLM probe (a minute, not ten)")
+    parser.add_argument("--llm", help="the LLM the probe reads (default: the cpu preset's)")
     args = parser.parse_args()
     if not 0 < args.holdout < 1:
         parser.error(f"--holdout must be between 0 and 1, got {args.holdout}.")
@@ -151,7 +152,8 @@ def main() -> None:
     del splits["late"]
 
     preset = ccf_config("cpu")
-    llm = load_llm(preset.llm, device=preset.device, dtype=preset.dtype)
+    llm = load_llm(args.llm or preset.llm, device=preset.device, dtype=preset.dtype)
+    print(f"probe LLM: {llm.name} ({llm.model.config.model_type})")
     builder = PromptBuilder(
         llm.tokenizer,
         dataset.item_titles,

@@ -162,7 +162,7 @@ def test_stage2_trains_only_the_projections(tmp_path, tiny_llm_dir):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     losses = train_stage2(
         model, prompts, task, lr=3e-3, batch_size=4, epochs=4, n_candidates=6, progress=False
-    )
+    ).losses
     assert np.mean(losses[-4:]) < np.mean(losses[:4]), losses
     changed = {n.split(".")[0] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {"user_projection", "item_projection"}
@@ -176,11 +176,46 @@ def test_stage2_steps_through_compiled_layers_equal_uncompiled_ones(tmp_path, ti
         model, prompts, task, _ = stage2_model(tmp_path, tiny_llm_dir)
         losses[compiled] = train_stage2(
             model, prompts, task, lr=3e-3, batch_size=4, n_candidates=6, compile=compiled, progress=False
-        )
+        ).losses
         decoder = model.decoder()
         assert ("_compiled_layers" in vars(decoder)) == compiled and not hasattr(decoder, "_compile_failed")
     assert len(losses[True]) == 6
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
+
+
+def test_stage2_interrupted_between_steps_goes_on_as_unbroken(tmp_path, tiny_llm_dir, monkeypatch):
+    import ccfllm.methods.allmrec as allmrec
+
+    settings = dict(lr=3e-3, batch_size=4, epochs=3, n_candidates=6, progress=False)  # 6 steps an epoch
+    model, prompts, task, _ = stage2_model(tmp_path, tiny_llm_dir)
+    unbroken = allmrec.train_stage2(model, prompts, task, **settings)
+    unbroken_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss_as_is, calls = allmrec.next_title_loss, []
+
+    def stopping_at(stopping_call: int):
+        def loss(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == stopping_call:
+                raise KeyboardInterrupt
+            return loss_as_is(*args, **kwargs)
+
+        return loss
+
+    saved = tmp_path / "stage2.progress.safetensors"
+    resumable = dict(settings, progress_file=saved, checkpoint_seconds=0.0)  # saved after every step
+    for stop in (9, 4, 0):  # in epoch 2, again in epoch 2, then on through epoch 3 (a new order)
+        calls.clear()
+        monkeypatch.setattr(allmrec, "next_title_loss", stopping_at(stop))
+        model, prompts, task, _ = stage2_model(tmp_path, tiny_llm_dir)  # fresh weights each process
+        if stop:
+            with pytest.raises(KeyboardInterrupt):
+                allmrec.train_stage2(model, prompts, task, **resumable)
+        else:
+            resumed = allmrec.train_stage2(model, prompts, task, **resumable)
+    assert len(calls) == 18 - 8 - 3  # the third call did only the steps not saved yet
+    assert resumed.losses == unbroken.losses
+    for name, parameter in model.named_parameters():
+        assert torch.equal(parameter, unbroken_weights[name]), name
 
 
 def tiny_run_settings(tmp_path, tiny_llm_dir) -> dict:

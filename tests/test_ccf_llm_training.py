@@ -313,3 +313,47 @@ def test_a_run_that_fails_before_finishing_anything_leaves_nothing(tiny_llm_dir,
     with pytest.raises(CCFLLMError):
         run_ccf_llm(config, tiny_dataset, tmp_path / "run", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_run_interrupted_inside_a_stage_resumes_from_its_last_validation(
+    tiny_llm_dir, tiny_dataset, tmp_path, monkeypatch
+):
+    import ccfllm.train as train_module
+
+    config = tiny_ccf_config(tiny_llm_dir, cf_model="mf", lr_schedule="cosine")  # 8 steps, validated at 4, 8
+    unbroken = run_ccf_llm(config, tiny_dataset, tmp_path / "unbroken", progress=False)
+    out, partial = tmp_path / "ccf", partial_folder(tmp_path / "ccf")
+    step_as_is, calls = train_module.training_step, []
+
+    def stopping_at(stopping_call: int):
+        def step(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == stopping_call:
+                raise KeyboardInterrupt
+            return step_as_is(*args, **kwargs)
+
+        return step
+
+    monkeypatch.setattr(train_module, "training_step", stopping_at(6))  # stage 1, after step 5
+    with pytest.raises(KeyboardInterrupt):
+        run_ccf_llm(config, tiny_dataset, out, progress=False)
+    assert sorted(p.name for p in (partial / "stages").iterdir()) == ["1-lora.progress.safetensors"]
+
+    calls.clear()  # stage 1 goes on from step 4: 4 steps; then stage 2 stops in its 7th
+    monkeypatch.setattr(train_module, "training_step", stopping_at(4 + 7))
+    with pytest.raises(KeyboardInterrupt):
+        run_ccf_llm(config, tiny_dataset, out, progress=False, resume=True)
+    assert sorted(p.name for p in (partial / "stages").iterdir()) == [
+        "1-lora",
+        "2-fusion.progress.safetensors",
+    ]
+
+    calls.clear()
+    monkeypatch.setattr(train_module, "training_step", stopping_at(0))
+    resumed = run_ccf_llm(config, tiny_dataset, out, progress=False, resume=True)
+    assert len(calls) == 4  # stage 1 loaded, stage 2's steps 5-8
+    assert resumed.table == unbroken.table  # every test figure, to the last digit
+    assert [s.curve for s in resumed.stages] == [s.curve for s in unbroken.stages]
+    assert not partial.exists()
+    scores = [pd.read_parquet(folder / "predictions.parquet").score for folder in (out, unbroken.folder)]
+    assert scores[0].equals(scores[1])

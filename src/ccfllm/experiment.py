@@ -11,8 +11,10 @@ A run folder holds
 
 Until it is done, a run works in OUT.partial beside OUT, which keeps what it has finished: the backbone
 it trained (cf/), and each stage's weights, result, test scores and random-number state
-(stages/N-STAGE/). An interrupted run leaves that folder; `resume=True` (`ccfllm train --resume`)
-continues it with the same settings and ends where an uninterrupted run would, to the digit.
+(stages/N-STAGE/); and, while a stage trains, its state at its last validation
+(stages/N-STAGE.progress.safetensors). An interrupted run leaves that folder; `resume=True`
+(`ccfllm train --resume`) continues it with the same settings, from the last validation of the stage
+it stopped in, and ends where an uninterrupted run would, to the digit.
 """
 
 from __future__ import annotations
@@ -212,6 +214,7 @@ def _run_stages(config: CCFConfig, dataset: CTRDataset, work: Path, progress: bo
         last = number == len(_stages(config.strategy))
         row = {"model": f"{method.title} after stage {stage.value}"}
         finished = work / "stages" / f"{number}-{stage.value}"
+        in_progress = finished.with_name(finished.name + ".progress.safetensors")  # its last validation
         if finished.is_dir():
             result, row, scores = _load_stage(recommender, finished)
             stages.append(result)
@@ -228,12 +231,16 @@ def _run_stages(config: CCFConfig, dataset: CTRDataset, work: Path, progress: bo
                 table.append({**row, **_donor_stage1_row(Path(config.stage1_from))})
                 continue
         else:
+            data = (dataset.train, dataset.valid)
             stages.append(
-                train_stage(recommender.model, stage, prompts, dataset.train, dataset.valid, config, progress)
+                train_stage(
+                    recommender.model, stage, prompts, *data, config, progress, progress_file=in_progress
+                )
             )
         scores = score_rows(recommender.model, prompts, test, None, config.eval_batch_size, progress)
         table.append({**row, **_metrics(test, scores)})
         _save_stage(recommender, finished, stages[-1], table[-1], scores)
+        in_progress.unlink(missing_ok=True)
     if not stages:  # zero-shot: the LLM as it comes, reading the method's prompt
         prompts = recommender.final_prompts()
         scores = score_rows(recommender.model, prompts, test, None, config.eval_batch_size, progress)

@@ -147,9 +147,11 @@ def _run_parts(
         record = _resume_from(part, device)
         _load_projections(part, model)
     else:
-        clock = time.perf_counter()
-        losses = train_stage2(model, soft, task, **stage2_settings(config), progress=progress)
-        part_timings = {"stage2_s": time.perf_counter() - clock}
+        in_progress = part.with_name(part.name + ".progress.safetensors")
+        trained = train_stage2(
+            model, soft, task, **stage2_settings(config), progress=progress, progress_file=in_progress
+        )
+        part_timings = {"stage2_s": trained.seconds}
         clock = time.perf_counter()
         ranks = llm_ranks(model, soft, test, config, progress)
         part_timings["inference_s"] = time.perf_counter() - clock
@@ -161,14 +163,18 @@ def _run_parts(
         ]
         model.text_items = text_items
         rows.append(row(f"{name} (SBERT)", ranked_by(model, soft)))
-        record = {"rows": rows, "timings": part_timings, "stage2_losses": losses}
+        record = {"rows": rows, "timings": part_timings, "stage2_losses": trained.losses}
         projections = {"user_projection": model.user_projection, "item_projection": model.item_projection}
         _save_part(part, record, device, **projections)
+        in_progress.unlink(missing_ok=True)
     table += record["rows"]
     timings.update(record["timings"])
     model.text_items = text_items
 
-    tallrec, tallrec_ranks = _tallrec(config, task, test, sasrec, alignment, plain, timings, progress)
+    in_progress = parts / "4-tallrec.progress.safetensors"
+    tallrec, tallrec_ranks = _tallrec(
+        config, task, test, sasrec, alignment, plain, timings, progress, in_progress
+    )
     table.append(row("TALLRec (LoRA, titles)", ranked_by(tallrec, plain, tallrec_ranks)))
     timings["train_speedup_vs_tallrec"] = timings["tallrec_train_s"] / timings["stage2_s"]
     timings["inference_speedup_vs_tallrec"] = timings["tallrec_inference_s"] / timings["inference_s"]
@@ -241,19 +247,23 @@ def train_sasrec_and_alignment(
     return sasrec, stage1, text_items
 
 
-def _tallrec(config, task, test, sasrec, alignment, plain, timings, progress) -> tuple[ALLMRec, np.ndarray]:
+def _tallrec(
+    config, task, test, sasrec, alignment, plain, timings, progress, progress_file
+) -> tuple[ALLMRec, np.ndarray]:
     """The TALLRec-style baseline on the same task: a fresh copy of the LLM tuned with LoRA on the
-    titles-only prompt, with the same loss, rows and epochs as stage 2. -> the model and its test ranks;
-    its training and its inference of the test split are timed."""
+    titles-only prompt, with the same loss, rows and epochs as stage 2 (its training goes on from
+    `progress_file` where an interrupted run left it). -> the model and its test ranks; its training
+    and its inference of the test split are timed."""
     llm = load_task_llm(config)
     tuned = add_lora(llm.model)
     model = ALLMRec(tuned, sasrec, alignment, config.hidden).to(next(sasrec.parameters()).device)
     lora = [p for n, p in tuned.named_parameters() if "lora_" in n]
     for parameter in lora:
         parameter.requires_grad_(True)
-    clock = time.perf_counter()
-    train_stage2(model, plain, task, **stage2_settings(config), parameters=lora, progress=progress)
-    timings["tallrec_train_s"] = time.perf_counter() - clock
+    settings = dict(parameters=lora, progress=progress, progress_file=progress_file)
+    timings["tallrec_train_s"] = train_stage2(
+        model, plain, task, **stage2_settings(config), **settings
+    ).seconds
     clock = time.perf_counter()
     ranks = llm_ranks(model, plain, test, config, progress)
     timings["tallrec_inference_s"] = time.perf_counter() - clock

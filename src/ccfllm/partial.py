@@ -1,6 +1,8 @@
 """An interrupted run's finished parts: the folder OUT.partial that keeps them until the run is done,
-the check that a resumed run has the settings and data of the one that started it, and the
-random-number state a part ends with, so that a resumed run goes on exactly as an unbroken one."""
+the check that a resumed run has the settings and data of the one that started it, the random-number
+state a part ends with, so that a resumed run goes on exactly as an unbroken one, and a training
+loop's state part-way through a stage (`save_progress`), so that a stage resumes from its last
+checkpoint rather than from its start."""
 
 from __future__ import annotations
 
@@ -10,11 +12,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from .config import to_dict
 from .data.dataset import CTRDataset, refuse_other_dataset
 from .errors import CheckpointError
-from .io import write_json
+from .io import atomic_path, write_json
 
 
 def partial_folder(out: str | Path) -> Path:
@@ -66,8 +70,9 @@ def _check_same_run(work: Path, record: dict, dataset: CTRDataset) -> None:
 
 
 def drop_if_nothing_finished(work: Path, finished: Iterable[Path]) -> None:
-    """Keep an interrupted run's folder only if one of its `finished` parts (folders) exists."""
-    if not any(path.is_dir() for path in finished):
+    """Keep an interrupted run's folder only if one of its `finished` parts (folders, or a stage's
+    progress file) exists."""
+    if not any(path.exists() for path in finished):
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -83,3 +88,53 @@ def restore_random_state(state: dict[str, torch.Tensor], device: torch.device) -
     torch.set_rng_state(state["rng"])
     if "rng_cuda" in state and device.type == "cuda":
         torch.cuda.set_rng_state(state["rng_cuda"], device)
+
+
+# -- a stage part-way: its loop's state at its last checkpoint ----------------------------------------
+
+
+def save_progress(path: Path, tensors: dict[str, torch.Tensor], record: dict) -> None:
+    """A training loop's state: its `tensors` (weights, optimiser moments, random-number states) and
+    its JSON-able `record`, in one safetensors file (the record as its metadata) that replaces the
+    previous one atomically, so that an interruption leaves either the old state or the new one."""
+    with atomic_path(path) as tmp:
+        contiguous = {name: value.detach().contiguous() for name, value in tensors.items()}
+        save_file(contiguous, tmp, metadata={"record": json.dumps(record)})
+
+
+def load_progress(path: Path | None) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """(tensors, record) that `save_progress` wrote at `path`, or None where there is none."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        with safe_open(path, framework="pt") as saved:
+            record = json.loads(saved.metadata()["record"])
+            return {name: saved.get_tensor(name) for name in saved.keys()}, record
+    except (OSError, KeyError, ValueError, SafetensorError) as exc:
+        raise CheckpointError(
+            f"{path} (a stage's saved progress) cannot be read ({exc}): delete it to redo that stage "
+            "from its start."
+        ) from exc
+
+
+def optimiser_tensors(optimiser: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """An optimiser's state as named tensors ("optimiser.<parameter>.<key>") and its parameter groups."""
+    state = optimiser.state_dict()
+    tensors = {
+        f"optimiser.{index}.{key}": torch.as_tensor(value)
+        for index, moments in state["state"].items()
+        for key, value in moments.items()
+    }
+    return tensors, state["param_groups"]
+
+
+def load_optimiser(
+    optimiser: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]
+) -> None:
+    """Give `optimiser` the state `optimiser_tensors` took (the moments move to their parameters' device)."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimiser."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    optimiser.load_state_dict({"state": state, "param_groups": groups})

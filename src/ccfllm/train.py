@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,9 +24,18 @@ from transformers import get_scheduler
 from .config import CCFConfig
 from .data.dataset import Split
 from .engine import score_rows
+from .errors import CheckpointError
 from .methods import LOSSES
 from .methods.ccf_llm import CCFLLM, Answer
 from .metrics import auc
+from .partial import (
+    load_optimiser,
+    load_progress,
+    optimiser_tensors,
+    random_state,
+    restore_random_state,
+    save_progress,
+)
 from .prompt import PromptBatch, PromptBuilder
 
 
@@ -72,10 +82,13 @@ def train_stage(
     config: CCFConfig,
     progress: bool = True,
     train_features: torch.nn.Module | None = None,
+    progress_file: Path | None = None,
 ) -> StageResult:
     """Train the parameters of `stage` on sampled train rows; validate every `eval_every` steps.
     With `train_features`, the training rows read their x^CF from it (a backbone that did not see
-    them) and validation reads the model's own."""
+    them) and validation reads the model's own. With `progress_file`, the loop's state is saved there
+    after each validation, and a stage that finds one there goes on from it, ending as it would have
+    unbroken."""
     started = time.perf_counter()
     lr = config.lr_lora if stage == Stage.LORA else config.lr_fusion
     parameters = trainable_parameters(model, stage, config.tune_cf)
@@ -94,18 +107,25 @@ def train_stage(
             valid.label[valid_rows], score_rows(model, builder, valid, valid_rows, config.eval_batch_size)
         )
 
-    best_auc, best_step, best_state = validate(), 0, _snapshot(parameters)
-    curve = [{"step": 0, "train_loss": None, "valid_auc": best_auc}]
-    bad_validations, step, losses = 0, 0, []
-    bar = tqdm(total=total_steps, desc=f"stage {stage.value}", unit="step", disable=not progress)
-    bar.set_postfix(valid_auc=f"{best_auc:.4f}")
     device = next(model.parameters()).device
     batches = [
         rows
         for _ in range(config.epochs)
         for rows in np.array_split(generator.permutation(train_rows), steps_per_epoch)
     ]
-    for rows in batches:
+    saved = load_progress(progress_file)
+    if saved is None:
+        best_state = _snapshot(parameters)
+        loop = _Loop(step=0, best_auc=validate(), best_step=0, bad_validations=0, seconds=0.0)
+        loop.curve.append({"step": 0, "train_loss": None, "valid_auc": loop.best_auc})
+    else:
+        loop, best_state = _resumed_loop(saved, parameters, optimiser, schedule, device)
+    losses = []
+    bar = tqdm(
+        total=total_steps, initial=loop.step, desc=f"stage {stage.value}", unit="step", disable=not progress
+    )
+    bar.set_postfix(valid_auc=f"{loop.best_auc:.4f}")
+    for rows in batches[loop.step :] if loop.bad_validations < config.patience else []:
         model.train()
         if model.cf is not None:  # a frozen backbone keeps eval mode (no dropout)
             model.cf.train(config.tune_cf and stage != Stage.LORA)
@@ -115,26 +135,75 @@ def train_stage(
         with cf_features_of(model, train_features):
             losses.append(training_step(model, batch, optimiser, loss_for(config)))
         schedule.step()
-        step += 1
+        loop.step += 1
         bar.update()
-        if step % eval_every and step != total_steps:
+        if loop.step % eval_every and loop.step != total_steps:
             continue
         valid_auc = validate()
-        curve.append({"step": step, "train_loss": float(np.mean(losses)), "valid_auc": valid_auc})
+        loop.curve.append({"step": loop.step, "train_loss": float(np.mean(losses)), "valid_auc": valid_auc})
         losses = []
-        if valid_auc > best_auc:
-            best_auc, best_step, best_state, bad_validations = valid_auc, step, _snapshot(parameters), 0
+        if valid_auc > loop.best_auc:
+            loop.best_auc, loop.best_step, loop.bad_validations = valid_auc, loop.step, 0
+            best_state = _snapshot(parameters)
         else:
-            bad_validations += 1
+            loop.bad_validations += 1
         bar.set_postfix(
-            loss=f"{curve[-1]['train_loss']:.4f}", valid_auc=f"{valid_auc:.4f}", best=f"{best_auc:.4f}"
+            loss=f"{loop.curve[-1]['train_loss']:.4f}",
+            valid_auc=f"{valid_auc:.4f}",
+            best=f"{loop.best_auc:.4f}",
         )
-        if bad_validations >= config.patience:
+        if progress_file is not None:
+            seconds = time.perf_counter() - started
+            _save_loop(progress_file, loop, seconds, parameters, best_state, optimiser, schedule)
+        if loop.bad_validations >= config.patience:
             break
     bar.close()
     _restore(parameters, best_state)
     model.eval()
-    return StageResult(stage.value, best_auc, best_step, step, time.perf_counter() - started, curve)
+    seconds = loop.seconds + time.perf_counter() - started
+    return StageResult(stage.value, loop.best_auc, loop.best_step, loop.step, seconds, loop.curve)
+
+
+@dataclass
+class _Loop:
+    """What train_stage's loop carries from step to step, besides the weights and the optimiser."""
+
+    step: int
+    best_auc: float
+    best_step: int
+    bad_validations: int
+    seconds: float  # spent in this stage by the processes before this one
+    curve: list[dict] = field(default_factory=list)
+
+
+def _save_loop(path: Path, loop: _Loop, seconds: float, parameters, best_state, optimiser, schedule) -> None:
+    """The loop's state after a validation, for a stage that is interrupted to go on from."""
+    moments, groups = optimiser_tensors(optimiser)
+    tensors = {
+        **{f"parameter.{i}": p for i, p in enumerate(parameters)},
+        **{f"best.{i}": p for i, p in enumerate(best_state)},
+        **moments,
+        **random_state(parameters[0].device),
+    }
+    record = {**vars(loop), "seconds": loop.seconds + seconds, "optimiser": groups}
+    save_progress(path, tensors, {**record, "schedule": schedule.state_dict()})
+
+
+def _resumed_loop(saved, parameters, optimiser, schedule, device) -> tuple[_Loop, list[torch.Tensor]]:
+    """The loop, weights, optimiser, schedule and random-number state `_save_loop` kept;
+    -> (loop, best weights)."""
+    tensors, record = saved
+    if sum(name.startswith("parameter.") for name in tensors) != len(parameters):
+        raise CheckpointError(
+            "A stage's saved progress holds other weights than the stage trains: delete its "
+            ".progress.safetensors file to redo the stage from its start."
+        )
+    _restore(parameters, [tensors[f"parameter.{i}"] for i in range(len(parameters))])
+    load_optimiser(optimiser, tensors, record.pop("optimiser"))
+    schedule.load_state_dict(record.pop("schedule"))
+    restore_random_state(tensors, device)
+    best_state = [tensors[f"best.{i}"].to(device) for i in range(len(parameters))]
+    return _Loop(**record), best_state
 
 
 WARMUP_SHARE = 0.03  # FastChat's Vicuna training script: --warmup_ratio 0.03 --lr_scheduler_type cosine

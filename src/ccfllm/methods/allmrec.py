@@ -25,7 +25,9 @@ the items (chance 0.3%). `alignment_diagnostics` measures this on every run.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,7 +41,16 @@ from ..data.dataset import PAD
 from ..data.next_item import NextItemSplit, NextItemTask, sample_candidates, training_positions
 from ..device import seed_everything
 from ..engine import cache_argument
+from ..errors import CheckpointError
 from ..llm import float32_output_weight
+from ..partial import (
+    load_optimiser,
+    load_progress,
+    optimiser_tensors,
+    random_state,
+    restore_random_state,
+    save_progress,
+)
 from ..prompt import ITEM_SLOT, USER, EncodedPrompt, PromptBatch, PromptBuilder, collate, user_piece
 from ..text_encoder import SentenceEncoder
 from .ccf_llm import positions_from_mask, run_decoder
@@ -522,11 +533,17 @@ def train_stage2(
     parameters: list[nn.Parameter] | None = None,
     compile: bool = False,
     progress: bool = True,
-) -> list[float]:
+    progress_file: Path | None = None,
+    checkpoint_seconds: float = 300.0,
+) -> Stage2Result:
     """Train F_U and F_I (or the given `parameters`: the LoRA weights of the TALLRec baseline) on the
     task's training rows at the last `positions` of each user's sequence (training_positions), each with
-    candidates drawn afresh (its next item and items its user never liked); return every step's loss.
-    `compile`: the LLM's layers run compiled (about 15-40 s once per process)."""
+    candidates drawn afresh (its next item and items its user never liked); -> every step's loss and
+    the seconds it took.
+    `compile`: the LLM's layers run compiled (about 15-40 s once per process). With `progress_file`,
+    the loop's state is saved there every `checkpoint_seconds` and after the last step, and a call that
+    finds one there goes on from it, ending as it would have unbroken."""
+    started = time.perf_counter()
     generator = seed_everything(seed)
     rng = np.random.default_rng(seed)
     if parameters is None:
@@ -537,10 +554,20 @@ def train_stage2(
     if 0 < rows < len(train):
         chosen = np.sort(rng.choice(len(train), rows, replace=False))
     titled = titled_items(prompts, task.n_items)
-    losses = []
-    for _ in range(epochs):
-        order = torch.as_tensor(chosen)[torch.randperm(len(chosen), generator=generator)].split(batch_size)
-        for batch in tqdm(order, desc="A-LLMRec stage 2", unit="step", disable=not progress):
+    steps_per_epoch = -(-len(chosen) // batch_size)
+    losses, order, seconds_before = [], None, 0.0
+    saved = load_progress(progress_file)
+    if saved is not None:
+        losses, order, seconds_before = _resume_stage2(saved, parameters, optimiser, generator, rng)
+    bar = tqdm(
+        total=steps_per_epoch * epochs, initial=len(losses), desc="A-LLMRec stage 2", unit="step",
+        disable=not progress,
+    )  # fmt: skip
+    saved_at = time.perf_counter()
+    for epoch in range(len(losses) // steps_per_epoch, epochs):
+        if order is None or epoch * steps_per_epoch == len(losses):
+            order = torch.as_tensor(chosen)[torch.randperm(len(chosen), generator=generator)]
+        for batch in order.split(batch_size)[len(losses) - epoch * steps_per_epoch :]:
             rows = batch.numpy()
             candidates = draw_candidates(task, titled, train.uid[rows], train.target[rows], n_candidates, rng)
             model.train()
@@ -550,8 +577,54 @@ def train_stage2(
             loss.backward()
             optimiser.step()
             losses.append(loss.item())
+            bar.update()
+            last = len(losses) == steps_per_epoch * epochs
+            if progress_file is not None and (last or time.perf_counter() - saved_at >= checkpoint_seconds):
+                seconds = seconds_before + time.perf_counter() - started
+                _save_stage2(progress_file, parameters, optimiser, losses, seconds, order, generator, rng)
+                saved_at = time.perf_counter()
+    bar.close()
     model.eval()
-    return losses
+    return Stage2Result(losses, seconds_before + time.perf_counter() - started)
+
+
+@dataclass
+class Stage2Result:
+    losses: list[float]  # every step's, across the processes an interrupted stage ran in
+    seconds: float  # the stage's time, over those processes (to their last saved step)
+
+
+def _save_stage2(path, parameters, optimiser, losses, seconds, order, generator, rng) -> None:
+    """Stage 2's state after a step: weights, optimiser, losses, this epoch's order, random numbers."""
+    moments, groups = optimiser_tensors(optimiser)
+    tensors = {
+        **{f"parameter.{i}": p for i, p in enumerate(parameters)},
+        **moments,
+        "order": order,
+        "generator": generator.get_state(),
+        **random_state(parameters[0].device),
+    }
+    record = {"losses": losses, "seconds": seconds, "optimiser": groups, "numpy_rng": rng.bit_generator.state}
+    save_progress(path, tensors, record)
+
+
+def _resume_stage2(saved, parameters, optimiser, generator, rng) -> tuple[list[float], torch.Tensor, float]:
+    """Load what `_save_stage2` kept into the loop's objects; -> (losses so far, this epoch's order,
+    seconds so far)."""
+    tensors, record = saved
+    if sum(name.startswith("parameter.") for name in tensors) != len(parameters):
+        raise CheckpointError(
+            "Stage 2's saved progress holds other weights than this stage trains: delete its "
+            ".progress.safetensors file to redo the stage from its start."
+        )
+    with torch.no_grad():
+        for index, parameter in enumerate(parameters):
+            parameter.copy_(tensors[f"parameter.{index}"])
+    load_optimiser(optimiser, tensors, record["optimiser"])
+    generator.set_state(tensors["generator"])
+    rng.bit_generator.state = record["numpy_rng"]
+    restore_random_state(tensors, parameters[0].device)
+    return record["losses"], tensors["order"], record["seconds"]
 
 
 def titled_items(prompts: NextItemPrompts, n_items: int) -> np.ndarray:
