@@ -152,3 +152,16 @@ def backbone(tiny_dataset):
 
     settings = dict(dim=8, lr=1e-2, weight_decay=1e-4, bias_decay=1e-4, max_epochs=5, device="cpu")
     return train_cf(cf_config("mf", **settings), tiny_dataset, progress=False).model
+
+
+def stopping_on_call(function, stopping_call: int, calls: list):
+    """`function`, each call counted in `calls`, raising KeyboardInterrupt (as Ctrl-C would) in place of
+    call number `stopping_call` (0: never): an interruption at a chosen point of a training loop."""
+
+    def stopping(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == stopping_call:
+            raise KeyboardInterrupt
+        return function(*args, **kwargs)
+
+    return stopping

@@ -21,7 +21,7 @@ from ccfllm.errors import CheckpointError
 from ccfllm.methods.allmrec import CollaborativeTextAlignment, alignment_diagnostics, train_alignment
 from ccfllm.prompt import ITEM_SLOT, USER
 from ccfllm.text_encoder import load_sentence_encoder
-from conftest import one_label_flipped
+from conftest import one_label_flipped, stopping_on_call
 from test_next_item import cyclic_dataset
 from test_text_encoder import save_tiny_bert
 
@@ -192,20 +192,11 @@ def test_stage2_interrupted_between_steps_goes_on_as_unbroken(tmp_path, tiny_llm
     unbroken_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss_as_is, calls = allmrec.next_title_loss, []
 
-    def stopping_at(stopping_call: int):
-        def loss(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == stopping_call:
-                raise KeyboardInterrupt
-            return loss_as_is(*args, **kwargs)
-
-        return loss
-
     saved = tmp_path / "stage2.progress.safetensors"
     resumable = dict(settings, progress_file=saved, checkpoint_seconds=0.0)  # saved after every step
     for stop in (9, 4, 0):  # in epoch 2, again in epoch 2, then on through epoch 3 (a new order)
         calls.clear()
-        monkeypatch.setattr(allmrec, "next_title_loss", stopping_at(stop))
+        monkeypatch.setattr(allmrec, "next_title_loss", stopping_on_call(loss_as_is, stop, calls))
         model, prompts, task, _ = stage2_model(tmp_path, tiny_llm_dir)  # fresh weights each process
         if stop:
             with pytest.raises(KeyboardInterrupt):

@@ -28,7 +28,7 @@ from ccfllm.methods.ccf_llm import CFFeatures, ccf_loss, click_score
 from ccfllm.metrics import auc
 from ccfllm.partial import partial_folder
 from ccfllm.train import Stage, learning_rate_schedule, train_stage, trainable_parameters
-from conftest import TINY_CCF, one_label_flipped
+from conftest import TINY_CCF, one_label_flipped, stopping_on_call
 
 
 def tiny_ccf_config(llm_dir, **overrides):
@@ -325,22 +325,15 @@ def test_a_run_interrupted_inside_a_stage_resumes_from_its_last_validation(
     out, partial = tmp_path / "ccf", partial_folder(tmp_path / "ccf")
     step_as_is, calls = train_module.training_step, []
 
-    def stopping_at(stopping_call: int):
-        def step(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == stopping_call:
-                raise KeyboardInterrupt
-            return step_as_is(*args, **kwargs)
-
-        return step
-
-    monkeypatch.setattr(train_module, "training_step", stopping_at(6))  # stage 1, after step 5
+    monkeypatch.setattr(
+        train_module, "training_step", stopping_on_call(step_as_is, 6, calls)
+    )  # stage 1, after step 5
     with pytest.raises(KeyboardInterrupt):
         run_ccf_llm(config, tiny_dataset, out, progress=False)
     assert sorted(p.name for p in (partial / "stages").iterdir()) == ["1-lora.progress.safetensors"]
 
     calls.clear()  # stage 1 goes on from step 4: 4 steps; then stage 2 stops in its 7th
-    monkeypatch.setattr(train_module, "training_step", stopping_at(4 + 7))
+    monkeypatch.setattr(train_module, "training_step", stopping_on_call(step_as_is, 4 + 7, calls))
     with pytest.raises(KeyboardInterrupt):
         run_ccf_llm(config, tiny_dataset, out, progress=False, resume=True)
     assert sorted(p.name for p in (partial / "stages").iterdir()) == [
@@ -349,7 +342,7 @@ def test_a_run_interrupted_inside_a_stage_resumes_from_its_last_validation(
     ]
 
     calls.clear()
-    monkeypatch.setattr(train_module, "training_step", stopping_at(0))
+    monkeypatch.setattr(train_module, "training_step", stopping_on_call(step_as_is, 0, calls))
     resumed = run_ccf_llm(config, tiny_dataset, out, progress=False, resume=True)
     assert len(calls) == 4  # stage 1 loaded, stage 2's steps 5-8
     assert resumed.table == unbroken.table  # every test figure, to the last digit

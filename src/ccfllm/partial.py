@@ -117,24 +117,42 @@ def load_progress(path: Path | None) -> tuple[dict[str, torch.Tensor], dict] | N
         ) from exc
 
 
-def optimiser_tensors(optimiser: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """An optimiser's state as named tensors ("optimiser.<parameter>.<key>") and its parameter groups."""
+def loop_state(parameters: list[torch.nn.Parameter], optimiser: torch.optim.Optimizer):
+    """A training loop's weights ("parameter.<i>"), optimiser moments ("optimiser.<i>.<key>") and
+    random-number state as named tensors; -> (tensors, the optimiser's parameter groups, JSON-able)."""
     state = optimiser.state_dict()
     tensors = {
-        f"optimiser.{index}.{key}": torch.as_tensor(value)
-        for index, moments in state["state"].items()
-        for key, value in moments.items()
+        **{f"parameter.{index}": parameter for index, parameter in enumerate(parameters)},
+        **{
+            f"optimiser.{index}.{key}": torch.as_tensor(value)
+            for index, moments in state["state"].items()
+            for key, value in moments.items()
+        },
+        **random_state(parameters[0].device),
     }
     return tensors, state["param_groups"]
 
 
-def load_optimiser(
-    optimiser: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]
+def restore_loop_state(
+    tensors: dict[str, torch.Tensor],
+    groups: list[dict],
+    parameters: list[torch.nn.Parameter],
+    optimiser: torch.optim.Optimizer,
 ) -> None:
-    """Give `optimiser` the state `optimiser_tensors` took (the moments move to their parameters' device)."""
-    state: dict[int, dict[str, torch.Tensor]] = {}
+    """Put back what `loop_state` took: the weights, the optimiser (its moments move to their
+    parameters' device) and the random-number state."""
+    if sum(name.startswith("parameter.") for name in tensors) != len(parameters):
+        raise CheckpointError(
+            "A stage's saved progress holds other weights than the stage trains: delete its "
+            ".progress.safetensors file to redo the stage from its start."
+        )
+    with torch.no_grad():
+        for index, parameter in enumerate(parameters):
+            parameter.copy_(tensors[f"parameter.{index}"])
+    moments: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
         if name.startswith("optimiser."):
             _, index, key = name.split(".", 2)
-            state.setdefault(int(index), {})[key] = value
-    optimiser.load_state_dict({"state": state, "param_groups": groups})
+            moments.setdefault(int(index), {})[key] = value
+    optimiser.load_state_dict({"state": moments, "param_groups": groups})
+    restore_random_state(tensors, parameters[0].device)

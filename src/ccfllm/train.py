@@ -24,18 +24,10 @@ from transformers import get_scheduler
 from .config import CCFConfig
 from .data.dataset import Split
 from .engine import score_rows
-from .errors import CheckpointError
 from .methods import LOSSES
 from .methods.ccf_llm import CCFLLM, Answer
 from .metrics import auc
-from .partial import (
-    load_optimiser,
-    load_progress,
-    optimiser_tensors,
-    random_state,
-    restore_random_state,
-    save_progress,
-)
+from .partial import load_progress, loop_state, restore_loop_state, save_progress
 from .prompt import PromptBatch, PromptBuilder
 
 
@@ -119,7 +111,7 @@ def train_stage(
         loop = _Loop(step=0, best_auc=validate(), best_step=0, bad_validations=0, seconds=0.0)
         loop.curve.append({"step": 0, "train_loss": None, "valid_auc": loop.best_auc})
     else:
-        loop, best_state = _resumed_loop(saved, parameters, optimiser, schedule, device)
+        loop, best_state = _resumed_loop(saved, parameters, optimiser, schedule)
     losses = []
     bar = tqdm(
         total=total_steps, initial=loop.step, desc=f"stage {stage.value}", unit="step", disable=not progress
@@ -178,31 +170,19 @@ class _Loop:
 
 def _save_loop(path: Path, loop: _Loop, seconds: float, parameters, best_state, optimiser, schedule) -> None:
     """The loop's state after a validation, for a stage that is interrupted to go on from."""
-    moments, groups = optimiser_tensors(optimiser)
-    tensors = {
-        **{f"parameter.{i}": p for i, p in enumerate(parameters)},
-        **{f"best.{i}": p for i, p in enumerate(best_state)},
-        **moments,
-        **random_state(parameters[0].device),
-    }
+    tensors, groups = loop_state(parameters, optimiser)
+    best = {f"best.{index}": value for index, value in enumerate(best_state)}
     record = {**vars(loop), "seconds": loop.seconds + seconds, "optimiser": groups}
-    save_progress(path, tensors, {**record, "schedule": schedule.state_dict()})
+    save_progress(path, {**tensors, **best}, {**record, "schedule": schedule.state_dict()})
 
 
-def _resumed_loop(saved, parameters, optimiser, schedule, device) -> tuple[_Loop, list[torch.Tensor]]:
+def _resumed_loop(saved, parameters, optimiser, schedule) -> tuple[_Loop, list[torch.Tensor]]:
     """The loop, weights, optimiser, schedule and random-number state `_save_loop` kept;
     -> (loop, best weights)."""
     tensors, record = saved
-    if sum(name.startswith("parameter.") for name in tensors) != len(parameters):
-        raise CheckpointError(
-            "A stage's saved progress holds other weights than the stage trains: delete its "
-            ".progress.safetensors file to redo the stage from its start."
-        )
-    _restore(parameters, [tensors[f"parameter.{i}"] for i in range(len(parameters))])
-    load_optimiser(optimiser, tensors, record.pop("optimiser"))
+    restore_loop_state(tensors, record.pop("optimiser"), parameters, optimiser)
     schedule.load_state_dict(record.pop("schedule"))
-    restore_random_state(tensors, device)
-    best_state = [tensors[f"best.{i}"].to(device) for i in range(len(parameters))]
+    best_state = [tensors[f"best.{i}"].to(parameters[i].device) for i in range(len(parameters))]
     return _Loop(**record), best_state
 
 

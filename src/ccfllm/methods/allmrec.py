@@ -41,16 +41,8 @@ from ..data.dataset import PAD
 from ..data.next_item import NextItemSplit, NextItemTask, sample_candidates, training_positions
 from ..device import seed_everything
 from ..engine import cache_argument
-from ..errors import CheckpointError
 from ..llm import float32_output_weight
-from ..partial import (
-    load_optimiser,
-    load_progress,
-    optimiser_tensors,
-    random_state,
-    restore_random_state,
-    save_progress,
-)
+from ..partial import load_progress, loop_state, restore_loop_state, save_progress
 from ..prompt import ITEM_SLOT, USER, EncodedPrompt, PromptBatch, PromptBuilder, collate, user_piece
 from ..text_encoder import SentenceEncoder
 from .ccf_llm import positions_from_mask, run_decoder
@@ -596,14 +588,8 @@ class Stage2Result:
 
 def _save_stage2(path, parameters, optimiser, losses, seconds, order, generator, rng) -> None:
     """Stage 2's state after a step: weights, optimiser, losses, this epoch's order, random numbers."""
-    moments, groups = optimiser_tensors(optimiser)
-    tensors = {
-        **{f"parameter.{i}": p for i, p in enumerate(parameters)},
-        **moments,
-        "order": order,
-        "generator": generator.get_state(),
-        **random_state(parameters[0].device),
-    }
+    tensors, groups = loop_state(parameters, optimiser)
+    tensors = {**tensors, "order": order, "generator": generator.get_state()}
     record = {"losses": losses, "seconds": seconds, "optimiser": groups, "numpy_rng": rng.bit_generator.state}
     save_progress(path, tensors, record)
 
@@ -612,18 +598,9 @@ def _resume_stage2(saved, parameters, optimiser, generator, rng) -> tuple[list[f
     """Load what `_save_stage2` kept into the loop's objects; -> (losses so far, this epoch's order,
     seconds so far)."""
     tensors, record = saved
-    if sum(name.startswith("parameter.") for name in tensors) != len(parameters):
-        raise CheckpointError(
-            "Stage 2's saved progress holds other weights than this stage trains: delete its "
-            ".progress.safetensors file to redo the stage from its start."
-        )
-    with torch.no_grad():
-        for index, parameter in enumerate(parameters):
-            parameter.copy_(tensors[f"parameter.{index}"])
-    load_optimiser(optimiser, tensors, record["optimiser"])
+    restore_loop_state(tensors, record["optimiser"], parameters, optimiser)
     generator.set_state(tensors["generator"])
     rng.bit_generator.state = record["numpy_rng"]
-    restore_random_state(tensors, parameters[0].device)
     return record["losses"], tensors["order"], record["seconds"]
 
 
