@@ -44,7 +44,8 @@ _COMPILE_SCORING_OPTION = click.option(
 _RESUME_OPTION = click.option(
     "--resume",
     is_flag=True,
-    help="Continue the interrupted run of the same settings in OUT.partial from its last finished part.",
+    help="Continue the interrupted run of the same settings in OUT.partial from its last finished part "
+    "(inside a stage, from the state it last saved there).",
 )
 _SPLITS_OPTION = click.option(
     "--split",
@@ -253,8 +254,8 @@ CF_HISTORY = 10  # rows are loaded with CoLLM's 10 most recent likes; prompts ma
 @_training_run_options
 def ccf_train(preset, method, data_dir, out, seed, resume, settings, overwrite, quiet) -> None:
     """Train CCF-LLM (or a baseline) end to end: CF backbone, stage 1 (LoRA), stage 2 (ALG + GATE);
-    test after each. Until it ends, the run keeps each finished part in OUT.partial: rerun an
-    interrupted run with --resume to continue it."""
+    test after each. Until it ends, the run keeps each finished part (and a training stage's state at
+    its last validation) in OUT.partial: rerun an interrupted run with --resume to continue it."""
     from .experiment import run_ccf_llm
 
     config = ccf_config(preset, **{"method": method, **_overrides(settings, seed)})
@@ -352,7 +353,8 @@ def allmrec() -> None:
 @_training_run_options
 def allmrec_train(preset, data_dir, out, seed, resume, settings, overwrite, quiet) -> None:
     """Train SASRec, A-LLMRec's two stages, and rank the test candidates with each model. Until it ends,
-    the run keeps each finished part in OUT.partial: rerun an interrupted run with --resume to continue it."""
+    the run keeps each finished part (and stage 2's state every 5 minutes) in OUT.partial: rerun an
+    interrupted run with --resume to continue it."""
     from .next_item_experiment import run_allmrec
 
     config = allmrec_config(preset, **_overrides(settings, seed))
