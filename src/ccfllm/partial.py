@@ -110,7 +110,7 @@ def load_progress(path: Path | None) -> tuple[dict[str, torch.Tensor], dict] | N
         with safe_open(path, framework="pt") as saved:
             record = json.loads(saved.metadata()["record"])
             return {name: saved.get_tensor(name) for name in saved.keys()}, record
-    except (OSError, KeyError, ValueError, SafetensorError) as exc:
+    except (OSError, KeyError, TypeError, ValueError, SafetensorError) as exc:  # TypeError: no metadata
         raise CheckpointError(
             f"{path} (a stage's saved progress) cannot be read ({exc}): delete it to redo that stage "
             "from its start."
