@@ -51,6 +51,7 @@ from .metrics import split_metrics
 from .partial import (
     drop_if_nothing_finished,
     open_partial_folder,
+    progress_file,
     random_state,
     restore_random_state,
 )
@@ -214,7 +215,7 @@ def _run_stages(config: CCFConfig, dataset: CTRDataset, work: Path, progress: bo
         last = number == len(_stages(config.strategy))
         row = {"model": f"{method.title} after stage {stage.value}"}
         finished = work / "stages" / f"{number}-{stage.value}"
-        in_progress = finished.with_name(finished.name + ".progress.safetensors")  # its last validation
+        in_progress = progress_file(finished)  # the stage's state at its last validation
         if finished.is_dir():
             result, row, scores = _load_stage(recommender, finished)
             stages.append(result)

@@ -44,7 +44,13 @@ from .methods.allmrec import (
     train_stage2,
 )
 from .metrics import target_ranks
-from .partial import drop_if_nothing_finished, open_partial_folder, random_state, restore_random_state
+from .partial import (
+    drop_if_nothing_finished,
+    open_partial_folder,
+    progress_file,
+    random_state,
+    restore_random_state,
+)
 from .text_encoder import load_sentence_encoder
 from .train import sample_rows
 
@@ -147,7 +153,7 @@ def _run_parts(
         record = _resume_from(part, device)
         _load_projections(part, model)
     else:
-        in_progress = part.with_name(part.name + ".progress.safetensors")
+        in_progress = progress_file(part)
         trained = train_stage2(
             model, soft, task, **stage2_settings(config), progress=progress, progress_file=in_progress
         )
@@ -171,7 +177,7 @@ def _run_parts(
     timings.update(record["timings"])
     model.text_items = text_items
 
-    in_progress = parts / "4-tallrec.progress.safetensors"
+    in_progress = progress_file(parts / "4-tallrec")
     tallrec, tallrec_ranks = _tallrec(
         config, task, test, sasrec, alignment, plain, timings, progress, in_progress
     )
@@ -248,11 +254,11 @@ def train_sasrec_and_alignment(
 
 
 def _tallrec(
-    config, task, test, sasrec, alignment, plain, timings, progress, progress_file
+    config, task, test, sasrec, alignment, plain, timings, progress, in_progress
 ) -> tuple[ALLMRec, np.ndarray]:
     """The TALLRec-style baseline on the same task: a fresh copy of the LLM tuned with LoRA on the
     titles-only prompt, with the same loss, rows and epochs as stage 2 (its training goes on from
-    `progress_file` where an interrupted run left it). -> the model and its test ranks; its training
+    `in_progress` where an interrupted run left it). -> the model and its test ranks; its training
     and its inference of the test split are timed."""
     llm = load_task_llm(config)
     tuned = add_lora(llm.model)
@@ -260,7 +266,7 @@ def _tallrec(
     lora = [p for n, p in tuned.named_parameters() if "lora_" in n]
     for parameter in lora:
         parameter.requires_grad_(True)
-    settings = dict(parameters=lora, progress=progress, progress_file=progress_file)
+    settings = dict(parameters=lora, progress=progress, progress_file=in_progress)
     timings["tallrec_train_s"] = train_stage2(
         model, plain, task, **stage2_settings(config), **settings
     ).seconds

@@ -93,6 +93,11 @@ def restore_random_state(state: dict[str, torch.Tensor], device: torch.device) -
 # -- a stage part-way: its loop's state at its last checkpoint ----------------------------------------
 
 
+def progress_file(part: Path) -> Path:
+    """Where a training loop keeps its state part-way through the stage that will become `part`."""
+    return part.with_name(part.name + ".progress.safetensors")
+
+
 def save_progress(path: Path, tensors: dict[str, torch.Tensor], record: dict) -> None:
     """A training loop's state: its `tensors` (weights, optimiser moments, random-number states) and
     its JSON-able `record`, in one safetensors file (the record as its metadata) that replaces the
