@@ -95,6 +95,31 @@ def run_allmrec(
     return AllmrecResult(out, table, timings, time.perf_counter() - started)
 
 
+@dataclass
+class _Measure:
+    """What every row of the table is measured on: the sampled test rows, their answers' popularity
+    groups (-1 cold, 1 warm) and the held-out cold users."""
+
+    config: AllmrecConfig
+    test: NextItemSplit
+    groups: np.ndarray
+    cold_users: NextItemSplit | None
+    progress: bool
+
+    def row(self, name: str, ranks_of) -> dict:
+        """The table's row for a model whose `ranks_of(split)` gives the answers' ranks."""
+        cold_user_ranks = ranks_of(self.cold_users) if self.cold_users else None
+        return _row(name, ranks_of(self.test), self.groups, cold_user_ranks)
+
+    def by_llm(self, model: ALLMRec, prompts: NextItemPrompts, test_ranks: np.ndarray | None = None):
+        """ranks_of for an LLM model; `test_ranks` where the test rows are ranked (and timed) already."""
+        return lambda split: (
+            test_ranks
+            if split is self.test and test_ranks is not None
+            else llm_ranks(model, prompts, split, self.config, self.progress)
+        )
+
+
 def _run_parts(
     config: AllmrecConfig, dataset: CTRDataset, parts: Path, folder: Path, progress: bool
 ) -> tuple[list[dict], dict]:
@@ -104,32 +129,15 @@ def _run_parts(
         dataset, config.n_candidates, config.seed, config.sasrec_history, config.cold_user_share
     )
     test = sample_split(task.splits["test"], config.test_rows, config.seed)
-    groups = task.item_popularity_group()[test.target]  # -1 cold, 1 warm answers
+    groups = task.item_popularity_group()[test.target]
+    measure = _Measure(config, test, groups, task.splits.get("cold_users"), progress)
     device = resolve_device(config.device)
-    cold_users = task.splits.get("cold_users")
 
-    def row(name: str, ranks_of) -> dict:  # ranks_of(split) -> the answers' ranks
-        return _row(name, ranks_of(test), groups, ranks_of(cold_users) if cold_users else None)
-
-    def ranked_by(model: ALLMRec, prompts: NextItemPrompts, test_ranks: np.ndarray | None = None):
-        """ranks_of for an LLM model; `test_ranks` where the test rows are ranked (and timed) already."""
-        return lambda split: (
-            test_ranks
-            if split is test and test_ranks is not None
-            else llm_ranks(model, prompts, split, config, progress)
-        )
-
-    part = parts / "1-sasrec-stage1"
-    if part.is_dir():
-        sasrec, alignment, text_items = (x.to(device) for x in _rebuild_stage1(part, config, task))
-        record = _resume_from(part, device)  # after building the modules, which draws their first weights
-    else:
-        timings = {}
-        sasrec, stage1, text_items = train_sasrec_and_alignment(config, task, device, timings, progress)
-        alignment, record = stage1.alignment, {"timings": timings, "stage1_losses": stage1.losses}
-        _save_part(part, record, device, sasrec=sasrec, alignment=alignment, item_texts=text_items)
+    sasrec, alignment, text_items, record = _sasrec_stage1_part(
+        parts / "1-sasrec-stage1", config, task, device, progress
+    )
     timings, stage1_losses = dict(record["timings"]), record["stage1_losses"]
-    table = [row("SASRec", lambda split: rank_candidates(sasrec, split))]
+    table = [measure.row("SASRec", lambda split: rank_candidates(sasrec, split))]
     joint_space = joint_space_check(alignment, sasrec, text_items)
 
     llm = load_task_llm(config)
@@ -137,56 +145,88 @@ def _run_parts(
     soft = NextItemPrompts(llm.tokenizer, task.item_titles, noun, config.prompt_history)
     plain = NextItemPrompts(llm.tokenizer, task.item_titles, noun, config.prompt_history, soft=False)
     model = ALLMRec(llm.model, sasrec, alignment, config.hidden).to(device)
-    part = parts / "2-zero-shot"
-    if part.is_dir():
-        record = _read_part(part)
-    else:
-        clock = time.perf_counter()
-        record = {"row": row("LLM alone (zero-shot, titles)", ranked_by(model, plain))}
-        record["timings"] = {"zero_shot_inference_s": time.perf_counter() - clock}
-        _save_part(part, record)
+    record = _zero_shot_part(parts / "2-zero-shot", model, plain, measure)
     table.append(record["row"])
     timings.update(record["timings"])
-
-    part = parts / "3-stage2"
-    if part.is_dir():
-        record = _resume_from(part, device)
-        _load_projections(part, model)
-    else:
-        in_progress = progress_file(part)
-        trained = train_stage2(
-            model, soft, task, **stage2_settings(config), progress=progress, progress_file=in_progress
-        )
-        part_timings = {"stage2_s": trained.seconds}
-        clock = time.perf_counter()
-        ranks = llm_ranks(model, soft, test, config, progress)
-        part_timings["inference_s"] = time.perf_counter() - clock
-        name = "MLP-LLM" if config.variant == "mlp-llm" else "A-LLMRec"
-        rows = [row(name, ranked_by(model, soft, ranks))]
-        part_timings["generation"] = [
-            {"uid": int(u), "question": GENRE_QUESTION, "answer": ask(model, soft, h)}
-            for u, h in zip(test.uid[:3], test.history[:3], strict=True)
-        ]
-        model.text_items = text_items
-        rows.append(row(f"{name} (SBERT)", ranked_by(model, soft)))
-        record = {"rows": rows, "timings": part_timings, "stage2_losses": trained.losses}
-        projections = {"user_projection": model.user_projection, "item_projection": model.item_projection}
-        _save_part(part, record, device, **projections)
-        in_progress.unlink(missing_ok=True)
+    record = _stage2_part(parts / "3-stage2", model, soft, task, text_items, measure, device)
     table += record["rows"]
     timings.update(record["timings"])
     model.text_items = text_items
 
-    in_progress = progress_file(parts / "4-tallrec")
-    tallrec, tallrec_ranks = _tallrec(
-        config, task, test, sasrec, alignment, plain, timings, progress, in_progress
-    )
-    table.append(row("TALLRec (LoRA, titles)", ranked_by(tallrec, plain, tallrec_ranks)))
+    tallrec, tallrec_ranks = _tallrec(parts / "4-tallrec", measure, task, sasrec, alignment, plain, timings)
+    table.append(measure.row("TALLRec (LoRA, titles)", measure.by_llm(tallrec, plain, tallrec_ranks)))
     timings["train_speedup_vs_tallrec"] = timings["tallrec_train_s"] / timings["stage2_s"]
     timings["inference_speedup_vs_tallrec"] = timings["tallrec_inference_s"] / timings["inference_s"]
 
     _save(folder, config, model, dataset, table, timings, stage1_losses, joint_space, record["stage2_losses"])
     return table, timings
+
+
+def _sasrec_stage1_part(
+    part: Path, config: AllmrecConfig, task: NextItemTask, device: torch.device, progress: bool
+) -> tuple[SASRec, CollaborativeTextAlignment, torch.Tensor, dict]:
+    """SASRec and stage 1, trained and kept in `part`, or loaded from there. -> SASRec, the alignment,
+    Q_i of every item, and the part's record (its timings and stage 1's losses)."""
+    if part.is_dir():
+        sasrec, alignment, text_items = (x.to(device) for x in _rebuild_stage1(part, config, task))
+        record = _resume_from(part, device)  # after building the modules, which draws their first weights
+        return sasrec, alignment, text_items, record
+    timings = {}
+    sasrec, stage1, text_items = train_sasrec_and_alignment(config, task, device, timings, progress)
+    record = {"timings": timings, "stage1_losses": stage1.losses}
+    _save_part(part, record, device, sasrec=sasrec, alignment=stage1.alignment, item_texts=text_items)
+    return sasrec, stage1.alignment, text_items, record
+
+
+def _zero_shot_part(part: Path, model: ALLMRec, plain: NextItemPrompts, measure: _Measure) -> dict:
+    """The LLM alone on the titles-only prompt, ranked and timed, kept in `part` or loaded from there."""
+    if part.is_dir():
+        return _read_part(part)
+    clock = time.perf_counter()
+    record = {"row": measure.row("LLM alone (zero-shot, titles)", measure.by_llm(model, plain))}
+    record["timings"] = {"zero_shot_inference_s": time.perf_counter() - clock}
+    _save_part(part, record)
+    return record
+
+
+def _stage2_part(
+    part: Path,
+    model: ALLMRec,
+    soft: NextItemPrompts,
+    task: NextItemTask,
+    text_items: torch.Tensor,
+    measure: _Measure,
+    device: torch.device,
+) -> dict:
+    """Stage 2 (going on from its saved progress where an interrupted run left some), then A-LLMRec's
+    (or MLP-LLM's) rows, its genre answers and A-LLMRec(SBERT)'s row; kept in `part` with the trained
+    projections, or loaded from there into `model`. -> the part's record."""
+    if part.is_dir():
+        record = _resume_from(part, device)
+        _load_projections(part, model)
+        return record
+    config, test = measure.config, measure.test
+    in_progress = progress_file(part)
+    trained = train_stage2(
+        model, soft, task, **stage2_settings(config), progress=measure.progress, progress_file=in_progress
+    )
+    timings = {"stage2_s": trained.seconds}
+    clock = time.perf_counter()
+    ranks = llm_ranks(model, soft, test, config, measure.progress)
+    timings["inference_s"] = time.perf_counter() - clock
+    name = "MLP-LLM" if config.variant == "mlp-llm" else "A-LLMRec"
+    rows = [measure.row(name, measure.by_llm(model, soft, ranks))]
+    timings["generation"] = [
+        {"uid": int(u), "question": GENRE_QUESTION, "answer": ask(model, soft, h)}
+        for u, h in zip(test.uid[:3], test.history[:3], strict=True)
+    ]
+    model.text_items = text_items
+    rows.append(measure.row(f"{name} (SBERT)", measure.by_llm(model, soft)))
+    record = {"rows": rows, "timings": timings, "stage2_losses": trained.losses}
+    projections = {"user_projection": model.user_projection, "item_projection": model.item_projection}
+    _save_part(part, record, device, **projections)
+    in_progress.unlink(missing_ok=True)
+    return record
 
 
 def _save_part(folder: Path, record: dict, device: torch.device | None = None, **weights) -> None:
@@ -254,24 +294,33 @@ def train_sasrec_and_alignment(
 
 
 def _tallrec(
-    config, task, test, sasrec, alignment, plain, timings, progress, in_progress
+    part: Path,
+    measure: _Measure,
+    task: NextItemTask,
+    sasrec: SASRec,
+    alignment: CollaborativeTextAlignment,
+    plain: NextItemPrompts,
+    timings: dict,
 ) -> tuple[ALLMRec, np.ndarray]:
     """The TALLRec-style baseline on the same task: a fresh copy of the LLM tuned with LoRA on the
     titles-only prompt, with the same loss, rows and epochs as stage 2 (its training goes on from
-    `in_progress` where an interrupted run left it). -> the model and its test ranks; its training
-    and its inference of the test split are timed."""
+    the progress file of `part` where an interrupted run left one). -> the model and its test ranks;
+    its training and its inference of the test split are timed."""
+    config, progress = measure.config, measure.progress
     llm = load_task_llm(config)
     tuned = add_lora(llm.model)
     model = ALLMRec(tuned, sasrec, alignment, config.hidden).to(next(sasrec.parameters()).device)
     lora = [p for n, p in tuned.named_parameters() if "lora_" in n]
     for parameter in lora:
         parameter.requires_grad_(True)
-    settings = dict(parameters=lora, progress=progress, progress_file=in_progress)
+    settings = dict(
+        parameters=lora, progress=progress, progress_file=progress_file(part), label="TALLRec baseline"
+    )
     timings["tallrec_train_s"] = train_stage2(
         model, plain, task, **stage2_settings(config), **settings
     ).seconds
     clock = time.perf_counter()
-    ranks = llm_ranks(model, plain, test, config, progress)
+    ranks = llm_ranks(model, plain, measure.test, config, progress)
     timings["tallrec_inference_s"] = time.perf_counter() - clock
     return model, ranks
 

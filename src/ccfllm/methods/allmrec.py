@@ -527,6 +527,7 @@ def train_stage2(
     progress: bool = True,
     progress_file: Path | None = None,
     checkpoint_seconds: float = 300.0,
+    label: str = "A-LLMRec stage 2",
 ) -> Stage2Result:
     """Train F_U and F_I (or the given `parameters`: the LoRA weights of the TALLRec baseline) on the
     task's training rows at the last `positions` of each user's sequence (training_positions), each with
@@ -534,7 +535,8 @@ def train_stage2(
     the seconds it took.
     `compile`: the LLM's layers run compiled (about 15-40 s once per process). With `progress_file`,
     the loop's state is saved there every `checkpoint_seconds` and after the last step, and a call that
-    finds one there goes on from it, ending as it would have unbroken."""
+    finds one there goes on from it, ending as it would have unbroken. `label` names the loop on
+    its progress bar."""
     started = time.perf_counter()
     generator = seed_everything(seed)
     rng = np.random.default_rng(seed)
@@ -552,7 +554,7 @@ def train_stage2(
     if saved is not None:
         losses, order, seconds_before = _resume_stage2(saved, parameters, optimiser, generator, rng)
     bar = tqdm(
-        total=steps_per_epoch * epochs, initial=len(losses), desc="A-LLMRec stage 2", unit="step",
+        total=steps_per_epoch * epochs, initial=len(losses), desc=label, unit="step",
         disable=not progress,
     )  # fmt: skip
     saved_at = time.perf_counter()
