@@ -1,10 +1,14 @@
 """A stage's saved progress: the round trip of a loop's state, and files that cannot be read."""
 
+import os
+import stat
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from ccfllm.errors import CheckpointError
+from ccfllm.io import atomic_path
 from ccfllm.partial import load_progress, loop_state, restore_loop_state, save_progress
 
 
@@ -51,3 +55,21 @@ def test_progress_of_other_weights_is_refused(tmp_path):
     tensors, groups = loop_state(list(layer.parameters()), optimiser)
     with pytest.raises(CheckpointError, match="holds other weights than the stage trains"):
         restore_loop_state(tensors, groups, [layer.weight], optimiser)
+
+
+def test_kept_files_and_folders_get_the_umask_permissions_not_the_writers(tmp_path):
+    """safetensors writes files only their owner can read; what atomic_path renames into place gets
+    what the umask gives new files (here 640: group-readable), so a shared run folder can be read."""
+    previous = os.umask(0o027)
+    try:
+        save_progress(tmp_path / "s.progress.safetensors", {"a": torch.zeros(2)}, {"step": 1})
+        with atomic_path(tmp_path / "part") as folder:
+            folder.mkdir()
+            save_file({"a": torch.zeros(2)}, folder / "weights.safetensors")
+    finally:
+        os.umask(previous)
+    modes = {
+        p.name: stat.S_IMODE(p.stat().st_mode)
+        for p in [*tmp_path.iterdir(), tmp_path / "part/weights.safetensors"]
+    }
+    assert modes == {"s.progress.safetensors": 0o640, "part": 0o750, "weights.safetensors": 0o640}

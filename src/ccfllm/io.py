@@ -15,7 +15,9 @@ from pathlib import Path
 def atomic_path(final_path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `final_path`; rename it into place only if the block succeeds.
 
-    Works for a file or a directory written at the yielded path.
+    Works for a file or a directory written at the yielded path. What is renamed into place gets the
+    permissions the user's umask gives new files and folders (some writers, safetensors among them,
+    create files that only their owner can read).
     """
     final_path = Path(final_path)
     final_path.parent.mkdir(parents=True, exist_ok=True)
@@ -23,11 +25,20 @@ def atomic_path(final_path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = tmp_dir / final_path.name
     try:
         yield tmp_path
+        _umask_permissions(tmp_path)
         if final_path.is_dir():
             shutil.rmtree(final_path)
         os.replace(tmp_path, final_path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _umask_permissions(path: Path) -> None:
+    """Give `path`, and all under it where it is a folder, the modes the umask gives new ones."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for entry in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        entry.chmod((0o777 if entry.is_dir() else 0o666) & ~umask)
 
 
 def write_json(path: str | os.PathLike, payload: dict) -> None:
