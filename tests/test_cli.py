@@ -202,6 +202,34 @@ def test_ccf_llm_train_evaluate_predict_end_to_end(runner, tiny_dir, tiny_llm_di
     assert not (tmp_path / "never.parquet").exists()
 
 
+def test_a_sigterm_handled_inside_a_weakref_callback_still_ends_the_run(tmp_path):
+    """Python ignores an exception raised in a weakref callback; a SIGTERM handled there once went
+    unheeded while a real run trained on. Here the signal arrives inside such a callback."""
+    import signal
+    import subprocess
+    import sys
+
+    script = """
+import os, signal, time, weakref
+from ccfllm.cli import unwind_on_sigterm
+unwind_on_sigterm()
+class Thing: pass
+def callback(reference):
+    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(10_000):
+        pass  # the handler runs here, inside the callback
+thing = Thing()
+reference = weakref.ref(thing, callback)
+del thing
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline:
+    pass
+print("still running")
+"""
+    process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (process.returncode, process.stdout) == (128 + signal.SIGTERM, "")
+
+
 def test_a_terminated_run_keeps_only_its_finished_parts(runner, tiny_dir, tiny_llm_dir, tmp_path):
     import signal
     import subprocess

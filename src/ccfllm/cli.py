@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,17 +72,33 @@ def _training_run_options(command):
     return command
 
 
+def unwind_on_sigterm() -> None:
+    """A terminated run (kill, a job scheduler's SIGTERM) unwinds like Ctrl-C, so that anything
+    half-written beside its place is removed on the way out (`train` keeps its finished parts)."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    sys.unraisablehook = _resend_a_lost_sigterm
+
+
 def _exit_on_sigterm(signum, frame) -> None:
     sys.exit(128 + signum)
+
+
+def _resend_a_lost_sigterm(unraisable) -> None:
+    """Python ignores an exception raised inside a weakref callback or a __del__ (torch runs many of
+    them), so a SIGTERM whose handler ran there would be lost and the run go on: send it again, from
+    another thread a moment later, so that it is handled after this hook (where it would be lost
+    too) has returned."""
+    if isinstance(unraisable.exc_value, SystemExit) and unraisable.exc_value.code == 128 + signal.SIGTERM:
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    else:
+        sys.__unraisablehook__(unraisable)
 
 
 class FriendlyGroup(click.Group):
     """Turns a CCFLLMError anywhere below into one line on stderr and exit status 2, not a traceback."""
 
     def invoke(self, ctx: click.Context):
-        # A terminated run (kill, a job scheduler's SIGTERM) unwinds like Ctrl-C, so that anything
-        # half-written beside its place is removed on the way out (`train` keeps its finished parts).
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        unwind_on_sigterm()
         try:
             return super().invoke(ctx)
         except CCFLLMError as exc:
