@@ -202,7 +202,7 @@ def test_ccf_llm_train_evaluate_predict_end_to_end(runner, tiny_dir, tiny_llm_di
     assert not (tmp_path / "never.parquet").exists()
 
 
-def test_a_sigterm_handled_inside_a_weakref_callback_still_ends_the_run(tmp_path):
+def test_a_sigterm_handled_inside_a_weakref_callback_still_ends_the_run():
     """Python ignores an exception raised in a weakref callback; a SIGTERM handled there once went
     unheeded while a real run trained on. Here the signal arrives inside such a callback."""
     import signal

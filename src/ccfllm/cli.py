@@ -89,7 +89,9 @@ def _resend_a_lost_sigterm(unraisable) -> None:
     another thread a moment later, so that it is handled after this hook (where it would be lost
     too) has returned."""
     if isinstance(unraisable.exc_value, SystemExit) and unraisable.exc_value.code == 128 + signal.SIGTERM:
-        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        again = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM))
+        again.daemon = True  # never what keeps a finished process alive
+        again.start()
     else:
         sys.__unraisablehook__(unraisable)
 
