@@ -17,7 +17,7 @@ from ccfllm.allmrec_report import write_allmrec_report
 from ccfllm.cf.next_item import train_next_item_sasrec
 from ccfllm.config import allmrec_config, cf_config
 from ccfllm.data.next_item import next_item_task
-from ccfllm.errors import CheckpointError
+from ccfllm.errors import CCFLLMError, CheckpointError
 from ccfllm.methods.allmrec import CollaborativeTextAlignment, alignment_diagnostics, train_alignment
 from ccfllm.prompt import ITEM_SLOT, USER
 from ccfllm.text_encoder import load_sentence_encoder
@@ -393,3 +393,24 @@ def test_the_soft_prompt_answers_a_free_question(tmp_path, tiny_llm_dir):
     assert prompt.kind[0] == USER and prompt.item[prompt.kind == ITEM_SLOT].tolist() == [3, 4, 5]
     answer = ask(model, prompts, history, max_tokens=5)
     assert isinstance(answer, str) and 0 < len(llm.tokenizer.encode(answer, add_special_tokens=False)) <= 5
+
+
+@pytest.mark.parametrize(
+    "setting, error",
+    [("llm", "no-such-model' is not a local folder"), ("encoder", "No encoder at .*no-such-model")],
+)
+def test_a_run_whose_llm_or_encoder_is_not_there_fails_before_training_anything(
+    tmp_path, tiny_llm_dir, setting, error, monkeypatch
+):
+    from ccfllm import next_item_experiment
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("SASRec trained before the bad setting was found")
+
+    monkeypatch.setattr(next_item_experiment, "train_next_item_sasrec", no_training)
+    settings = tiny_run_settings(tmp_path, tiny_llm_dir) | {setting: str(tmp_path / "no-such-model")}
+    with pytest.raises(CCFLLMError, match=error):
+        next_item_experiment.run_allmrec(
+            allmrec_config("cpu", **settings), cyclic_dataset(24, 30, 8), tmp_path / "run"
+        )
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()

@@ -393,14 +393,29 @@ def float32_output_weight(head: torch.nn.Module) -> torch.Tensor:
 # -- where a model comes from -------------------------------------------------------------------
 
 
+def check_llm_source(name: str, allow_download: bool = False) -> None:
+    """Raise load_llm's error now where `name` names no model it could read, before a run trains
+    anything else (nothing is de-quantized or downloaded)."""
+    _located(name, allow_download)
+
+
 def _model_source(name: str, cache_dir: str | Path | None, allow_download: bool) -> tuple[Path | str, bool]:
     """(what from_pretrained reads, whether it is on disk)."""
+    source, local = _located(name, allow_download)
+    if local and source.is_file():  # a GGUF
+        cache_name = EMBEDDED_CACHE_NAME if name == EMBEDDED_LLM else _gguf_cache_name(source)
+        return _dequantized(source, llm_cache_dir(cache_dir) / cache_name), True
+    return source, local
+
+
+def _located(name: str, allow_download: bool) -> tuple[Path | str, bool]:
+    """(the GGUF file or model folder `name` names, or its hub id; whether it is on disk)."""
     if name == EMBEDDED_LLM:
-        return _dequantized(embedded_gguf(), llm_cache_dir(cache_dir) / EMBEDDED_CACHE_NAME), True
+        return embedded_gguf(), True
     path = Path(name).expanduser()
     gguf = _lone_gguf(path)
     if gguf is not None:
-        return _dequantized(gguf, llm_cache_dir(cache_dir) / _gguf_cache_name(gguf)), True
+        return gguf, True
     if path.is_dir():
         return path, True
     if path.exists():

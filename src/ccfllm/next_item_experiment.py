@@ -29,7 +29,7 @@ from .data.next_item import NextItemSplit, NextItemTask, next_item_task
 from .device import resolve_device
 from .errors import CheckpointError
 from .io import atomic_path, write_json
-from .llm import add_lora, load_llm
+from .llm import add_lora, check_llm_source, load_llm
 from .methods.allmrec import (
     GENRE_QUESTION,
     AlignmentResult,
@@ -51,7 +51,7 @@ from .partial import (
     random_state,
     restore_random_state,
 )
-from .text_encoder import load_sentence_encoder
+from .text_encoder import encoder_folder, load_sentence_encoder
 from .train import sample_rows
 
 NOUNS = {"movies": "movie", "books": "book"}
@@ -83,6 +83,8 @@ def run_allmrec(
     out = Path(out)
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite.")
+    check_llm_source(config.llm, config.allow_download)  # before SASRec trains, not minutes later
+    encoder_folder(config.encoder)
     work = open_partial_folder(out, config, dataset, resume, overwrite)
     try:
         with atomic_path(out) as folder:

