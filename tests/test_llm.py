@@ -267,6 +267,8 @@ def test_a_hub_id_needs_allow_download_and_a_stray_file_is_refused(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(CCFLLMError, match="config.json is a file; expected a model folder"):
         load_llm(str(tmp_path / "config.json"))
+    with pytest.raises(CCFLLMError, match=r"No GGUF file at .*gone.gguf; check the path"):
+        load_llm(str(tmp_path / "gone.gguf"), allow_download=True)
 
 
 def test_the_cache_dir_is_the_argument_then_the_environment_then_home(monkeypatch, tmp_path):

@@ -420,6 +420,8 @@ def _located(name: str, allow_download: bool) -> tuple[Path | str, bool]:
         return path, True
     if path.exists():
         raise CCFLLMError(f"{path} is a file; expected a model folder, a .gguf file or a hub id.")
+    if path.suffix == ".gguf":  # a file name, never a hub id
+        raise CCFLLMError(f"No GGUF file at {path}; check the path, or name a model folder or a hub id.")
     if not allow_download:
         raise CCFLLMError(
             f"LLM {name!r} is not a local folder; pass a local path, use the embedded {EMBEDDED_LLM!r}, "
