@@ -84,7 +84,6 @@ def run_allmrec(
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite.")
     check_llm_source(config.llm, config.allow_download)  # before SASRec trains, not minutes later
-    encoder_folder(config.encoder)
     work = open_partial_folder(out, config, dataset, resume, overwrite)
     try:
         with atomic_path(out) as folder:
@@ -258,6 +257,7 @@ def train_sasrec_and_alignment(
 ) -> tuple[SASRec, AlignmentResult, torch.Tensor]:
     """SASRec trained for the next item, then stage 1 (the alignment) on it, each timed into `timings`.
     -> SASRec, stage 1's result, and Q_i of every item from the (fine-tuned) sentence encoder."""
+    encoder_folder(config.encoder)  # a missing encoder fails before SASRec trains, not minutes later
     clock = time.perf_counter()
     sasrec_config = cf_config(
         "sasrec",
