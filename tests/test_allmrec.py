@@ -365,6 +365,18 @@ def test_the_report_checks_the_claims_and_sets_the_talks_figures_beside(tmp_path
     assert (tmp_path / "out" / "curves.png").is_file()
 
 
+def test_the_report_of_an_mlp_llm_run_names_it_in_the_claims_and_the_speed_table(tmp_path):
+    folder = hand_made_run(tmp_path / "run")
+    metrics = json.loads((folder / "metrics.json").read_text())
+    for row in metrics["table"]:
+        row["model"] = row["model"].replace("A-LLMRec", "MLP-LLM")
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    text = write_allmrec_report(folder, tmp_path / "out").read_text()
+    assert "- MLP-LLM > SASRec (Hit@1): does NOT hold (0.3000 vs 0.4000, over 300 rows)" in text
+    assert "| | MLP-LLM | TALLRec | MLP-LLM's speed-up | talk's (A-LLMRec) |" in text
+    assert "A-LLMRec's speed-up" not in text
+
+
 def test_the_report_refuses_an_unfinished_run(tmp_path):
     folder = hand_made_run(tmp_path / "run")
     (folder / "metrics.json").unlink()
