@@ -88,7 +88,8 @@ def _header(run: Path, record: dict, table: dict) -> str:
 
 
 def _variant_name(table: dict) -> str:
-    """The trained model's row name: 'MLP-LLM' for a run without the matching loss, else 'A-LLMRec'."""
+    """The trained model's row name: 'MLP-LLM' for a run without the matching loss, else 'A-LLMRec'.
+    Read from the table, which names the rows it reports, rather than from the config."""
     return "MLP-LLM" if "MLP-LLM" in table else "A-LLMRec"
 
 
