@@ -324,9 +324,13 @@ def test_an_interrupted_run_resumes_to_the_same_figures(tmp_path, tiny_llm_dir, 
         assert all(torch.equal(saved[0][k], saved[1][k]) for k in saved[1]), name
 
 
-def hand_made_run(folder):
+def hand_made_run(folder, variant="a-llmrec"):
+    """A finished run's config.json and metrics.json, written by hand; its trained rows are named as
+    `variant`'s runs name them (A-LLMRec or MLP-LLM)."""
     folder.mkdir()
-    record = {"format": "ccfllm-allmrec/2", "dataset": "toy", "config": allmrec_config("cpu").__dict__}
+    config = allmrec_config("cpu", variant=variant).__dict__
+    record = {"format": "ccfllm-allmrec/2", "dataset": "toy", "config": config}
+    trained = "MLP-LLM" if variant == "mlp-llm" else "A-LLMRec"
     (folder / "config.json").write_text(json.dumps(record))
 
     def row(model, hit1, cold):
@@ -335,7 +339,7 @@ def hand_made_run(folder):
                 "rows cold users": 69}  # fmt: skip
 
     table = [row("SASRec", 0.40, 0.10), row("LLM alone (zero-shot, titles)", 0.05, 0.05),
-             row("A-LLMRec", 0.30, 0.12), row("A-LLMRec (SBERT)", 0.28, 0.15),
+             row(trained, 0.30, 0.12), row(f"{trained} (SBERT)", 0.28, 0.15),
              row("TALLRec (LoRA, titles)", 0.20, 0.20)]  # fmt: skip
     timings = {"stage2_s": 600.0, "tallrec_train_s": 900.0, "train_speedup_vs_tallrec": 1.5,
                "inference_s": 400.0, "tallrec_inference_s": 380.0, "inference_speedup_vs_tallrec": 0.95,
@@ -368,15 +372,7 @@ def test_the_report_checks_the_claims_and_sets_the_talks_figures_beside(tmp_path
 
 
 def test_the_report_of_an_mlp_llm_run_names_it_in_the_claims_and_the_speed_table(tmp_path):
-    folder = hand_made_run(tmp_path / "run")
-    record = json.loads((folder / "config.json").read_text())
-    record["config"]["variant"] = "mlp-llm"
-    (folder / "config.json").write_text(json.dumps(record))
-    metrics = json.loads((folder / "metrics.json").read_text())
-    for row in metrics["table"]:
-        row["model"] = row["model"].replace("A-LLMRec", "MLP-LLM")
-    (folder / "metrics.json").write_text(json.dumps(metrics))
-    text = write_allmrec_report(folder, tmp_path / "out").read_text()
+    text = write_allmrec_report(hand_made_run(tmp_path / "run", "mlp-llm"), tmp_path / "out").read_text()
     assert "- MLP-LLM > SASRec (Hit@1): does NOT hold (0.3000 vs 0.4000, over 300 rows)" in text
     assert "| | MLP-LLM | TALLRec | MLP-LLM's speed-up | talk's (A-LLMRec) |" in text
     assert "A-LLMRec's speed-up" not in text  # the title names the system: "# A-LLMRec on toy"
