@@ -117,6 +117,70 @@ def save_tiny_llama(folder: Path, titles, hidden_size: int = 32, kv_heads: int =
     return folder
 
 
+def save_tiny_qwen2(folder: Path, titles, hidden_size: int = 48, kv_heads: int = 1) -> Path:
+    """A randomly initialised 2-layer Qwen2 and its tokenizer, saved in `folder`: what the 1.5B model
+    has that Llama lacks, small: biases on q, k and v (random, since transformers starts them at
+    zero), six query heads per key/value head, an untied output layer and Qwen's rope base."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = tiny_tokenizer(" ".join(titles[1:]))
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("proj.bias"):
+                parameter.normal_(0.0, 0.5)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+TINY_DECODERS = {"llama": save_tiny_llama, "qwen2": save_tiny_qwen2}
+
+
+def load_tiny_llm(folder: Path, titles):
+    """`llm.load_llm` of a tiny decoder saved by this module, in float32 on the CPU.
+
+    A tiny Qwen2's word-level tokenizer is built here: transformers 5 reads any tokenizer saved beside
+    a Qwen2 config as Qwen2's byte-level BPE, which splits the tiny vocabulary's words apart.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ccfllm.llm import LoadedLLM, _fingerprint, answer_token_ids, load_llm
+
+    if AutoConfig.from_pretrained(folder).model_type != "qwen2":
+        return load_llm(str(folder), device="cpu", dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = tiny_tokenizer(" ".join(titles[1:]))
+    tokenizer.padding_side = "left"
+    return LoadedLLM(
+        model, tokenizer, str(folder), _fingerprint(str(folder), model), *answer_token_ids(tokenizer)
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory, tiny_dataset) -> Path:
+    """A saved Qwen2 with hidden size 48, 2 layers and 6 query heads on one key/value head."""
+    return save_tiny_qwen2(tmp_path_factory.mktemp("llm") / "tiny-qwen2", tiny_dataset.item_titles)
+
+
 @pytest.fixture(scope="session")
 def tiny_llm_dir(tmp_path_factory, tiny_dataset) -> Path:
     """A saved Llama with hidden size 32 and 2 layers, and its tokenizer, in a local folder."""

@@ -17,7 +17,7 @@ from ccfllm.experiment import build_recommender
 from ccfllm.llm import float32_output_weight, load_llm
 from ccfllm.prompt import ITEM
 from ccfllm.scoring_layers import layer_weights
-from conftest import save_tiny_llama
+from conftest import TINY_DECODERS, load_tiny_llm
 
 
 @pytest.fixture(scope="module")
@@ -142,14 +142,20 @@ def test_llama_layers_as_one_function_give_the_decoders_scores(
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-@pytest.mark.parametrize("kv_heads", [4, 2])  # 2: each key/value head serves two query heads, as in SmolLM2
-def test_llama_layer_function_sees_each_row_as_its_own_unpadded_prompt(
-    tmp_path, tiny_dataset, monkeypatch, compiled, kv_heads
+@pytest.mark.parametrize(
+    "family, kv_heads",
+    # 2: each key/value head serves two query heads, as in SmolLM2; Qwen2: biases on q/k/v and six
+    # query heads on one key/value head, as in Qwen2.5-1.5B (twelve on two)
+    [("llama", 4), ("llama", 2), ("qwen2", 1)],
+)
+def test_layer_function_sees_each_row_as_its_own_unpadded_prompt(
+    tmp_path, tiny_dataset, monkeypatch, compiled, family, kv_heads
 ):
     from ccfllm import scoring_layers
 
-    folder = save_tiny_llama(tmp_path / "llama", tiny_dataset.item_titles, kv_heads=kv_heads)
-    decoder = load_llm(str(folder), device="cpu", dtype="float32").model.model  # LlamaModel
+    folder = TINY_DECODERS[family](tmp_path / family, tiny_dataset.item_titles, kv_heads=kv_heads)
+    decoder = load_tiny_llm(folder, tiny_dataset.item_titles).model.model  # LlamaModel or Qwen2Model
+    assert scoring_layers.layer_weights(decoder) is not None
     if not compiled:
         monkeypatch.setattr(scoring_layers, "_compiled", {"failed": True})
     torch.manual_seed(0)
@@ -182,7 +188,7 @@ def _left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return embeddings, mask
 
 
-def test_only_llama_layers_with_plain_or_merged_linears_take_the_compiled_path(recommender):
+def test_only_layers_with_plain_or_merged_linears_take_the_compiled_path(recommender):
     from ccfllm.llm import merged_lora
 
     model = copy.deepcopy(recommender.model)
@@ -190,7 +196,7 @@ def test_only_llama_layers_with_plain_or_merged_linears_take_the_compiled_path(r
     assert layer_weights(decoder) is None  # LoRA unmerged: it would run beside the base weights
     with merged_lora(model):
         assert layer_weights(decoder) is not None
-        decoder.layers[0].mlp.up_proj = torch.nn.Linear(4, 4, bias=True)
+        decoder.layers[0].mlp.up_proj = torch.nn.Bilinear(4, 4, 4)  # not a linear `decoder_layer` computes
         assert layer_weights(decoder) is None
 
 
@@ -277,3 +283,45 @@ def test_the_float32_output_weight_is_converted_once_and_again_after_a_change():
     torch.testing.assert_close(again, 2 * first)
     head.weight.requires_grad_(True)  # a weight that trains is converted on every call, with its graph
     assert float32_output_weight(head).requires_grad
+
+
+@pytest.fixture(scope="module")
+def qwen2_recommender(tiny_qwen2_dir, tiny_dataset):
+    """CCF-LLM on the tiny Qwen2, its LoRA and GATE moved off their zero start."""
+    cf = cf_config("mf", dim=8, lr=1e-2, weight_decay=1e-4, bias_decay=1e-4, max_epochs=3, device="cpu")
+    backbone = train_cf(cf, tiny_dataset, progress=False).model
+    config = ccf_config(
+        "cpu", llm=str(tiny_qwen2_dir), device="cpu", dtype="float32", alg_hidden=16, gate_hidden=8
+    )
+    torch.manual_seed(0)
+    llm = load_tiny_llm(tiny_qwen2_dir, tiny_dataset.item_titles)
+    built = build_recommender(config, tiny_dataset, backbone, llm)
+    with torch.no_grad():
+        for parameter in built.model.gate.parameters():
+            parameter.normal_(0.0, 0.3)
+        for layer in (m for m in built.model.modules() if isinstance(m, LoraLinear)):
+            layer.lora_B["default"].weight.normal_(0.0, 0.5)
+    return built
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_qwen2_engine_through_layer_functions_equals_the_naive_path(
+    qwen2_recommender, tiny_dataset, monkeypatch, compiled
+):
+    from ccfllm import scoring_layers
+
+    model, builder, test = qwen2_recommender.model, qwen2_recommender.hybrid_prompts, tiny_dataset.test
+    assert type(model.decoder_parts()[1].layers[0]).__name__ == "Qwen2DecoderLayer"
+    ran = []
+    run_layers = scoring_layers._run_layers
+    monkeypatch.setattr(
+        scoring_layers, "_run_layers", lambda layer, *rest: ran.append(layer) or run_layers(layer, *rest)
+    )
+    if not compiled:
+        monkeypatch.setattr(scoring_layers, "_compiled", {"failed": True})
+    rows = np.arange(len(test))
+    engine = score_rows(model, builder, test, rows, batch_size=4)  # compile_scoring: the cpu preset's
+    naive = naive_score_rows(model, builder, test, rows, batch_size=5)
+    assert ran and all((layer is scoring_layers.decoder_layer) != compiled for layer in ran)
+    np.testing.assert_allclose(engine, naive, rtol=0, atol=1e-5)
+    assert np.ptp(naive) > 1e-3

@@ -37,7 +37,7 @@ from ccfllm.llm import (
     lora_target_modules,
 )
 from ccfllm.train import Stage, loss_for, trainable_parameters, training_step
-from conftest import TINY_CCF, tiny_tokenizer
+from conftest import TINY_CCF, load_tiny_llm, tiny_tokenizer
 
 TOY_STORY_PROMPT = '#Question: Is Toy Story (1995) a movie? Answer with "Yes" or "No". #Answer:'
 ANSWER_CORPUS = [
@@ -385,15 +385,21 @@ def test_compiled_gap_dropout_keeps_its_masks_for_backward_and_apart_per_stream(
     torch.testing.assert_close(x.grad, expected)  # backward multiplies by the masks forward used
 
 
-@pytest.mark.parametrize("lora_targets", ["attention", "all-linear"])
-def test_compiled_training_steps_equal_uncompiled_ones(tiny_llm_dir, tiny_dataset, backbone, lora_targets):
+@pytest.mark.parametrize(
+    "decoder, lora_targets", [("llama", "attention"), ("llama", "all-linear"), ("qwen2", "attention")]
+)
+def test_compiled_training_steps_equal_uncompiled_ones(
+    request, tiny_dataset, backbone, decoder, lora_targets
+):
+    llm_dir = request.getfixturevalue({"llama": "tiny_llm_dir", "qwen2": "tiny_qwen2_dir"}[decoder])
     losses = {
         compiled: few_steps(
-            tiny_recommender(tiny_llm_dir, tiny_dataset, backbone, compiled, lora_targets), tiny_dataset, 3
+            tiny_recommender(llm_dir, tiny_dataset, backbone, compiled, lora_targets), tiny_dataset, 3
         )
         for compiled in (False, True)
     }
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
+    assert losses[False][0] != losses[False][-1]  # the steps did train
 
 
 def test_training_goes_on_uncompiled_where_compiling_fails(tiny_llm_dir, tiny_dataset, backbone):
@@ -425,7 +431,7 @@ def tiny_recommender(llm_dir, dataset, backbone, compile_training: bool, lora_ta
     torch.manual_seed(0)
     settings = {**TINY_CCF, "compile_training": compile_training, "lora_targets": lora_targets}
     config = ccf_config("cpu", llm=str(llm_dir), **settings)
-    return build_recommender(config, dataset, backbone, load_llm(str(llm_dir), device="cpu", dtype="float32"))
+    return build_recommender(config, dataset, backbone, load_tiny_llm(llm_dir, dataset.item_titles))
 
 
 def few_steps(recommender, dataset, steps: int) -> list[float]:

@@ -154,7 +154,8 @@ class CCFConfig:
         "compile the LLM's layers (torch.compile) for training steps; 30-45 s once per stage", False
     )
     compile_scoring: bool = _help(
-        "score with each Llama layer as one compiled function (torch.compile; needs a C++ compiler)", False
+        "score with each Llama or Qwen2 layer as one compiled function (torch.compile; needs a C++ compiler)",
+        False,
     )
 
     def __post_init__(self) -> None:

@@ -45,7 +45,7 @@ def score_rows(
     """Click scores for `rows` of `split` (all rows if None), in input order. -> (len(rows),)
 
     `batch_size` counts prefixes; each prefix brings its rows' suffixes along. Where the model's
-    `compile_scoring` is set, a Llama decoder's layers run compiled (`scoring_layers`).
+    `compile_scoring` is set, a Llama or Qwen2 decoder's layers run compiled (`scoring_layers`).
     """
     model.eval()
     rows = np.arange(len(split)) if rows is None else np.asarray(rows)
@@ -116,7 +116,7 @@ def _prefix_then_suffix(
 def _through_layer_functions(
     model: CCFLLM, weights: list, prefix: PromptBatch, suffix: PromptBatch, owner: torch.Tensor
 ) -> Answer:
-    """The same, with a Llama decoder's layers as compiled functions of their `weights` (`scoring_layers`)."""
+    """The same, with a Llama or Qwen2 decoder's layers as compiled functions of their `weights` (`scoring_layers`)."""
     _, decoder = model.decoder_parts()
     hidden = scoring_layers.answer_hidden(
         decoder,

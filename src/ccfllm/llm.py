@@ -38,6 +38,7 @@ from .config import LORA_LAYERS
 from .device import resolve_device, resolve_dtype
 from .errors import CCFLLMError
 from .io import atomic_path
+from .split_gguf import SPLIT_MODELS, find_parts, joined_gguf
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -87,12 +88,13 @@ def load_llm(
 ) -> LoadedLLM:
     """Load `name` for scoring and LoRA tuning, on `device` in `dtype` ('auto': bf16 where native).
 
-    `name` is EMBEDDED_LLM, a model folder (or a folder or path holding one .gguf file), or a hub id,
-    which is fetched only with `allow_download`. De-quantized GGUFs are cached under `cache_dir`.
+    `name` is EMBEDDED_LLM, an installable split model (`split_gguf.SPLIT_MODELS`: 'qwen2.5-1.5b'), a
+    model folder (or a folder or path holding one .gguf file), or a hub id, which is fetched only with
+    `allow_download`. De-quantized GGUFs are cached under `cache_dir`.
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    source, local = _model_source(name, cache_dir, allow_download)
+    source, local = _model_source(name, cache_dir, allow_download, torch_dtype)
     _check_causal_lm(source, local)
     tokenizer = _load_tokenizer(source, local)
     model = _load_model(source, local, torch_dtype, torch_device).eval()
@@ -393,19 +395,40 @@ def float32_output_weight(head: torch.nn.Module) -> torch.Tensor:
 # -- where a model comes from -------------------------------------------------------------------
 
 
-def check_llm_source(name: str, allow_download: bool = False) -> None:
+def check_llm_source(name: str, allow_download: bool = False, cache_dir: str | Path | None = None) -> None:
     """Raise load_llm's error now where `name` names no model it could read, before a run trains
-    anything else (nothing is de-quantized or downloaded)."""
+    anything else (nothing is joined, de-quantized or downloaded)."""
+    if name in SPLIT_MODELS:
+        if not any(llm_cache_dir(cache_dir).glob(f"{name}-*/config.json")):
+            find_parts(SPLIT_MODELS[name])
+        return
     _located(name, allow_download)
 
 
-def _model_source(name: str, cache_dir: str | Path | None, allow_download: bool) -> tuple[Path | str, bool]:
+def _model_source(
+    name: str, cache_dir: str | Path | None, allow_download: bool, dtype: torch.dtype
+) -> tuple[Path | str, bool]:
     """(what from_pretrained reads, whether it is on disk)."""
+    cache = llm_cache_dir(cache_dir)
+    if name in SPLIT_MODELS:
+        return _split_model(name, cache, dtype), True
     source, local = _located(name, allow_download)
     if local and source.is_file():  # a GGUF
         cache_name = EMBEDDED_CACHE_NAME if name == EMBEDDED_LLM else _gguf_cache_name(source)
-        return _dequantized(source, llm_cache_dir(cache_dir) / cache_name), True
+        return _dequantized(source, cache / cache_name), True
     return source, local
+
+
+def _split_model(name: str, cache: Path, dtype: torch.dtype) -> Path:
+    """The de-quantized folder of an installable split model, kept in the run's dtype.
+
+    A 1.5B model in float32 is a 7 GB cache that bf16 runs halve on every load; its Q4_K_M values are
+    not all exact in bf16, so each dtype gets its own folder and float32 runs read float32.
+    """
+    cached = cache / f"{name}-{str(dtype).removeprefix('torch.')}"
+    if (cached / "config.json").is_file():
+        return cached
+    return _dequantized(joined_gguf(SPLIT_MODELS[name], cache), cached, dtype)
 
 
 def _located(name: str, allow_download: bool) -> tuple[Path | str, bool]:
@@ -452,12 +475,12 @@ def _gguf_cache_name(gguf: Path) -> str:
     return f"{gguf.stem.lower()}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 
-def _dequantized(gguf: Path, cached: Path) -> Path:
-    """De-quantize a GGUF once into `cached` (safetensors + tokenizer).
+def _dequantized(gguf: Path, cached: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """De-quantize a GGUF once into `cached` (safetensors + tokenizer), its weights in `dtype`.
 
     The folder appears whole or not at all (written beside it, then renamed), so its presence means a
-    complete cache. Weights are kept in float32: Q4_1 values (scale * q + min) are exact there, and
-    load_llm casts them to the dtype asked for.
+    complete cache. By default weights are kept in float32: Q4_1 values (scale * q + min) are exact
+    there, and load_llm casts them to the dtype asked for.
     """
     if (cached / "config.json").is_file():
         return cached
@@ -466,7 +489,7 @@ def _dequantized(gguf: Path, cached: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent,
             gguf_file=gguf.name,
-            dtype=torch.float32,
+            dtype=dtype,
             **_plain_gguf_weights(),
         )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:

@@ -1,4 +1,4 @@
-"""Llama decoder layers as one compiled function each, for scoring (`compile_scoring`).
+"""Llama and Qwen2 decoder layers as one compiled function each, for scoring (`compile_scoring`).
 
 The engine (engine.py) runs each prompt's shared prefix once and its suffix on top. Through the
 decoder's own forward that pays, per layer and per batch, for a key/value cache object, eager
@@ -9,9 +9,12 @@ for any batch and length. The prefixes and the suffixes go through the layers si
 one layer's prefix keys and values are copied to the suffix rows at a time.
 
 Measured on the default LLM (bf16, this 2-core CPU, benchmarks/speed.py): see the README's Speed.
-Only Llama layers (Llama, Vicuna, SmolLM2, TinyLlama) with plain or merged-LoRA bias-free linears take
-this path; any other decoder is scored through its own forward. Where compiling fails (no C++
-compiler, say) the same function runs uncompiled, with one warning.
+Llama layers (Llama, Vicuna, SmolLM2, TinyLlama) and Qwen2 layers (Qwen2, Qwen2.5: the same block with
+biases on q, k and v, several query heads per key/value head, an untied output layer and its own rope
+base, which the decoder's `rotary_emb` carries) take this path, with plain or merged-LoRA linears;
+a Qwen2 decoder with sliding-window layers, and any other decoder, are scored through their own
+forward. Where compiling fails (no C++ compiler, say) the same function runs uncompiled, with one
+warning.
 """
 
 from __future__ import annotations
@@ -49,29 +52,29 @@ def decoder_layer(
     scale: float,
     last_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One Llama layer. hidden (B, T, d); `bias` (B, 1, T, past + T) is 0 where a position sees a key and
-    -inf where not; past keys/values (B, kv_heads, past, head_dim) or None. -> hidden, and the keys and values
-    of the past and this pass. With `last_only` (the decoder's last layer, where only the answer
-    position is read) the returned hidden is the last position's alone, (B, 1, d): every position's
-    keys and values, but the query, attention output and MLP of one."""
-    norm1, q_weight, k_weight, v_weight, o_weight, norm2, gate, up, down = weights
+    """One Llama or Qwen2 layer. hidden (B, T, d); `bias` (B, 1, T, past + T) is 0 where a position
+    sees a key and -inf where not; past keys/values (B, kv_heads, past, head_dim) or None. -> hidden,
+    and the keys and values of the past and this pass. With `last_only` (the decoder's last layer,
+    where only the answer position is read) the returned hidden is the last position's alone,
+    (B, 1, d): every position's keys and values, but the query, attention output and MLP of one."""
+    norm1, q_proj, k_proj, v_proj, o_proj, norm2, gate, up, down = weights  # linears: (weight, bias)
     head_dim = cos.shape[-1]
 
     def heads(x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], x.shape[1], -1, head_dim).transpose(1, 2)
 
     x = rms_norm(hidden, norm1, eps)
-    keys = rotate(heads(F.linear(x, k_weight)), cos, sin)
-    values = heads(F.linear(x, v_weight))
+    keys = rotate(heads(F.linear(x, *k_proj)), cos, sin)
+    values = heads(F.linear(x, *v_proj))
     if last_only:
         hidden, x, cos, sin, bias = hidden[:, -1:], x[:, -1:], cos[:, -1:], sin[:, -1:], bias[:, :, -1:]
-    queries = rotate(heads(F.linear(x, q_weight)), cos, sin)
+    queries = rotate(heads(F.linear(x, *q_proj)), cos, sin)
     if past_keys is not None:
         keys, values = torch.cat([past_keys, keys], dim=2), torch.cat([past_values, values], dim=2)
     attended = attention(queries, keys, values, bias, scale)
-    hidden = hidden + F.linear(attended.transpose(1, 2).flatten(2), o_weight)
+    hidden = hidden + F.linear(attended.transpose(1, 2).flatten(2), *o_proj)
     x = rms_norm(hidden, norm2, eps)
-    return hidden + F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down), keys, values
+    return hidden + F.linear(F.silu(F.linear(x, *gate)) * F.linear(x, *up), *down), keys, values
 
 
 def attention(
@@ -107,39 +110,46 @@ def _compiled_layer():
     return _compiled["layer"]
 
 
-def layer_weights(decoder: torch.nn.Module) -> list[tuple[torch.Tensor, ...]] | None:
-    """Each layer's weights in `decoder_layer`'s order, where the decoder is a Llama decoder whose
-    layers can run as `decoder_layer` (LoRA merged, no biases); None otherwise. Read them while the
-    LoRA weights are merged: they are the tensors scoring multiplies by."""
+LAYER_TYPES = ("LlamaDecoderLayer", "Qwen2DecoderLayer")  # the blocks `decoder_layer` computes
+
+
+def layer_weights(decoder: torch.nn.Module) -> list[tuple] | None:
+    """Each layer's weights in `decoder_layer`'s order, where the decoder is a Llama or Qwen2 decoder
+    whose layers can run as `decoder_layer` (plain or merged-LoRA linears, full attention); None
+    otherwise. Read them while the LoRA weights are merged: they are the tensors scoring multiplies by."""
     layers = getattr(decoder, "layers", None)
     if not (layers and hasattr(decoder, "rotary_emb") and hasattr(getattr(decoder, "norm", None), "weight")):
         return None
-    if not all(type(layer).__name__ == "LlamaDecoderLayer" for layer in layers):
+    if not all(type(layer).__name__ in LAYER_TYPES for layer in layers):
         return None
+    if any(getattr(layer.self_attn, "sliding_window", None) for layer in layers):
+        return None  # a windowed layer sees fewer keys than `decoder_layer` gives it
     weights = [_weights(layer) for layer in layers]
     return None if any(w is None for w in weights) else weights
 
 
-def _weights(layer: torch.nn.Module) -> tuple[torch.Tensor, ...] | None:
-    """The layer's weights in `decoder_layer`'s order; None where a linear is not a plain one."""
+def _weights(layer: torch.nn.Module) -> tuple | None:
+    """The layer's norms and (weight, bias) pairs in `decoder_layer`'s order; None where a linear is
+    not a plain one."""
     attention, mlp = layer.self_attn, layer.mlp
     linears = [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj]
     linears += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-    matrices = [_plain_weight(linear) for linear in linears]
-    if any(m is None for m in matrices) or type(mlp.act_fn).__name__ not in ("SiLU", "SiLUActivation"):
+    pairs = [_plain_linear(linear) for linear in linears]
+    if any(p is None for p in pairs) or type(mlp.act_fn).__name__ not in ("SiLU", "SiLUActivation"):
         return None
     norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-    return (norms[0], *matrices[:4], norms[1], *matrices[4:])
+    return (norms[0], *pairs[:4], norms[1], *pairs[4:])
 
 
-def _plain_weight(linear: torch.nn.Module) -> torch.Tensor | None:
-    """A bias-free linear's weight: its own, or a LoRA layer's base weight once merged (or switched off)."""
+def _plain_linear(linear: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias or None) of a linear: its own, or a LoRA layer's base layer's once merged (or
+    switched off); LoRA leaves the bias as it is."""
     base = linear.get_base_layer() if hasattr(linear, "get_base_layer") else linear
-    if type(base) is not torch.nn.Linear or base.bias is not None:
+    if type(base) is not torch.nn.Linear:
         return None
     if base is not linear and not (linear.merged or linear.disable_adapters):
         return None  # LoRA that would run beside the base weight
-    return base.weight
+    return base.weight, base.bias
 
 
 def answer_hidden(
