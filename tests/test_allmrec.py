@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -259,6 +260,12 @@ def test_a_run_reports_every_model_on_all_cold_and_warm_answers(tmp_path, tiny_l
     )
     assert reloaded["A-LLMRec"]["hit@1"] == result.table[2]["hit@1"]  # exactly
     assert reloaded["A-LLMRec (SBERT)"]["ndcg@10"] == result.table[3]["ndcg@10"]
+    for part in ("sasrec", "item_texts", "alignment", "user_projection", "item_projection"):
+        broken = tmp_path / f"broken-{part}"
+        shutil.copytree(result.folder, broken)
+        torch.save({"weight": torch.zeros(2)}, broken / f"{part}.safetensors")  # a pickle: never read
+        with pytest.raises(CheckpointError, match=f"{part}.safetensors is truncated, corrupt or not safet"):
+            load_allmrec(broken, cyclic_dataset(24, 30, 8), device="cpu")
     mlp = run_allmrec(allmrec_config("cpu", variant="mlp-llm", **settings), cyclic_dataset(24, 30, 8),
                       tmp_path / "mlp", progress=False)  # fmt: skip
     assert mlp.table[2]["model"] == "MLP-LLM"
@@ -427,3 +434,12 @@ def test_a_run_whose_llm_or_encoder_is_not_there_fails_before_training_anything(
             allmrec_config("cpu", **settings), cyclic_dataset(24, 30, 8), tmp_path / "run"
         )
     assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
+
+
+def test_a_finished_part_whose_random_state_is_not_safetensors_is_one_clear_error(tmp_path):
+    from ccfllm.next_item_experiment import _resume_from
+
+    (tmp_path / "part.json").write_text("{}")
+    torch.save({"rng": torch.get_rng_state()}, tmp_path / "random_state.safetensors")  # a pickle
+    with pytest.raises(CheckpointError, match="random_state.safetensors is truncated, corrupt or not safet"):
+        _resume_from(tmp_path, torch.device("cpu"))

@@ -259,6 +259,52 @@ def test_a_broken_or_foreign_run_is_refused(saved_run, tiny_dataset, tmp_path):
         load_run(saved_run.folder, one_label_flipped(tiny_dataset), device="cpu")
 
 
+def not_safetensors(path, kind: str) -> None:
+    """Put a torch pickle or bytes of garbage where a weights file was."""
+    if kind == "pickle":
+        torch.save({"alignment.weight": torch.zeros(2)}, path)
+    else:
+        path.write_bytes(b"\x00\xff" * 40)
+
+
+@pytest.mark.parametrize("kind", ["pickle", "garbage"])
+@pytest.mark.parametrize(
+    "weights", ["fusion.safetensors", "adapter/adapter_model.safetensors", "cf/model.safetensors"]
+)
+def test_a_run_whose_weights_file_is_not_safetensors_is_one_clear_error(
+    saved_run, tiny_dataset, tmp_path, weights, kind
+):
+    import shutil
+
+    broken = shutil.copytree(saved_run.folder, tmp_path / "broken")
+    not_safetensors(broken / weights, kind)
+    with pytest.raises(CheckpointError, match=f"{weights} is truncated, corrupt or not safetensors"):
+        load_run(broken, tiny_dataset, device="cpu")
+
+
+def test_a_finished_stage_whose_state_is_not_safetensors_is_one_clear_error(
+    saved_run, tiny_llm_dir, tiny_dataset, tmp_path
+):
+    """An interrupted run's finished stage 1, put together by hand from the saved run, with its
+    random-number state garbled: --resume says which file, instead of a SafetensorError."""
+    import shutil
+
+    from ccfllm.partial import open_partial_folder
+
+    config = tiny_ccf_config(tiny_llm_dir, cf_model="mf")  # saved_run's settings
+    out = tmp_path / "ccf"
+    work = open_partial_folder(out, config, tiny_dataset, resume=False, overwrite=False)
+    shutil.copytree(saved_run.folder / "cf", work / "cf")
+    stage = work / "stages" / "1-lora"
+    stage.mkdir(parents=True)
+    shutil.copytree(saved_run.folder / "adapter", stage / "adapter")
+    shutil.copy(saved_run.folder / "fusion.safetensors", stage / "fusion.safetensors")
+    not_safetensors(stage / "state.safetensors", "pickle")
+    with pytest.raises(CheckpointError, match="state.safetensors is truncated, corrupt or not safetensors"):
+        run_ccf_llm(config, tiny_dataset, out, progress=False, resume=True)
+    assert not out.exists() and (work / "stages" / "1-lora").is_dir()  # the finished parts are kept
+
+
 def test_predict_scores_unknown_users_and_new_items_from_text(saved_run, tiny_dataset):
     recommender = load_run(saved_run.folder, tiny_dataset, device="cpu")
     rows = pd.DataFrame({"uid": [1, 999, 1], "iid": [3, 3, 50], "title": ["", "", "Movie 3 (1983)"]})

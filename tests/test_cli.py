@@ -308,3 +308,44 @@ def test_report_refuses_a_run_folder_that_is_not_a_saved_run_and_writes_nothing(
     result = runner.invoke(main, [str(a) for a in args])
     assert result.exit_code == 2 and "config.json is missing" in result.output
     assert not out.exists()
+
+
+# Every command that writes, pointed at a place under a plain file (no folder can be made there, for
+# root too): one line, exit status 2, before any work, nothing written.
+UNWRITABLE_OUTPUTS = {
+    "cf train": ["cf", "train", "--model", "mf", "--out", "{bad}/run"],
+    "train": ["train", "--out", "{bad}/run"],
+    "allmrec train": ["allmrec", "train", "--out", "{bad}/run"],
+    "compare --results": ["compare", "--results", "{bad}/results.jsonl", "--runs", "{tmp}/runs"],
+    "compare --runs": ["compare", "--results", "{tmp}/results.jsonl", "--runs", "{bad}/runs"],
+    "data convert-movielens": ["data", "convert-movielens", "{tmp}", "{bad}/split"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNWRITABLE_OUTPUTS))
+def test_an_output_that_cannot_be_created_is_one_line_and_writes_nothing(runner, tiny_dir, tmp_path, case):
+    bad = tmp_path / "a-file"
+    bad.write_text("mine")
+    arguments = [a.format(bad=bad, tmp=tmp_path) for a in UNWRITABLE_OUTPUTS[case]]
+    data = [] if case.startswith("data") else ["--data", str(tiny_dir)]
+    result = runner.invoke(
+        main, [*arguments, *data, "--quiet"] if case != "data convert-movielens" else arguments
+    )
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: Cannot write to {bad}") and len(result.output.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_list_columns_of_different_lengths_are_one_line(runner, tiny_dir, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(tiny_dir, tmp_path / "data")
+    (folder / "items.parquet").unlink()  # the titles then come from the title and his_title columns
+    frame = pd.read_parquet(folder / "train.parquet")
+    frame["his_title"] = [[*titles, "one too many"] if row == 3 else titles
+                          for row, titles in enumerate(frame["his_title"].map(list))]  # fmt: skip
+    frame.to_parquet(folder / "train.parquet", index=False)
+    result = runner.invoke(main, ["data", "inspect", "--data", str(folder)])
+    assert result.exit_code == 2
+    assert result.output.startswith(f"error: {folder / 'train.parquet'}, row 3: 'his' holds ")
+    assert "his_title needs one title per history item" in result.output

@@ -63,7 +63,9 @@ BAD_TABLES = {
     "extra column": (lambda f: f.assign(rating=3), r"unexpected 'rating'"),
     "label outside 0/1": (lambda f: f.assign(label=f["label"] * 4), r"must be 0 or 1; found \[4\]"),
     "unknown history item": (
-        lambda f: f.assign(his=[[0, 999]] + f["his"].tolist()[1:]),
+        lambda f: f.assign(
+            his=[[0, 999]] + f["his"].tolist()[1:], his_title=[["", "?"]] + f["his_title"].tolist()[1:]
+        ),
         r"row 0: the history names item 999, which is not a known item",
     ),
     "empty split": (lambda f: f.iloc[:0], r"has no rows"),

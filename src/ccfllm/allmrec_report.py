@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from .errors import CheckpointError
-from .io import atomic_path, new_figure, save_png
+from .io import atomic_path, make_folder, new_figure, save_png
 
 # Hit@1 on Movies and TV from the talk: main results, cold / warm items, cold users.
 PAPER_HIT1 = {
@@ -43,7 +43,7 @@ def write_allmrec_report(run: Path, out: Path | None = None) -> Path:
     """Write report.md and curves.png for the run folder `run` into `out` (default: the run folder)."""
     record, metrics = _read_run(run)
     out = out or run
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     table = {row["model"]: row for row in metrics["table"]}
     sections = [
         _header(run, record, table),

@@ -542,9 +542,12 @@ def _saying_where_finished_parts_wait(out: Path) -> Iterator[None]:
 
 def _unused_run_folder(out: str | Path, overwrite: bool) -> Path:
     """Checked before any training, so a long run never ends by refusing to save."""
+    from .io import check_writable
+
     out = Path(out)
     if out.exists() and not overwrite:
         raise CCFLLMError(f"{out} already exists; choose another --out or pass --overwrite.")
+    check_writable(out)
     return out
 
 

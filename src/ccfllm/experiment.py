@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 from peft import set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .cf.base import CFModel
@@ -41,7 +41,7 @@ from .data.dataset import PAD, CTRDataset, Split, pad_histories, refuse_other_da
 from .device import seed_everything
 from .engine import score_rows
 from .errors import CCFLLMError, CheckpointError
-from .io import atomic_path
+from .io import atomic_path, read_safetensors
 from .llm import LoadedLLM, add_lora, load_llm, lora_target_modules
 from .methods import LOSSES, METHODS, uses_backbone
 from .methods.ccf_llm import CCFLLM, CFFeatures
@@ -276,7 +276,7 @@ def _save_stage(recommender: Recommender, folder: Path, result: StageResult, row
 
 def _load_stage(recommender: Recommender, folder: Path) -> tuple[StageResult, dict, np.ndarray]:
     _load_weights(recommender, folder)
-    state = load_file(_require(folder / "state.safetensors"))
+    state = read_safetensors(_require(folder / "state.safetensors"))
     restore_random_state(state, recommender.llm.model.device)
     record = json.loads(_require(folder / "stage.json").read_text())
     return StageResult(**record["result"]), record["row"], state["test_scores"].numpy()
@@ -510,13 +510,14 @@ def _load_adapter(recommender: Recommender, folder: Path) -> None:
     """The LoRA adapter a run or a finished stage saved in `folder`/adapter."""
     adapter = _require(folder / "adapter" / "adapter_model.safetensors")
     device = str(recommender.llm.model.device)
-    set_peft_model_state_dict(recommender.model.llm, load_file(adapter, device=device))
+    set_peft_model_state_dict(recommender.model.llm, read_safetensors(adapter, device=device))
 
 
 def _load_weights(recommender: Recommender, folder: Path) -> None:
     """Load what _save_weights wrote; refuse a missing part or weights of another shape of model."""
     _load_adapter(recommender, folder)
-    fusion = load_file(_require(folder / "fusion.safetensors"), device=str(recommender.llm.model.device))
+    device = str(recommender.llm.model.device)
+    fusion = read_safetensors(_require(folder / "fusion.safetensors"), device=device)
     _, unexpected = recommender.model.load_state_dict(fusion, strict=False)
     prefixes = _fusion_prefixes(recommender.config)
     missing = sorted({k for k in recommender.model.state_dict() if k.startswith(prefixes)} - set(fusion))

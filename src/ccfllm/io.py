@@ -1,4 +1,5 @@
-"""Atomic file writes: a failed run never leaves a half-written file behind."""
+"""Atomic file writes: a failed run never leaves a half-written file behind. Output places checked before
+any work, and weights files read, each with one clear error rather than an OSError's traceback."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import CCFLLMError, CheckpointError
+
 
 @contextlib.contextmanager
 def atomic_path(final_path: str | os.PathLike) -> Iterator[Path]:
@@ -20,8 +23,7 @@ def atomic_path(final_path: str | os.PathLike) -> Iterator[Path]:
     create files that only their owner can read).
     """
     final_path = Path(final_path)
-    final_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_path.name}.", dir=final_path.parent))
+    tmp_dir = _temporary_folder_beside(final_path)
     tmp_path = tmp_dir / final_path.name
     try:
         yield tmp_path
@@ -31,6 +33,64 @@ def atomic_path(final_path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp_path, final_path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def make_folder(folder: str | os.PathLike) -> Path:
+    """`mkdir -p folder`, or one error naming the output path that cannot be made."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _cannot_write(folder, exc) from exc
+    return folder
+
+
+def check_writable(final_path: str | os.PathLike) -> None:
+    """Raise now where `final_path` could not be written later (its folder cannot be made, or is not
+    writable), so that a long run never ends by refusing to save. Leaves nothing behind: the folders it
+    had to create to try are removed again."""
+    final_path = Path(final_path)
+    missing = [p for p in [final_path.parent, *final_path.parent.parents] if not p.exists()]
+    try:
+        _temporary_folder_beside(final_path).rmdir()
+    finally:
+        for folder in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def _temporary_folder_beside(final_path: Path) -> Path:
+    """A fresh hidden folder in `final_path`'s folder (made if missing), to write in and rename from."""
+    make_folder(final_path.parent)
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{final_path.name}.", dir=final_path.parent))
+    except OSError as exc:
+        raise _cannot_write(final_path.parent, exc) from exc
+
+
+def _cannot_write(folder: Path, exc: OSError) -> CCFLLMError:
+    reason = exc.strerror or str(exc)
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(folder) else ""
+    return CCFLLMError(f"Cannot write to {folder}: {reason}{where}. Choose another output path.")
+
+
+def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict:
+    """The tensors of a weights file a run or backbone folder holds, or one CheckpointError where it is
+    missing, truncated, or not safetensors (a torch pickle in its place is refused, never unpickled)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the folder is incomplete. Retrain or restore it.")
+    try:
+        return load_file(path, device=device)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise unreadable_weights(path, exc) from exc
+
+
+def unreadable_weights(path: Path, exc: Exception) -> CheckpointError:
+    return CheckpointError(f"{path} is truncated, corrupt or not safetensors ({exc}); retrain or re-copy it.")
 
 
 def _umask_permissions(path: Path) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .cf.next_item import next_item_metrics, rank_candidates, train_next_item_sasrec
 from .cf.sasrec import SASRec
@@ -28,7 +28,7 @@ from .data.dataset import CTRDataset, refuse_other_dataset
 from .data.next_item import NextItemSplit, NextItemTask, next_item_task
 from .device import resolve_device
 from .errors import CheckpointError
-from .io import atomic_path, write_json
+from .io import atomic_path, read_safetensors, write_json
 from .llm import add_lora, check_llm_source, load_llm
 from .methods.allmrec import (
     GENRE_QUESTION,
@@ -248,7 +248,7 @@ def _read_part(folder: Path) -> dict:
 
 def _resume_from(folder: Path, device: torch.device) -> dict:
     """A finished part's record, with the random-number state it ended with restored."""
-    restore_random_state(load_file(_require_file(folder / "random_state.safetensors")), device)
+    restore_random_state(read_safetensors(_require_file(folder / "random_state.safetensors")), device)
     return _read_part(folder)
 
 
@@ -484,7 +484,7 @@ def _read_record(folder: Path) -> dict:
 
 
 def _weights(folder: Path, name: str) -> dict[str, torch.Tensor]:
-    return load_file(_require_file(folder / f"{name}.safetensors"))
+    return read_safetensors(_require_file(folder / f"{name}.safetensors"))
 
 
 def _require_file(path: Path) -> Path:

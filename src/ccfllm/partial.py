@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from .config import to_dict
 from .data.dataset import CTRDataset, refuse_other_dataset
 from .errors import CheckpointError
-from .io import atomic_path, write_json
+from .io import atomic_path, make_folder, write_json
 
 
 def partial_folder(out: str | Path) -> Path:
@@ -42,7 +42,7 @@ def open_partial_folder(out: Path, config, dataset: CTRDataset, resume: bool, ov
         )
     if work.exists():
         shutil.rmtree(work)
-    work.mkdir(parents=True)
+    make_folder(work)
     write_json(work / "config.json", record)
     return work
 

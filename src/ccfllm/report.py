@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CCFLLMError
-from .io import atomic_path, new_figure, save_png
+from .io import atomic_path, make_folder, new_figure, save_png
 from .metrics import rela_impr
 
 BACKBONE_TITLES = {"mf": "MF", "lightgcn": "LightGCN", "sasrec": "SASRec"}
@@ -105,7 +105,7 @@ def write_report(
     cells = summarise(records, preset)
     if not cells:
         raise CCFLLMError(f"{source} holds no runs of the {preset!r} preset; nothing to report.")
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     sections = [
         _header(records, preset, source),
         _ordering(cells),

@@ -25,7 +25,7 @@ from .cf.checkpoint import read_metadata
 from .config import CF_PRESETS, METHOD_SETTINGS, ccf_config
 from .data.dataset import CTRDataset, same_dataset
 from .errors import CCFLLMError
-from .io import atomic_path
+from .io import atomic_path, check_writable
 from .methods import METHODS, uses_backbone
 
 RESULTS_FORMAT = "ccfllm-results/1"
@@ -186,6 +186,8 @@ def run_plan(
 ) -> list[dict]:
     """Run every planned run not yet in `results`, recording each as it finishes; return all records."""
     records = read_results(results, dataset)
+    check_writable(results)  # before the first run trains, not after it
+    check_writable(runs / "cf")
     # Taken once, at start: the code a resumed sitting runs is the code it started with.
     provenance = {"commit": _git_commit(results), "command": shlex.join(sys.argv), "machine": _machine()}
     done = {record["key"] for record in records}

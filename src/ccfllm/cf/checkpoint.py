@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import safe_open, save_file
 
 from ..config import CFConfig, replace_checked, to_dict
 from ..data.dataset import CTRDataset, refuse_other_dataset
 from ..device import resolve_device
 from ..errors import CheckpointError
-from ..io import atomic_path
+from ..io import atomic_path, read_safetensors, unreadable_weights
 from . import cf_model_class
 from .base import CFModel
 
@@ -133,7 +133,7 @@ def read_metadata(folder: str | Path) -> dict[str, str]:
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise _unreadable(path, exc) from exc
+        raise unreadable_weights(path, exc) from exc
     if metadata.get("format") != FORMAT or not {"model", "config", "dataset"} <= metadata.keys():
         raise CheckpointError(
             f"{path} is not a ccfllm CF checkpoint (format {metadata.get('format')!r}, expected {FORMAT})."
@@ -142,16 +142,7 @@ def read_metadata(folder: str | Path) -> dict[str, str]:
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise _unreadable(path, exc) from exc
-
-
-def _unreadable(path: Path, exc: Exception) -> CheckpointError:
-    return CheckpointError(
-        f"{path} is truncated, corrupt or not safetensors ({exc}); re-train or re-copy it."
-    )
+    return read_safetensors(path)
 
 
 def _latest_row_per_user(uid: np.ndarray, timestamp: np.ndarray) -> dict[int, int]:

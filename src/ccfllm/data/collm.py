@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import DataError
@@ -134,6 +135,7 @@ def _read_split_file(path: Path) -> pd.DataFrame:
     frame = table.to_pandas()
     if frame.empty:
         raise DataError(f"{path} has no rows; every split needs at least one.")
+    _check_list_columns(table, path)
     for column in ("uid", "iid", "label", "timestamp"):
         if frame[column].isna().any() or not pd.api.types.is_integer_dtype(frame[column]):
             raise DataError(f"Column '{column}' of {path} must hold integers without missing values.")
@@ -163,6 +165,42 @@ def _check_columns(columns: list[str], path: Path) -> None:
         f"{path} has the wrong columns: {'; '.join(problems)}. Expected {list(REQUIRED_COLUMNS)} "
         f"and optionally {list(OPTIONAL_COLUMNS)}."
     )
+
+
+# The list columns: each row's liked history, and (optionally) the titles of those items, one per id.
+LIST_COLUMNS = {
+    "his": (pa.types.is_integer, "item ids"),
+    "his_title": (lambda kind: pa.types.is_string(kind) or pa.types.is_large_string(kind), "titles"),
+}
+
+
+def _check_list_columns(table: pa.Table, path: Path) -> None:
+    """Every list column a list of the right kind of value, and his_title as long as his on each row
+    (a title per history item): checked here, before anything pairs them up."""
+    for name, (is_kind, holding) in LIST_COLUMNS.items():
+        if name not in table.column_names:
+            continue
+        kind = table.schema.field(name).type
+        lists = pa.types.is_list(kind) or pa.types.is_large_list(kind)
+        # an all-empty column of lists has no value type to check
+        if not lists or not (is_kind(kind.value_type) or pa.types.is_null(kind.value_type)):
+            raise DataError(f"Column '{name}' of {path} must hold lists of {holding}, not {kind}.")
+    if "his_title" not in table.column_names:
+        return
+    his, titles = (_list_lengths(table[name]) for name in ("his", "his_title"))
+    differ = np.flatnonzero((his >= 0) & (his != titles))  # a missing his (-1) gets its own error later
+    if len(differ):
+        row = int(differ[0])
+        given = "no list" if titles[row] < 0 else f"{titles[row]} titles"
+        raise DataError(
+            f"{path}, row {row}: 'his' holds {his[row]} item ids but 'his_title' {given} ({len(differ)} "
+            "rows disagree); his_title needs one title per history item."
+        )
+
+
+def _list_lengths(column: pa.ChunkedArray) -> np.ndarray:
+    """Each row's list length; -1 where the row has no list."""
+    return pc.fill_null(pc.list_value_length(column), -1).to_numpy().astype(np.int64)
 
 
 def _item_titles(folder: Path, frames: dict[str, pd.DataFrame]) -> tuple[np.ndarray, np.ndarray]:

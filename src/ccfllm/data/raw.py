@@ -46,6 +46,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DataError
+from ..io import check_writable
 from .collm import liked_histories, write_collm_split
 from .dataset import PAD, SPLITS
 
@@ -354,6 +355,7 @@ def _check_output(out_dir: Path, overwrite: bool) -> None:
         raise DataError(f"{out_dir} already exists; choose another output folder or pass --overwrite.")
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"{out_dir} exists and is not a folder; choose another output path.")
+    check_writable(out_dir)
 
 
 def _require_file(path: Path, hint: str) -> Path:
