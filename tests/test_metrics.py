@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
-from ccfllm.metrics import auc, rela_impr, split_metrics, uauc
+from ccfllm.metrics import auc, paired_bootstrap, rela_impr, split_metrics, uauc
 
 
 def test_auc_counts_ordered_pairs_and_half_ties():
@@ -60,3 +61,69 @@ def test_reference_smooths_user_and_item_means_toward_the_global_mean(tiny_datas
 
 def logit(p):
     return np.log(p / (1 - p))
+
+
+# -- the paired bootstrap ---------------------------------------------------------------------------
+
+
+def clustered_rows(n_users: int = 40, rows_per_user: int = 20, seed: int = 0):
+    """Users whose rows go together: for half of them A orders every row right and B is noise, for the
+    other half the reverse. -> labels, uids, scores_a, scores_b"""
+    rng = np.random.default_rng(seed)
+    uids = np.repeat(np.arange(n_users), rows_per_user)
+    labels = np.tile(np.arange(rows_per_user) % 2, n_users)
+    noise = rng.random((2, len(uids)))
+    a_knows = (uids % 2 == 0).astype(float)
+    scores_a = a_knows * labels + noise[0]
+    scores_b = (1 - a_knows) * labels + noise[1]
+    return labels, uids, scores_a, scores_b
+
+
+def test_resampled_aucs_are_sklearns_with_each_row_weighted_by_its_users_count():
+    from ccfllm.metrics import _draw_counts, _per_user_aucs, _resampled_aucs
+
+    labels, uids, scores, _ = clustered_rows(n_users=12, rows_per_user=7)
+    scores = np.round(scores, 1)  # ties, which count one half
+    counts = _draw_counts(np.random.default_rng(3).integers(0, 12, size=(5, 12)), 12)
+    assert counts.sum(axis=1).tolist() == [12] * 5
+    expected = [roc_auc_score(labels, scores, sample_weight=row[uids]) for row in counts]
+    np.testing.assert_allclose(_resampled_aucs(labels, uids, scores, counts, block=2), expected, rtol=1e-12)
+    per_user = [roc_auc_score(labels[uids == u], scores[uids == u]) for u in range(12)]
+    np.testing.assert_allclose(_per_user_aucs(labels, uids, scores), per_user, rtol=1e-12)
+
+
+def test_identical_scores_differ_by_exactly_zero_with_interval_zero():
+    labels, uids, scores, _ = clustered_rows()
+    result = paired_bootstrap(labels, uids, scores, scores.copy(), n_resamples=200)
+    for name in ("auc", "uauc"):
+        assert (result[name].difference, result[name].low, result[name].high) == (0.0, 0.0, 0.0)
+    assert result["auc"].text() == "+0.0000 [+0.0000, +0.0000]"
+
+
+def test_a_scorer_better_on_every_user_has_an_interval_above_zero():
+    labels, uids, _, noise = clustered_rows()
+    better = labels + 0.5 * noise  # orders most rows of every user right; `noise` alone is chance
+    result = paired_bootstrap(labels, uids, better, noise, n_resamples=500)
+    assert result["auc"].difference == auc(labels, better) - auc(labels, noise)
+    assert result["uauc"].difference == uauc(uids, labels, better) - uauc(uids, labels, noise)
+    for name in ("auc", "uauc"):
+        assert 0 < result[name].low < result[name].difference < result[name].high
+    reversed_ = paired_bootstrap(labels, uids, noise, better, n_resamples=500)
+    assert reversed_["auc"].high < 0  # B minus A: the same interval, below zero
+
+
+def test_the_bootstrap_is_reproducible_from_its_seed():
+    labels, uids, a, b = clustered_rows()
+    first, again = (paired_bootstrap(labels, uids, a, b, n_resamples=300, seed=7) for _ in range(2))
+    assert first == again
+    assert paired_bootstrap(labels, uids, a, b, n_resamples=300, seed=8) != first
+
+
+def test_drawing_users_widens_the_interval_where_a_users_rows_go_together():
+    """A is right on half of the users and B on the other half: how many of each half a resample draws
+    moves the difference, which a bootstrap of single rows (each row its own user) does not see."""
+    labels, uids, a, b = clustered_rows()
+    by_user = paired_bootstrap(labels, uids, a, b, n_resamples=500)["auc"]
+    by_row = paired_bootstrap(labels, np.arange(len(labels)), a, b, n_resamples=500)["auc"]
+    assert by_user.difference == by_row.difference
+    assert by_user.high - by_user.low > 2 * (by_row.high - by_row.low)  # 2.45x at these seeds
