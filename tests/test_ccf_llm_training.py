@@ -228,6 +228,17 @@ def test_a_run_reports_every_stage_and_reloads_to_the_same_scores(saved_run, tin
     assert test_metrics["uauc"] == saved_run.table[-1]["test_uauc"]
 
 
+def test_a_run_saves_the_final_models_gap_to_its_backbone_with_a_paired_interval(saved_run):
+    (row,) = saved_run.significance
+    assert (row["model"], row["versus"]) == ("CCF-LLM after stage fusion", "mf (CF backbone alone)")
+    final, backbone = saved_run.table[-1], saved_run.table[0]
+    assert row["auc"]["difference"] == final["test_auc"] - backbone["test_auc"]  # exactly
+    assert row["uauc"]["difference"] == final["test_uauc"] - backbone["test_uauc"]
+    for name in ("auc", "uauc"):
+        assert row[name]["low"] <= row[name]["difference"] <= row[name]["high"]
+    assert json.loads((saved_run.folder / "metrics.json").read_text())["significance"] == [row]
+
+
 def test_a_run_with_lora_on_every_linear_layer_reloads_to_the_same_scores(
     tmp_path, tiny_llm_dir, tiny_dataset
 ):

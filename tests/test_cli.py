@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import calendar
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -167,8 +168,16 @@ def test_ccf_llm_train_evaluate_predict_end_to_end(runner, tiny_dir, tiny_llm_di
         "| mean-label reference (k=5)",
         "| CCF-LLM after stage lora",
         "| CCF-LLM after stage fusion",
+        "| Δ vs mf (CF backbone alone) [95% interval, users resampled]",
     ]
-    test_auc = table[-1].split(" | ")[1]
+    test_auc = table[-2].split(" | ")[1]
+    # the final model minus the backbone, in AUC and UAUC: "+0.0123 [+0.0040, +0.0201]"
+    backbone, final, delta = (
+        [float(cell.split()[0]) for cell in table[row].split(" | ")[1:3]] for row in (0, 3, 4)
+    )
+    for column, cell in enumerate(table[-1].split(" | ")[1:3]):
+        assert re.fullmatch(r"[+-]\d\.\d{4} \[[+-]\d\.\d{4}, [+-]\d\.\d{4}\]( \|)?", cell), cell
+        assert abs(delta[column] - (final[column] - backbone[column])) <= 1.5e-4  # the rounded figures
 
     evaluated = runner.invoke(
         main, ["evaluate", "--run", str(out), "--data", str(tiny_dir), "--split", "test"]

@@ -100,3 +100,35 @@ def test_figure_4_takes_a_recorded_ccf_llm_run_still_on_disk_mf_first(tmp_path):
     assert saved_ccf_llm_run([gone_mf, ablation, pair, sasrec], "cpu") == Path(sasrec["folder"])
     assert saved_ccf_llm_run([gone_mf, ablation, pair], "cpu") is None
     assert saved_ccf_llm_run([sasrec], "paper") is None
+
+
+def test_the_report_gives_each_runs_gap_to_its_backbone_and_to_collm_with_intervals(tmp_path):
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    from ccfllm.metrics import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    uid, label = np.repeat(np.arange(1, 21), 10), np.tile([0, 1], 100)
+    scores = {"ccf-llm": label * 0.5 + rng.random(200), "collm": label * 0.2 + rng.random(200)}
+    saved = {"model": "CCF-LLM after stage fusion", "versus": "mf (CF backbone alone)"}
+    saved |= {name: {"difference": 0.0123, "low": 0.004, "high": 0.0201} for name in ("auc", "uauc")}
+
+    def run(method, significance):
+        folder = tmp_path / method
+        folder.mkdir()
+        (folder / "metrics.json").write_text(json.dumps({"significance": significance}))
+        frame = pd.DataFrame({"uid": uid, "iid": np.arange(200), "label": label, "score": scores[method]})
+        frame.to_parquet(folder / "predictions.parquet", index=False)
+        return {**record(method, "mf", 0, 0.7), "folder": str(folder)}
+
+    records = [run("ccf-llm", [saved]), run("collm", []), record("ccf-llm", "sasrec", 0, 0.7)]
+    text = write_report(records, tmp_path / "report", "cpu", "results.jsonl").read_text()
+    expected = paired_bootstrap(label, uid, scores["ccf-llm"], scores["collm"])
+    assert expected["auc"].low > 0  # a gap this clear is not zero
+    row = "| CCF-LLM (MF), seed 0 | +0.0123 [+0.0040, +0.0201] | +0.0123 [+0.0040, +0.0201] | "
+    assert row + f"{expected['auc'].text()} | {expected['uauc'].text()} |" in text
+    assert "| CoLLM (MF), seed 0 | not saved (the run predates the check) |  | - | - |" in text
+    assert "| CCF-LLM (SASRec), seed 0 | run folder not on disk |  | no CoLLM run on this backbone" in text

@@ -277,6 +277,7 @@ def ccf_train(preset, method, data_dir, out, seed, resume, settings, overwrite, 
     test after each. Until it ends, the run keeps each finished part (and a training stage's state at
     its last validation) in OUT.partial: rerun an interrupted run with --resume to continue it."""
     from .experiment import run_ccf_llm
+    from .metrics import Difference
 
     config = ccf_config(preset, **{"method": method, **_overrides(settings, seed)})
     default_out = f"runs/{config.method}/{config.cf_model}-{preset}-seed{config.seed}"
@@ -291,6 +292,9 @@ def ccf_train(preset, method, data_dir, out, seed, resume, settings, overwrite, 
     click.echo("| model | test AUC | test UAUC |\n|---|---|---|")
     for row in result.table:
         click.echo(f"| {row['model']} | {row['test_auc']:.4f} | {row['test_uauc']:.4f} |")
+    for row in result.significance:  # the final model minus each backbone, 95% paired bootstrap
+        auc, uauc = (Difference(**row[name]).text() for name in ("auc", "uauc"))
+        click.echo(f"| Δ vs {row['versus']} [95% interval, users resampled] | {auc} | {uauc} |")
 
 
 @main.command("evaluate")

@@ -47,7 +47,7 @@ from .methods import LOSSES, METHODS, uses_backbone
 from .methods.ccf_llm import CCFLLM, CFFeatures
 from .methods.softprompt import FreeFeatures
 from .methods.tallrec import similar_items
-from .metrics import split_metrics
+from .metrics import paired_bootstrap, split_metrics
 from .partial import (
     drop_if_nothing_finished,
     open_partial_folder,
@@ -88,6 +88,7 @@ class RunResult:
     table: list[dict]  # one row per model: name, test AUC, test UAUC, valid AUC
     stages: list[StageResult] = field(default_factory=list)
     seconds: float = 0.0
+    significance: list[dict] = field(default_factory=list)  # the final model against each backbone
 
 
 def build_recommender(
@@ -188,7 +189,8 @@ def run_ccf_llm(
         drop_if_nothing_finished(work, [work / "cf", work / "cf2", *(work / "stages").glob("*")])
         raise
     shutil.rmtree(work)
-    return RunResult(out, result["table"], result["stages"], time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return RunResult(out, result["table"], result["stages"], seconds, result["significance"])
 
 
 def _run_stages(config: CCFConfig, dataset: CTRDataset, work: Path, progress: bool) -> dict:
@@ -197,7 +199,7 @@ def _run_stages(config: CCFConfig, dataset: CTRDataset, work: Path, progress: bo
     test = test_split(dataset, config)
     method = METHODS[config.method]
     llm = load_llm(**_llm_arguments(config))  # before the backbone: a bad --llm fails at once
-    table, backbones, cf_references = [], [], []
+    table, backbones, cf_references, backbone_scores = [], [], [], []
     names = [n for n in (config.cf_model, config.cf_model2) if n] if uses_backbone(method) else []
     for number, name in enumerate(names):
         backbone, reference = _backbone(config, dataset, work, progress, second=number == 1)
@@ -205,6 +207,7 @@ def _run_stages(config: CCFConfig, dataset: CTRDataset, work: Path, progress: bo
         table.append({"model": f"{name} (CF backbone alone)", **_metrics(test, scores)})
         backbones.append(backbone)
         cf_references.append(reference)
+        backbone_scores.append((table[-1]["model"], scores))
     reference = reference_scores(dataset, test, 5.0)
     table.append({"model": "mean-label reference (k=5)", **_metrics(test, reference)})
     first, second = (backbones + [None, None])[:2]
@@ -246,6 +249,9 @@ def _run_stages(config: CCFConfig, dataset: CTRDataset, work: Path, progress: bo
         prompts = recommender.final_prompts()
         scores = score_rows(recommender.model, prompts, test, None, config.eval_batch_size, progress)
         table.append({"model": f"{method.title} zero-shot", **_metrics(test, scores)})
+    significance = [
+        significance_row(test, table[-1]["model"], scores, name, base) for name, base in backbone_scores
+    ]
     return dict(
         recommender=recommender,
         dataset=dataset,
@@ -255,6 +261,7 @@ def _run_stages(config: CCFConfig, dataset: CTRDataset, work: Path, progress: bo
         resumed=resumed,
         test=test,
         scores=scores,
+        significance=significance,
     )
 
 
@@ -479,6 +486,13 @@ def _metrics(test: Split, scores: np.ndarray) -> dict:
     return {"test_auc": values["auc"], "test_uauc": values["uauc"]}
 
 
+def significance_row(test: Split, model: str, scores, versus: str, versus_scores) -> dict:
+    """`model` minus `versus` in test AUC and UAUC, with 95% paired bootstrap intervals (users drawn
+    with replacement, 1,000 times, seed 0): what one seed on these rows can say about the gap."""
+    differences = paired_bootstrap(test.label, test.uid, scores, versus_scores)
+    return {"model": model, "versus": versus, **{name: vars(d) for name, d in differences.items()}}
+
+
 def _fusion_prefixes(config: CCFConfig) -> tuple[str, ...]:
     """The weights a run saves beside its adapter: what the non-LoRA stages can train."""
     source = METHODS[config.method].cf_source
@@ -528,7 +542,9 @@ def _load_weights(recommender: Recommender, folder: Path) -> None:
         )
 
 
-def _save_run(*, recommender, dataset, folder, cf_references, table, stages, resumed, test, scores) -> None:
+def _save_run(
+    *, recommender, dataset, folder, cf_references, table, stages, resumed, test, scores, significance
+) -> None:
     config = recommender.config
     _save_weights(recommender, folder)
     record = {
@@ -540,7 +556,12 @@ def _save_run(*, recommender, dataset, folder, cf_references, table, stages, res
         "dataset": dataset.fingerprint(),
     }
     (folder / "config.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    metrics = {"table": table, "stages": [vars(s) for s in stages], "resumed_stages": resumed}
+    metrics = {
+        "table": table,
+        "stages": [vars(s) for s in stages],
+        "resumed_stages": resumed,
+        "significance": significance,
+    }
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     frame = pd.DataFrame({"uid": test.uid, "iid": test.iid, "label": test.label, "score": scores})
     frame.to_parquet(folder / "predictions.parquet", index=False)
