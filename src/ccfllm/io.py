@@ -69,9 +69,14 @@ def _temporary_folder_beside(final_path: Path) -> Path:
 
 
 def _cannot_write(folder: Path, exc: OSError) -> CCFLLMError:
-    reason = exc.strerror or str(exc)
-    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(folder) else ""
-    return CCFLLMError(f"Cannot write to {folder}: {reason}{where}. Choose another output path.")
+    blocking = next((p for p in [folder, *folder.parents] if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():  # mkdir says only "File exists"
+        reason = f"{blocking} is a file, not a folder"
+    else:
+        reason = exc.strerror or str(exc)
+        if exc.filename and str(exc.filename) != str(folder):
+            reason += f" ({exc.filename})"
+    return CCFLLMError(f"Cannot write to {folder}: {reason}. Choose another output path.")
 
 
 def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict:
