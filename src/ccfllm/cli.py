@@ -252,7 +252,8 @@ CF_HISTORY = 10  # rows are loaded with CoLLM's 10 most recent likes; prompts ma
     type=click.Choice(sorted(CCF_PRESETS)),
     default="cpu",
     show_default=True,
-    help="cpu: fits 45 minutes on 2 cores with the embedded LLM; paper: section 4.1's settings.",
+    help="cpu: fits 45 minutes on 2 cores with the embedded LLM; cpu-1.5b: the cpu preset with the "
+    "installable Qwen2.5 1.5B (hours on 2 cores); paper: section 4.1's settings.",
 )
 @click.option(
     "--method",
