@@ -229,3 +229,14 @@ def stopping_on_call(function, stopping_call: int, calls: list):
         return function(*args, **kwargs)
 
     return stopping
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_llm_dir, tiny_dataset) -> Path:
+    """A saved two-stage CCF-LLM run on the tiny data (MF backbone), for the API and the service."""
+    from ccfllm.config import ccf_config
+    from ccfllm.experiment import run_ccf_llm
+
+    quick = dict(train_rows=16, fusion_rows=16, valid_rows=32, eval_every=2)  # seconds, not a minute
+    config = ccf_config("cpu", **{**TINY_CCF, **quick, "llm": str(tiny_llm_dir), "cf_model": "mf"})
+    return run_ccf_llm(config, tiny_dataset, tmp_path_factory.mktemp("runs") / "ccf", progress=False).folder

@@ -334,17 +334,24 @@ def ccf_evaluate(run_dir, data_dir, splits, device, compile_scoring) -> None:
 @_COMPILE_SCORING_OPTION
 def ccf_predict(run_dir, input_path, output, data_dir, device, compile_scoring) -> None:
     """Score (user, item) rows with a saved run. Users or items unseen by the CF backbone are scored
-    from text alone; the `cf` column says which side had a CF embedding."""
-    from .experiment import predict_rows
+    from text alone; the `cf` column says which side had a CF embedding. A `history` column holds
+    liked item ids, oldest first: a list (Parquet) or a string "[1, 2, 3]" or "1 2 3" (CSV); an empty
+    cell means the user's liked items in the dataset."""
+    from .api import load
     from .io import atomic_path
 
     rows = _read_rows(Path(input_path))
-    dataset = load_collm_split(resolve_data_dir(data_dir), max_history=CF_HISTORY)
-    scored = predict_rows(_saved_run(run_dir, dataset, device, compile_scoring), dataset, rows)
+    recommender = load(
+        run_dir, data=resolve_data_dir(data_dir), device=device, compile_scoring=compile_scoring
+    )
+    scored = recommender.score(rows, progress=len(rows) > PROGRESS_ROWS)
     with atomic_path(output) as tmp:
         scored.to_parquet(tmp, index=False)
     counts = scored["cf"].value_counts().to_dict()
     click.echo(f"wrote {len(scored)} scores to {output}; CF embedding available for: {counts}")
+
+
+PROGRESS_ROWS = 256  # predict shows a progress bar from this many rows on
 
 
 def _saved_run(run_dir, dataset, device: str, compile_scoring: bool | None):

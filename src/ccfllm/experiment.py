@@ -379,7 +379,9 @@ def evaluate_run(
     return results
 
 
-def predict_rows(recommender: Recommender, dataset: CTRDataset, rows: pd.DataFrame) -> pd.DataFrame:
+def predict_rows(
+    recommender: Recommender, dataset: CTRDataset, rows: pd.DataFrame, progress: bool = False
+) -> pd.DataFrame:
     """Scores for arbitrary (uid, iid) rows, with the cold-start policy of the README.
 
     A row's history is its `history` column if given, else the user's most recent liked items in the
@@ -405,7 +407,8 @@ def predict_rows(recommender: Recommender, dataset: CTRDataset, rows: pd.DataFra
         prompts = make_prompts(
             recommender.llm, titles, dataset.domain, recommender.config, prompts.layout, prompts.similar_items
         )
-    scores = score_rows(recommender.model, prompts, split, None, recommender.config.eval_batch_size)
+    batch_size = recommender.config.eval_batch_size
+    scores = score_rows(recommender.model, prompts, split, None, batch_size, progress)
     features = recommender.model.cf
     if features is None:  # a text-only method reads no CF signal
         return pd.DataFrame({"uid": split.uid, "iid": split.iid, "score": scores, "cf": "none"})

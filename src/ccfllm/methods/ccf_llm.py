@@ -8,7 +8,8 @@ tuned with LoRA, answers "Yes" or "No"; p_yes / (p_yes + p_no) is the click scor
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -101,6 +102,19 @@ class Gate(nn.Module):
         if self.mode == "alpha-one":
             return torch.ones_like(token[:, :1])
         return self.from_cf(aligned_cf) + self.from_text(token)
+
+
+@contextlib.contextmanager
+def recording_alpha(gate: Gate) -> Iterator[list[torch.Tensor]]:
+    """Inside the block, every alpha `gate` computes (Eq. 3), detached, one (N, d) or (N, 1) tensor per
+    call in call order: N title tokens in the batch's row-major order of ITEM positions. A forward hook
+    only reads the output, so the scores are exactly those computed without it."""
+    recorded: list[torch.Tensor] = []
+    handle = gate.register_forward_hook(lambda module, inputs, alpha: recorded.append(alpha.detach()))
+    try:
+        yield recorded
+    finally:
+        handle.remove()
 
 
 def fuse(token: torch.Tensor, aligned_cf: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
