@@ -354,6 +354,44 @@ def ccf_predict(run_dir, input_path, output, data_dir, device, compile_scoring) 
 PROGRESS_ROWS = 256  # predict shows a progress bar from this many rows on
 
 
+@main.command("serve")
+@click.option(
+    "--run", "run_dir", type=click.Path(exists=True, file_okay=False), required=True, help="Run folder."
+)
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), help=DATA_OPTION_HELP)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every one).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="TCP port.")
+@click.option("--device", default="auto", show_default=True, help="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+@click.option(
+    "--max-wait-ms",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0, 1000),
+    help="How long a request waits for others to share its engine batch.",
+)
+@_COMPILE_SCORING_OPTION
+def serve(run_dir, data_dir, host, port, device, max_wait_ms, compile_scoring) -> None:
+    """Serve a saved run over HTTP: POST /score, /recommend, /explain (A-LLMRec runs: /rank), GET
+    /health, /info; the web page at /, the API's documentation at /docs. Needs the `serve` extra."""
+    from .api import load
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise CCFLLMError(
+            f"ccfllm serve needs FastAPI and uvicorn: pip install 'ccfllm[serve]' ({exc})."
+        ) from exc
+    from .serve import ServiceLimits
+    from .serve import serve as run_server
+
+    recommender = load(
+        run_dir, data=resolve_data_dir(data_dir), device=device, compile_scoring=compile_scoring
+    )
+    click.echo(f"serving {run_dir} on http://{host}:{port}/ (API documentation: /docs)")
+    run_server(recommender, host, port, ServiceLimits(max_wait_s=max_wait_ms / 1000))
+
+
 def _saved_run(run_dir, dataset, device: str, compile_scoring: bool | None):
     """A saved run, scoring with its layers compiled as it was trained, or as `compile_scoring` says."""
     from .experiment import load_run
