@@ -405,8 +405,15 @@ PROGRESS_ROWS = 256  # predict shows a progress bar from this many rows on
     type=click.FloatRange(0, 1000),
     help="How long a request waits for others to share its engine batch.",
 )
+@click.option(
+    "--max-batch-rows",
+    default=256,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Rows gathered into one engine call at most (1: every request on its own).",
+)
 @_COMPILE_SCORING_OPTION
-def serve(run_dir, data_dir, host, port, device, max_wait_ms, compile_scoring) -> None:
+def serve(run_dir, data_dir, host, port, device, max_wait_ms, max_batch_rows, compile_scoring) -> None:
     """Serve a saved run over HTTP: POST /score, /recommend, /explain (A-LLMRec runs: /rank), GET
     /health, /info; the web page at /, the API's documentation at /docs. Needs the `serve` extra."""
     from .api import load
@@ -425,7 +432,9 @@ def serve(run_dir, data_dir, host, port, device, max_wait_ms, compile_scoring) -
         run_dir, data=resolve_data_dir(data_dir), device=device, compile_scoring=compile_scoring
     )
     click.echo(f"serving {run_dir} on http://{host}:{port}/ (API documentation: /docs)")
-    run_server(recommender, host, port, ServiceLimits(max_wait_s=max_wait_ms / 1000))
+    run_server(
+        recommender, host, port, ServiceLimits(max_batch_rows=max_batch_rows, max_wait_s=max_wait_ms / 1000)
+    )
 
 
 def _saved_run(run_dir, dataset, device: str, compile_scoring: bool | None):
