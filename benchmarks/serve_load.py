@@ -32,7 +32,12 @@ import pandas as pd
 
 def main() -> None:
     args = _arguments()
+    import torch
+
     import ccfllm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model = ccfllm.load(args.run, data=args.data, device=args.device)
     requests = _requests(model.dataset, args.requests, args.rows_per_request, args.seed)
@@ -56,6 +61,7 @@ def main() -> None:
         "max_wait_ms": args.max_wait_ms,
         "load_average_at_end": os.getloadavg(),
         "cpus": os.cpu_count(),
+        "torch_threads": args.threads or "torch's default",
     }
     _print(results)
     if args.out:
@@ -74,6 +80,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=16, help="Requests in flight at most.")
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--tolerance", type=float, default=2e-3, help="Largest score difference allowed.")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads, in-process and served.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSON file for the figures.")
     return parser.parse_args()
@@ -108,6 +115,8 @@ def _against_server(args, batch_rows: int, requests, expected) -> dict:
     ]  # fmt: skip
     if args.data:
         command += ["--data", str(args.data)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         _wait_until_up(port, server)
@@ -203,7 +212,8 @@ def _print(results: dict) -> None:
     setup = results["setup"]
     print(
         f"\n{setup['requests']} requests of {setup['rows'] // setup['requests']} rows, {setup['clients']} "
-        f"clients, {setup['cpus']} CPUs, load average at the end {setup['load_average_at_end']}"
+        f"clients, {setup['cpus']} CPUs, torch threads {setup['torch_threads']}, load average at the end "
+        f"{setup['load_average_at_end']}"
     )
     print("| how | rows/s | p50 ms | p99 ms | requests per engine call | lost | misrouted |")
     print("|---|---|---|---|---|---|---|")

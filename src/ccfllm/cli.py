@@ -412,8 +412,17 @@ PROGRESS_ROWS = 256  # predict shows a progress bar from this many rows on
     type=click.IntRange(1),
     help="Rows gathered into one engine call at most (1: every request on its own).",
 )
+@click.option(
+    "--threads",
+    type=click.IntRange(1),
+    default=None,
+    help="torch's CPU threads (default: torch's choice, one per core). On a CPU that other work "
+    "shares, fewer threads can be much faster: idle threads wait at every operation's barrier.",
+)
 @_COMPILE_SCORING_OPTION
-def serve(run_dir, data_dir, host, port, device, max_wait_ms, max_batch_rows, compile_scoring) -> None:
+def serve(
+    run_dir, data_dir, host, port, device, max_wait_ms, max_batch_rows, threads, compile_scoring
+) -> None:
     """Serve a saved run over HTTP: POST /score, /recommend, /explain (A-LLMRec runs: /rank), GET
     /health, /info; the web page at /, the API's documentation at /docs. Needs the `serve` extra."""
     from .api import load
@@ -427,6 +436,11 @@ def serve(run_dir, data_dir, host, port, device, max_wait_ms, max_batch_rows, co
         ) from exc
     from .serve import ServiceLimits
     from .serve import serve as run_server
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
     recommender = load(
         run_dir, data=resolve_data_dir(data_dir), device=device, compile_scoring=compile_scoring
