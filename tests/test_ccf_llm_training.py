@@ -173,9 +173,9 @@ def test_a_stage_steps_at_the_learning_rate_its_schedule_gives(
 
     rates, real_step = [], train_module.training_step
 
-    def recording_step(model, batch, optimiser, loss):
+    def recording_step(model, batch, optimiser, loss, **options):
         rates.append(optimiser.param_groups[0]["lr"])
-        return real_step(model, batch, optimiser, loss)
+        return real_step(model, batch, optimiser, loss, **options)
 
     monkeypatch.setattr(train_module, "training_step", recording_step)
     config = replace(recommender.config, lr_schedule=schedule, patience=100)

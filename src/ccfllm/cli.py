@@ -313,15 +313,19 @@ def ccf_train(preset, method, data_dir, out, seed, resume, settings, overwrite, 
     """Train CCF-LLM (or a baseline) end to end: CF backbone, stage 1 (LoRA), stage 2 (ALG + GATE);
     test after each. Until it ends, the run keeps each finished part (and a training stage's state at
     its last validation) in OUT.partial: rerun an interrupted run with --resume to continue it."""
+    from .distributed import current_world
     from .experiment import run_ccf_llm
     from .metrics import Difference
 
     config = ccf_config(preset, **{"method": method, **_overrides(settings, seed)})
     default_out = f"runs/{config.method}/{config.cf_model}-{preset}-seed{config.seed}"
-    out = _unused_run_folder(out or default_out, overwrite)
+    world = current_world(config.device)  # under `accelerate launch` or torchrun: this process's rank
+    out = _unused_run_folder(out or default_out, overwrite, check=world.is_main)
     dataset = load_collm_split(resolve_data_dir(data_dir), max_history=CF_HISTORY)
-    with _saying_where_finished_parts_wait(out):
+    with _saying_where_finished_parts_wait(out, world.is_main):
         result = run_ccf_llm(config, dataset, out, overwrite=overwrite, progress=not quiet, resume=resume)
+    if not world.is_main:  # rank 0 prints the run's table
+        return
     minutes = result.seconds / 60
     click.echo(
         f"\n{config.method} ({config.cf_model}, {preset} preset) on {dataset.name}: {minutes:.1f} min; {out}"
@@ -633,9 +637,10 @@ def _overrides(settings: tuple[str, ...], seed: int | None) -> dict:
 
 
 @contextlib.contextmanager
-def _saying_where_finished_parts_wait(out: Path) -> Iterator[None]:
+def _saying_where_finished_parts_wait(out: Path, say: bool = True) -> Iterator[None]:
     """On Ctrl-C, SIGTERM or an error inside the block, say where the run's finished parts wait, unless
-    they were there before and the run was refused before any work (its error names the folder)."""
+    they were there before and the run was refused before any work (its error names the folder).
+    Only where `say` (rank 0 of a data-parallel run, which keeps the parts)."""
     from .partial import partial_folder
 
     kept = partial_folder(out)
@@ -644,19 +649,21 @@ def _saying_where_finished_parts_wait(out: Path) -> Iterator[None]:
         yield
     except BaseException as exc:
         refused_before_work = isinstance(exc, CCFLLMError) and was_kept
-        if kept.is_dir() and not refused_before_work:
+        if say and kept.is_dir() and not refused_before_work:
             click.echo(f"\nstopped: the finished parts are in {kept}; --resume continues.", err=True)
         raise
 
 
-def _unused_run_folder(out: str | Path, overwrite: bool) -> Path:
-    """Checked before any training, so a long run never ends by refusing to save."""
+def _unused_run_folder(out: str | Path, overwrite: bool, check: bool = True) -> Path:
+    """Checked before any training, so a long run never ends by refusing to save; by one process
+    only (`check`) in a data-parallel run, whose ranks would race making and removing the test folder."""
     from .io import check_writable
 
     out = Path(out)
     if out.exists() and not overwrite:
         raise CCFLLMError(f"{out} already exists; choose another --out or pass --overwrite.")
-    check_writable(out)
+    if check:
+        check_writable(out)
     return out
 
 

@@ -28,6 +28,7 @@ from transformers import DynamicCache
 
 from . import scoring_layers
 from .data.dataset import Split
+from .distributed import SINGLE, World
 from .llm import GapDropout, lora_dropouts, merged_lora
 from .methods.ccf_llm import CCFLLM, Answer, answer_from_logits, positions_from_mask
 from .prompt import EncodedPrompt, PromptBatch, PromptBuilder, collate
@@ -41,20 +42,26 @@ def score_rows(
     rows: np.ndarray | None = None,
     batch_size: int = 32,
     progress: bool = False,
+    world: World = SINGLE,
 ) -> np.ndarray:
     """Click scores for `rows` of `split` (all rows if None), in input order. -> (len(rows),)
 
     `batch_size` counts prefixes; each prefix brings its rows' suffixes along. Where the model's
     `compile_scoring` is set, a Llama or Qwen2 decoder's layers run compiled (`scoring_layers`).
+    In a data-parallel `world`, rank r scores every size-th batch from the r-th (batches grow
+    longer along the list, so each rank gets its share of long ones) and every rank gets all the
+    scores: each batch is the one a single process would run, so the scores are its, to the bit.
     """
     model.eval()
     rows = np.arange(len(split)) if rows is None else np.asarray(rows)
     prompts = [builder.encode(int(split.iid[r]), split.history[r], int(split.uid[r])) for r in rows]
     groups = _rows_by_prefix(prompts, split.uid[rows])
     groups.sort(key=lambda members: prompts[members[0]].prefix_length)
-    scores = np.empty(len(rows), dtype=np.float64)
+    scores = np.zeros(len(rows), dtype=np.float64)  # rows another rank scores: zero in the sum
     device = next(model.parameters()).device
     chunks = [groups[start : start + batch_size] for start in range(0, len(groups), batch_size)]
+    chunks = chunks[world.rank :: world.size]
+    progress = progress and world.is_main
     with merged_lora(model):
         weights = scoring_layers.layer_weights(model.decoder_parts()[1]) if model.compile_scoring else None
         for chunk in tqdm(chunks, desc=f"score {split.name}", unit="batch", disable=not progress):
@@ -68,7 +75,7 @@ def score_rows(
             else:
                 answer = _prefix_then_suffix(model, prefix.to(device), suffix.to(device), owner)
             scores[members] = model.click_score(answer).double().cpu().numpy()
-    return scores
+    return world.sum_over_ranks(scores)
 
 
 def _collated(parts: list[EncodedPrompt], split: Split, rows: np.ndarray, pad_id: int) -> PromptBatch:
@@ -116,7 +123,8 @@ def _prefix_then_suffix(
 def _through_layer_functions(
     model: CCFLLM, weights: list, prefix: PromptBatch, suffix: PromptBatch, owner: torch.Tensor
 ) -> Answer:
-    """The same, with a Llama or Qwen2 decoder's layers as compiled functions of their `weights` (`scoring_layers`)."""
+    """The same, with a Llama or Qwen2 decoder's layers as compiled functions of their `weights`
+    (`scoring_layers`)."""
     _, decoder = model.decoder_parts()
     hidden = scoring_layers.answer_hidden(
         decoder,

@@ -39,6 +39,7 @@ from .cf.train import evaluate_cf, predict_split, train_cf
 from .config import CCFConfig, CFConfig, cf_config, replace_checked, to_dict
 from .data.dataset import PAD, CTRDataset, Split, pad_histories, refuse_other_dataset
 from .device import seed_everything
+from .distributed import SINGLE, World, check_global_batch, current_world
 from .engine import score_rows
 from .errors import CCFLLMError, CheckpointError
 from .io import atomic_path, read_safetensors
@@ -166,43 +167,59 @@ def run_ccf_llm(
     overwrite: bool = False,
     progress: bool = True,
     resume: bool = False,
+    world: World | None = None,
 ) -> RunResult:
     """The whole method: backbone, stages per `config.strategy`, test after each, saved run. With
     `resume`, the finished parts an interrupted run with the same settings left in OUT.partial are
-    loaded instead of trained again."""
+    loaded instead of trained again. Under a launcher (`world`: by default the launched processes,
+    `distributed.current_world`), the ranks share each batch and each scoring; rank 0 writes."""
     started = time.perf_counter()
+    world = world or current_world(config.device)
+    check_global_batch(config.batch_size, world)
+    progress = progress and world.is_main
     out = Path(out)
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite.")
     if config.stage1_from:
         check_stage1_donor(config, Path(config.stage1_from))  # before any training
-    work = open_partial_folder(out, config, dataset, resume, overwrite)
+    work = open_partial_folder(out, config, dataset, resume, overwrite, world)
     try:
-        result = _run_stages(config, dataset, work, progress)
-        with atomic_path(out) as folder:
-            folder.mkdir()
-            for backbone_folder in ("cf", "cf2"):
-                if (work / backbone_folder).is_dir():
-                    shutil.copytree(work / backbone_folder, folder / backbone_folder)
-            _save_run(folder=folder, **result)
+        result = _run_stages(config, dataset, work, progress, world)
+        if world.is_main:
+            _save_run_folder(out, work, result)
+        world.barrier()  # no rank ends well before the run is saved
     except BaseException:
-        drop_if_nothing_finished(work, [work / "cf", work / "cf2", *(work / "stages").glob("*")])
+        if world.is_main:
+            drop_if_nothing_finished(work, [work / "cf", work / "cf2", *(work / "stages").glob("*")])
         raise
-    shutil.rmtree(work)
+    if world.is_main:
+        shutil.rmtree(work)
     seconds = time.perf_counter() - started
     return RunResult(out, result["table"], result["stages"], seconds, result["significance"])
 
 
-def _run_stages(config: CCFConfig, dataset: CTRDataset, work: Path, progress: bool) -> dict:
+def _save_run_folder(out: Path, work: Path, result: dict) -> None:
+    """The finished run at `out`, atomically: the backbones `work` holds, weights, records, scores."""
+    with atomic_path(out) as folder:
+        folder.mkdir()
+        for backbone_folder in ("cf", "cf2"):
+            if (work / backbone_folder).is_dir():
+                shutil.copytree(work / backbone_folder, folder / backbone_folder)
+        _save_run(folder=folder, **result)
+
+
+def _run_stages(
+    config: CCFConfig, dataset: CTRDataset, work: Path, progress: bool, world: World = SINGLE
+) -> dict:
     """Train (or load from `work`, where an interrupted run finished them) the backbones and the stages,
     scoring the test split after each; -> what _save_run writes."""
     test = test_split(dataset, config)
     method = METHODS[config.method]
-    llm = load_llm(**_llm_arguments(config))  # before the backbone: a bad --llm fails at once
+    llm = load_llm(**_llm_arguments(config, world))  # before the backbone: a bad --llm fails at once
     table, backbones, cf_references, backbone_scores = [], [], [], []
     names = [n for n in (config.cf_model, config.cf_model2) if n] if uses_backbone(method) else []
     for number, name in enumerate(names):
-        backbone, reference = _backbone(config, dataset, work, progress, second=number == 1)
+        backbone, reference = _backbone(config, dataset, work, progress, number == 1, world)
         scores = predict_split(backbone, test)
         table.append({"model": f"{name} (CF backbone alone)", **_metrics(test, scores)})
         backbones.append(backbone)
@@ -212,6 +229,8 @@ def _run_stages(config: CCFConfig, dataset: CTRDataset, work: Path, progress: bo
     table.append({"model": "mean-label reference (k=5)", **_metrics(test, reference)})
     first, second = (backbones + [None, None])[:2]
     recommender = build_recommender(config, dataset, first, llm, second)
+    if world.rank:  # each rank draws its own dropout masks; rank 0 the ones of a single process
+        torch.manual_seed(config.seed + world.rank)
     stages, resumed = [], []
     for number, stage in enumerate(_stages(config.strategy), 1):
         prompts = recommender.prompts_for(stage)
@@ -220,7 +239,7 @@ def _run_stages(config: CCFConfig, dataset: CTRDataset, work: Path, progress: bo
         finished = work / "stages" / f"{number}-{stage.value}"
         in_progress = progress_file(finished)  # the stage's state at its last validation
         if finished.is_dir():
-            result, row, scores = _load_stage(recommender, finished)
+            result, row, scores = _load_stage(recommender, finished, world)
             stages.append(result)
             table.append(row)
             resumed.append(stage.value)
@@ -236,18 +255,22 @@ def _run_stages(config: CCFConfig, dataset: CTRDataset, work: Path, progress: bo
                 continue
         else:
             data = (dataset.train, dataset.valid)
+            model = recommender.model
             stages.append(
-                train_stage(
-                    recommender.model, stage, prompts, *data, config, progress, progress_file=in_progress
-                )
+                train_stage(model, stage, prompts, *data, config, progress, None, in_progress, world)
             )
-        scores = score_rows(recommender.model, prompts, test, None, config.eval_batch_size, progress)
+        scores = score_rows(
+            recommender.model, prompts, test, None, config.eval_batch_size, progress, world=world
+        )
         table.append({**row, **_metrics(test, scores)})
-        _save_stage(recommender, finished, stages[-1], table[-1], scores)
-        in_progress.unlink(missing_ok=True)
+        _save_stage(recommender, finished, stages[-1], table[-1], scores, world)
+        if world.is_main:
+            in_progress.unlink(missing_ok=True)
     if not stages:  # zero-shot: the LLM as it comes, reading the method's prompt
         prompts = recommender.final_prompts()
-        scores = score_rows(recommender.model, prompts, test, None, config.eval_batch_size, progress)
+        scores = score_rows(
+            recommender.model, prompts, test, None, config.eval_batch_size, progress, world=world
+        )
         table.append({"model": f"{method.title} zero-shot", **_metrics(test, scores)})
     significance = [
         significance_row(test, table[-1]["model"], scores, name, base) for name, base in backbone_scores
@@ -268,12 +291,17 @@ def _run_stages(config: CCFConfig, dataset: CTRDataset, work: Path, progress: bo
 # -- an interrupted run's finished parts (OUT.partial) ----------------------------------------------
 
 
-def _save_stage(recommender: Recommender, folder: Path, result: StageResult, row: dict, scores) -> None:
-    """A finished stage: its weights, result, test row and scores, and the random-number state after it."""
+def _save_stage(
+    recommender: Recommender, folder: Path, result: StageResult, row: dict, scores, world: World = SINGLE
+) -> None:
+    """A finished stage: its weights, result, test row and scores, and the random-number state after it
+    (every rank's, gathered; rank 0 writes)."""
     state = {
         "test_scores": torch.as_tensor(np.asarray(scores)).contiguous(),
-        **random_state(recommender.llm.model.device),
+        **random_state(recommender.llm.model.device, world),
     }
+    if not world.is_main:
+        return
     with atomic_path(folder) as tmp:
         tmp.mkdir()
         _save_weights(recommender, tmp)
@@ -281,10 +309,12 @@ def _save_stage(recommender: Recommender, folder: Path, result: StageResult, row
         (tmp / "stage.json").write_text(json.dumps({"result": vars(result), "row": row}, indent=2) + "\n")
 
 
-def _load_stage(recommender: Recommender, folder: Path) -> tuple[StageResult, dict, np.ndarray]:
+def _load_stage(
+    recommender: Recommender, folder: Path, world: World = SINGLE
+) -> tuple[StageResult, dict, np.ndarray]:
     _load_weights(recommender, folder)
     state = read_safetensors(_require(folder / "state.safetensors"))
-    restore_random_state(state, recommender.llm.model.device)
+    restore_random_state(state, recommender.llm.model.device, world)
     record = json.loads(_require(folder / "stage.json").read_text())
     return StageResult(**record["result"]), record["row"], state["test_scores"].numpy()
 
@@ -434,20 +464,27 @@ def _stages(strategy: str) -> list[Stage]:
     }[strategy]
 
 
-def _llm_arguments(config: CCFConfig) -> dict:
+def _llm_arguments(config: CCFConfig, world: World = SINGLE) -> dict:
     return {
         "name": config.llm,
-        "device": config.device,
+        "device": world.device(config.device),
         "dtype": config.dtype,
         "allow_download": config.allow_download,
     }
 
 
 def _backbone(
-    config: CCFConfig, dataset: CTRDataset, folder: Path, progress: bool, second: bool = False
+    config: CCFConfig,
+    dataset: CTRDataset,
+    folder: Path,
+    progress: bool,
+    second: bool = False,
+    world: World = SINGLE,
 ) -> tuple[CFModel, str]:
     """The named CF checkpoint, or a backbone trained now with its preset and saved under cf/ (the
-    second backbone of Eq. 7: cf2/)."""
+    second backbone of Eq. 7: cf2/). Under a launcher rank 0 trains it and the others read it: a
+    backbone trains in seconds to minutes on a CPU, where sharing its batches would all-reduce its
+    whole embedding tables at every step."""
     name, checkpoint = (
         (config.cf_model2, config.cf_checkpoint2) if second else (config.cf_model, config.cf_checkpoint)
     )
@@ -455,9 +492,14 @@ def _backbone(
         model = load_cf(checkpoint, dataset=dataset, expect_model=name, device="cpu")
         return model, str(Path(checkpoint).resolve())
     subfolder = "cf2" if second else "cf"
-    if (folder / subfolder).is_dir():  # an interrupted run trained it already
-        return load_cf(folder / subfolder, dataset=dataset, expect_model=name, device="cpu"), subfolder
-    return train_backbone(config, dataset, folder / subfolder, progress, name), subfolder
+    trained_before = (folder / subfolder).is_dir()  # an interrupted run trained it already
+    world.barrier()  # every rank has looked before rank 0 writes it
+    if not trained_before and world.is_main:
+        model = train_backbone(config, dataset, folder / subfolder, progress, name)
+    world.barrier()  # rank 0 has saved it
+    if trained_before or not world.is_main:
+        model = load_cf(folder / subfolder, dataset=dataset, expect_model=name, device="cpu")
+    return model, subfolder
 
 
 def backbone_config(config: CCFConfig, name: str | None = None) -> CFConfig:

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from .config import to_dict
 from .data.dataset import CTRDataset, refuse_other_dataset
+from .distributed import SINGLE, World
 from .errors import CheckpointError
 from .io import atomic_path, make_folder, write_json
 
@@ -27,23 +28,29 @@ def partial_folder(out: str | Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def open_partial_folder(out: Path, config, dataset: CTRDataset, resume: bool, overwrite: bool) -> Path:
+def open_partial_folder(
+    out: Path, config, dataset: CTRDataset, resume: bool, overwrite: bool, world: World = SINGLE
+) -> Path:
     """OUT.partial: continued when `resume` (refused if its settings or data differ), else started
-    afresh; refused when it exists and neither `resume` nor `overwrite` says what to do with it."""
+    afresh; refused when it exists and neither `resume` nor `overwrite` says what to do with it.
+    Every rank checks; only rank 0 makes or clears it, after all have looked."""
     work = partial_folder(out)
     record = {"config": to_dict(config), "dataset": dataset.fingerprint()}
-    if work.exists() and resume:
+    exists = work.exists()
+    if exists and resume:
         _check_same_run(work, record, dataset)
-        return work
-    if work.exists() and not overwrite:
+    elif exists and not overwrite:
         raise CheckpointError(
             f"{work} holds the finished parts of an interrupted run: pass --resume to continue it, "
             "or --overwrite to start over."
         )
-    if work.exists():
-        shutil.rmtree(work)
-    make_folder(work)
-    write_json(work / "config.json", record)
+    world.barrier()  # every rank has seen the folder as it was
+    if world.is_main and not (exists and resume):
+        if exists:
+            shutil.rmtree(work)
+        make_folder(work)
+        write_json(work / "config.json", record)
+    world.barrier()  # and rank 0 has made it
     return work
 
 
@@ -76,15 +83,17 @@ def drop_if_nothing_finished(work: Path, finished: Iterable[Path]) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def random_state(device: torch.device) -> dict[str, torch.Tensor]:
-    """torch's random-number state (and the GPU's, on CUDA), to save beside a finished part."""
+def random_state(device: torch.device, world: World = SINGLE) -> dict[str, torch.Tensor]:
+    """torch's random-number state (and the GPU's, on CUDA), to save beside a finished part; in a
+    data-parallel run every rank's (each draws its own dropout), gathered for rank 0 to save."""
     state = {"rng": torch.get_rng_state()}
     if device.type == "cuda":
         state["rng_cuda"] = torch.cuda.get_rng_state(device)
-    return state
+    return world.gather_named(state)
 
 
-def restore_random_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+def restore_random_state(state: dict[str, torch.Tensor], device: torch.device, world: World = SINGLE) -> None:
+    state = world.own_named(state, ["rng", "rng_cuda"])
     torch.set_rng_state(state["rng"])
     if "rng_cuda" in state and device.type == "cuda":
         torch.cuda.set_rng_state(state["rng_cuda"], device)
@@ -122,7 +131,7 @@ def load_progress(path: Path | None) -> tuple[dict[str, torch.Tensor], dict] | N
         ) from exc
 
 
-def loop_state(parameters: list[torch.nn.Parameter], optimiser: torch.optim.Optimizer):
+def loop_state(parameters: list[torch.nn.Parameter], optimiser: torch.optim.Optimizer, world: World = SINGLE):
     """A training loop's weights ("parameter.<i>"), optimiser moments ("optimiser.<i>.<key>") and
     random-number state as named tensors; -> (tensors, the optimiser's parameter groups, JSON-able)."""
     state = optimiser.state_dict()
@@ -133,7 +142,7 @@ def loop_state(parameters: list[torch.nn.Parameter], optimiser: torch.optim.Opti
             for index, moments in state["state"].items()
             for key, value in moments.items()
         },
-        **random_state(parameters[0].device),
+        **random_state(parameters[0].device, world),
     }
     return tensors, state["param_groups"]
 
@@ -143,6 +152,7 @@ def restore_loop_state(
     groups: list[dict],
     parameters: list[torch.nn.Parameter],
     optimiser: torch.optim.Optimizer,
+    world: World = SINGLE,
 ) -> None:
     """Put back what `loop_state` took: the weights, the optimiser (its moments move to their
     parameters' device) and the random-number state."""
@@ -160,4 +170,4 @@ def restore_loop_state(
             _, index, key = name.split(".", 2)
             moments.setdefault(int(index), {})[key] = value
     optimiser.load_state_dict({"state": moments, "param_groups": groups})
-    restore_random_state(tensors, parameters[0].device)
+    restore_random_state(tensors, parameters[0].device, world)

@@ -23,7 +23,9 @@ from transformers import get_scheduler
 
 from .config import CCFConfig
 from .data.dataset import Split
+from .distributed import SINGLE, World, check_global_batch
 from .engine import score_rows
+from .errors import CCFLLMError
 from .methods import LOSSES
 from .methods.ccf_llm import CCFLLM, Answer
 from .metrics import auc
@@ -75,16 +77,20 @@ def train_stage(
     progress: bool = True,
     train_features: torch.nn.Module | None = None,
     progress_file: Path | None = None,
+    world: World = SINGLE,
 ) -> StageResult:
     """Train the parameters of `stage` on sampled train rows; validate every `eval_every` steps.
     With `train_features`, the training rows read their x^CF from it (a backbone that did not see
     them) and validation reads the model's own. With `progress_file`, the loop's state is saved there
     after each validation, and a stage that finds one there goes on from it, ending as it would have
-    unbroken."""
+    unbroken. In a data-parallel `world`, each rank trains on its share of every batch (the batch is
+    the global one) and scores its share of the valid rows; only rank 0 saves the progress."""
     started = time.perf_counter()
+    check_global_batch(config.batch_size, world)
     lr = config.lr_lora if stage == Stage.LORA else config.lr_fusion
     parameters = trainable_parameters(model, stage, config.tune_cf)
     optimiser = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    scaler = loss_scaler(model, parameters)
     generator = np.random.default_rng(config.seed)
     wanted = config.train_rows if stage == Stage.LORA else config.fusion_rows
     train_rows = sample_rows(len(train), wanted, generator)
@@ -95,9 +101,8 @@ def train_stage(
     schedule = learning_rate_schedule(optimiser, config.lr_schedule, total_steps)
 
     def validate() -> float:
-        return auc(
-            valid.label[valid_rows], score_rows(model, builder, valid, valid_rows, config.eval_batch_size)
-        )
+        scores = score_rows(model, builder, valid, valid_rows, config.eval_batch_size, world=world)
+        return auc(valid.label[valid_rows], scores)
 
     device = next(model.parameters()).device
     batches = [
@@ -105,13 +110,14 @@ def train_stage(
         for _ in range(config.epochs)
         for rows in np.array_split(generator.permutation(train_rows), steps_per_epoch)
     ]
+    check_shards(batches, world)
     saved = load_progress(progress_file)
     if saved is None:
         best_state = _snapshot(parameters)
         loop = _Loop(step=0, best_auc=validate(), best_step=0, bad_validations=0, seconds=0.0)
         loop.curve.append({"step": 0, "train_loss": None, "valid_auc": loop.best_auc})
     else:
-        loop, best_state = _resumed_loop(saved, parameters, optimiser, schedule)
+        loop, best_state = _resumed_loop(saved, parameters, optimiser, schedule, scaler, world)
     losses = []
     bar = tqdm(
         total=total_steps, initial=loop.step, desc=f"stage {stage.value}", unit="step", disable=not progress
@@ -121,11 +127,12 @@ def train_stage(
         model.train()
         if model.cf is not None:  # a frozen backbone keeps eval mode (no dropout)
             model.cf.train(config.tune_cf and stage != Stage.LORA)
-        batch = builder.batch(train.uid[rows], train.iid[rows], train.history[rows], train.label[rows]).to(
-            device
-        )
+        mine = world.shard(rows)
+        batch = builder.batch(train.uid[mine], train.iid[mine], train.history[mine], train.label[mine])
+        share = len(mine) / len(rows)  # of the global batch's mean loss
         with cf_features_of(model, train_features):
-            losses.append(training_step(model, batch, optimiser, loss_for(config)))
+            step = Update(parameters, world, share, scaler)
+            losses.append(training_step(model, batch.to(device), optimiser, loss_for(config), update=step))
         schedule.step()
         loop.step += 1
         bar.update()
@@ -146,7 +153,8 @@ def train_stage(
         )
         if progress_file is not None:
             seconds = time.perf_counter() - started
-            _save_loop(progress_file, loop, seconds, parameters, best_state, optimiser, schedule)
+            state = (parameters, best_state, optimiser, schedule, scaler)
+            _save_loop(progress_file, loop, seconds, *state, world)
         if loop.bad_validations >= config.patience:
             break
     bar.close()
@@ -168,22 +176,43 @@ class _Loop:
     curve: list[dict] = field(default_factory=list)
 
 
-def _save_loop(path: Path, loop: _Loop, seconds: float, parameters, best_state, optimiser, schedule) -> None:
-    """The loop's state after a validation, for a stage that is interrupted to go on from."""
-    tensors, groups = loop_state(parameters, optimiser)
+def _save_loop(
+    path: Path, loop: _Loop, seconds: float, parameters, best_state, optimiser, schedule, scaler, world
+) -> None:
+    """The loop's state after a validation, for a stage that is interrupted to go on from. Every rank
+    gives its random-number state (a collective); rank 0 writes."""
+    tensors, groups = loop_state(parameters, optimiser, world)
+    if not world.is_main:
+        return
     best = {f"best.{index}": value for index, value in enumerate(best_state)}
     record = {**vars(loop), "seconds": loop.seconds + seconds, "optimiser": groups}
+    if scaler is not None:
+        record["loss_scaler"] = scaler.state_dict()
     save_progress(path, {**tensors, **best}, {**record, "schedule": schedule.state_dict()})
 
 
-def _resumed_loop(saved, parameters, optimiser, schedule) -> tuple[_Loop, list[torch.Tensor]]:
-    """The loop, weights, optimiser, schedule and random-number state `_save_loop` kept;
+def _resumed_loop(saved, parameters, optimiser, schedule, scaler, world) -> tuple[_Loop, list[torch.Tensor]]:
+    """The loop, weights, optimiser, schedule, loss scale and random-number state `_save_loop` kept;
     -> (loop, best weights)."""
     tensors, record = saved
-    restore_loop_state(tensors, record.pop("optimiser"), parameters, optimiser)
+    restore_loop_state(tensors, record.pop("optimiser"), parameters, optimiser, world)
     schedule.load_state_dict(record.pop("schedule"))
+    scaler_state = record.pop("loss_scaler", None)
+    if scaler is not None and scaler_state is not None:
+        scaler.load_state_dict(scaler_state)
     best_state = [tensors[f"best.{i}"].to(parameters[i].device) for i in range(len(parameters))]
     return _Loop(**record), best_state
+
+
+def check_shards(batches: list[np.ndarray], world: World) -> None:
+    """Every rank needs a row of every batch; a batch smaller than the number of processes (a stage
+    of very few rows) is refused rather than left to a rank with nothing to train on."""
+    smallest = min((len(rows) for rows in batches), default=world.size)
+    if smallest < world.size:
+        raise CCFLLMError(
+            f"A training batch of this stage holds {smallest} rows, fewer than the {world.size} "
+            "processes sharing it: train on more rows (train_rows, fusion_rows) or with fewer processes."
+        )
 
 
 WARMUP_SHARE = 0.03  # FastChat's Vicuna training script: --warmup_ratio 0.03 --lr_scheduler_type cosine
@@ -205,19 +234,62 @@ def loss_for(config: CCFConfig) -> Callable[[Answer, torch.Tensor], torch.Tensor
     return lambda answer, label: train_loss(answer, label, config.loss_k)
 
 
+@dataclass
+class Update:
+    """How a step turns its loss into an update beyond `optimiser.step()`: in a data-parallel run,
+    its rank's `share` of the global batch and the gradients summed over the ranks; on a float16
+    model, loss scaling (`scaler`)."""
+
+    parameters: list[torch.nn.Parameter]
+    world: World = SINGLE
+    share: float = 1.0
+    scaler: torch.amp.GradScaler | None = None
+
+
 def training_step(
     model: CCFLLM,
     batch: PromptBatch,
     optimiser: torch.optim.Optimizer,
     loss: Callable[[Answer, torch.Tensor], torch.Tensor],
     log_probs: Callable[[CCFLLM, PromptBatch], Answer] = CCFLLM.forward,
+    update: Update | None = None,
 ) -> float:
-    """One update on `loss`; `log_probs` is the forward that gives the answer (engine or naive)."""
+    """One update on `loss`; `log_probs` is the forward that gives the answer (engine or naive).
+    -> the loss, over the global batch where `update` shares it among ranks."""
     value = loss(log_probs(model, batch), batch.label)
     optimiser.zero_grad(set_to_none=True)
-    value.backward()
-    optimiser.step()
-    return value.item()
+    if update is None or (update.world.size == 1 and update.scaler is None):
+        value.backward()
+        optimiser.step()
+        return value.item()
+    # A rank's mean loss weighs by its share of the batch: the ranks' gradients then sum to those
+    # of the mean over the global batch, however unevenly the batch divides.
+    weighted = value * update.share
+    scaled = update.scaler.scale(weighted) if update.scaler is not None else weighted
+    scaled.backward()
+    total = weighted.item()
+    if update.world.size > 1:  # summed before unscaling: every rank sees the same inf/NaN, skips alike
+        total = update.world.sum_gradients(update.parameters, weighted)
+    if update.scaler is None:
+        optimiser.step()
+    else:
+        update.scaler.step(optimiser)  # unscales; skips the step where a gradient overflowed
+        update.scaler.update()
+    return total
+
+
+def loss_scaler(model: CCFLLM, parameters: list[torch.nn.Parameter]) -> torch.amp.GradScaler | None:
+    """A GradScaler where the LLM computes in float16, whose small gradients would underflow
+    unscaled (bfloat16 has float32's range and needs none); None otherwise. The trained weights
+    themselves must be float32 (peft keeps LoRA's so), so the updates are not rounded away."""
+    if next(model.llm.parameters()).dtype != torch.float16:
+        return None
+    if any(p.dtype != torch.float32 for p in parameters):
+        raise CCFLLMError(
+            "Training a float16 model needs float32 trainable weights for loss scaling; these are "
+            f"{sorted({str(p.dtype) for p in parameters})}. Pass --set dtype=bfloat16 or dtype=float32."
+        )
+    return torch.amp.GradScaler(next(model.llm.parameters()).device.type)
 
 
 @contextmanager
