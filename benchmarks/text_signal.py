@@ -159,7 +159,7 @@ def main() -> None:
         dataset.item_titles,
         dataset.domain,
         preset.max_tokens,
-        with_cf=False,
+        layout="text",
         max_history=preset.max_history,
     )
     states = {

@@ -18,7 +18,8 @@ from ccfllm.experiment import build_recommender, evaluate_run, load_run, run_ccf
 from ccfllm.llm import load_llm
 from ccfllm.methods.ccf_llm import Answer
 from ccfllm.methods.collm import collm_loss, yes_logit_score
-from ccfllm.methods.tallrec import similar_items, tallrec_loss
+from ccfllm.methods.tallrec import tallrec_loss
+from ccfllm.methods.tallrec_cf import similar_items
 from ccfllm.prompt import ITEM, ITEM_SLOT, TEXT, USER, PromptBuilder
 from ccfllm.train import Stage, loss_for, trainable_parameters, training_step
 from conftest import TINY_CCF
@@ -96,14 +97,14 @@ def test_tallrec_reads_text_only_and_trains_only_lora(tiny_llm_dir, tiny_dataset
 def test_collm_prompt_keeps_titles_as_text_and_adds_one_cf_slot_per_item(tiny_llm_dir, tiny_dataset):
     llm = load_llm(str(tiny_llm_dir), device="cpu", dtype="float32")
     titles = tiny_dataset.item_titles
-    slots = PromptBuilder(llm.tokenizer, titles, cf_slots=True).encode(5, [1, 2, 3])
+    slots = PromptBuilder(llm.tokenizer, titles, layout="slots").encode(5, [1, 2, 3])
     fused = PromptBuilder(llm.tokenizer, titles).encode(5, [1, 2, 3])
     assert slots.item[slots.kind == ITEM_SLOT].tolist() == [1, 2, 3, 5]  # history, then the target
     assert (slots.kind == ITEM).sum() == 0 and (slots.kind == USER).sum() == 1
     assert len(slots.input_ids) == len(fused.input_ids) + 4  # one more position per item
     # the same words: the slotted prompt without its slots is the fused prompt's token sequence
     assert slots.input_ids[slots.kind != ITEM_SLOT].tolist() == fused.input_ids.tolist()
-    builder = PromptBuilder(llm.tokenizer, titles, cf_slots=True)
+    builder = PromptBuilder(llm.tokenizer, titles, layout="slots")
     assert builder.render(5, [1]).count("[ItemCF]") == 2
 
 
@@ -189,7 +190,7 @@ def test_similar_items_are_the_backbones_top_test_items_the_user_did_not_rate(ti
 def test_the_cf_text_prompt_lists_the_users_similar_titles(tiny_llm_dir, tiny_dataset):
     llm = load_llm(str(tiny_llm_dir), device="cpu", dtype="float32")
     titles = tiny_dataset.item_titles
-    builder = PromptBuilder(llm.tokenizer, titles, with_cf=False, similar_items={7: [4, 6]})
+    builder = PromptBuilder(llm.tokenizer, titles, layout="cf-text", similar_items={7: [4, 6]})
     text = builder.render(5, [1, 2], uid=7)
     assert f'may also enjoy: "{titles[4]}", "{titles[6]}". Using all available' in text
     prompt = builder.encode(5, [1, 2], uid=7)

@@ -108,7 +108,7 @@ def test_placeholders_land_on_the_right_positions(words):
 @pytest.mark.parametrize("tokenizer_name", ["words", "bpe"])
 def test_encode_equals_the_rendered_prompt_tokenised(tokenizer_name, with_cf, request):
     tokenizer = request.getfixturevalue(tokenizer_name)
-    builder = PromptBuilder(tokenizer, TITLES, with_cf=with_cf)
+    builder = PromptBuilder(tokenizer, TITLES, layout="fused" if with_cf else "text")
     for target, history in [(5, [2, 4]), (4, [1, 2, 3, 5]), (3, []), (7, [4])]:
         prompt = builder.encode(target, history)
         text = builder.render(target, history)
@@ -185,7 +185,7 @@ def test_an_empty_history_is_an_empty_quote(words):
 
 
 def test_text_only_prompt_has_no_cf_positions(words):
-    prompt = PromptBuilder(words, TITLES, with_cf=False).encode(5, [1, 2])
+    prompt = PromptBuilder(words, TITLES, layout="text").encode(5, [1, 2])
     assert (prompt.kind == TEXT).all() and (prompt.item == 0).all()
     assert "feature" not in words.decode(prompt.input_ids)
     hybrid = PromptBuilder(words, TITLES).encode(5, [1, 2])
@@ -276,7 +276,7 @@ def test_the_embedded_smollm2_tokenizer_gives_the_whole_prompts_tokens():
         dtype=object,
     )
     for with_cf in (True, False):
-        builder = PromptBuilder(tokenizer, titles, with_cf=with_cf)
+        builder = PromptBuilder(tokenizer, titles, layout="fused" if with_cf else "text")
         for target, history in [(5, [1, 2, 3, 4]), (1, [5]), (2, [])]:
             prompt = builder.encode(target, history)
             text = builder.render(target, history).replace(" [User]", "")

@@ -20,7 +20,6 @@ from .allmrec_report import write_allmrec_report
 from .config import (
     ALLMREC_PRESETS,
     CCF_PRESETS,
-    METHOD_SETTINGS,
     AllmrecConfig,
     CCFConfig,
     CFConfig,
@@ -293,10 +292,10 @@ CF_HISTORY = 10  # rows are loaded with CoLLM's 10 most recent likes; prompts ma
 )
 @click.option(
     "--method",
-    type=click.Choice(list(METHOD_SETTINGS)),
     default="ccf-llm",
     show_default=True,
-    help="CCF-LLM, or a baseline run on the same data, LLM and loop.",
+    # checked by ccf_config against the registry, which this module leaves unimported (it loads the LLM code)
+    help="CCF-LLM, or a baseline run on the same data, LLM and loop (the `method` setting names them).",
 )
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), help=DATA_OPTION_HELP)
 @click.option(

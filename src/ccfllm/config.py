@@ -75,15 +75,6 @@ CF_FEATURES = ("embedding", "embedding+bias")
 FUSIONS = ("gate", "alpha-one", "alpha-scalar")  # Eq. 3-4, and the two ablations of Figure 3a
 LORA_LAYERS = ("attention", "all-linear")  # llm.lora_target_modules
 LR_SCHEDULES = ("constant", "cosine")  # transformers' scheduler names (train.learning_rate_schedule)
-LOSSES = ("eq5", "yes-logit", "answer-ce")  # CCF-LLM's Eq. 5, CoLLM's, TALLRec's (methods/__init__.py)
-# The LLM recommenders, and the settings each changes from CCF-LLM's (what each builds: methods/).
-METHOD_SETTINGS: dict[str, dict[str, Any]] = {
-    "ccf-llm": {},
-    "tallrec": {"strategy": "stage1-only", "loss": "answer-ce"},
-    "tallrec-cf": {"strategy": "stage1-only", "loss": "answer-ce", "stage1_prompt": "hybrid"},
-    "collm": {"loss": "yes-logit"},
-    "softprompt": {"loss": "yes-logit"},
-}
 
 
 @dataclass
@@ -91,7 +82,7 @@ class CCFConfig:
     """How CCF-LLM is built, trained and evaluated (paper sections 3.2-3.4 and 4.1)."""
 
     method: str = _help(
-        "'ccf-llm', or the baselines 'tallrec', 'tallrec-cf', 'collm', 'softprompt'", "ccf-llm"
+        "'ccf-llm', or the baselines 'tallrec', 'tallrec-cf', 'collm', 'softprompt' (methods/)", "ccf-llm"
     )
     llm: str = _help("causal LM: 'smollm2-135m' (embedded), a local folder, or a hub id", "smollm2-135m")
     allow_download: bool = _help("allow `llm` to be fetched from the Hugging Face hub", False)
@@ -159,14 +150,14 @@ class CCFConfig:
     )
 
     def __post_init__(self) -> None:
+        method = _methods().get_method(self.method)
         choices = {
             "strategy": STRATEGIES,
             "stage1_prompt": STAGE1_PROMPTS,
             "cf_features": CF_FEATURES,
             "fusion": FUSIONS,
             "cf_model": tuple(CF_PRESETS),
-            "method": tuple(METHOD_SETTINGS),
-            "loss": LOSSES,
+            "loss": tuple(_methods().LOSSES),
             "lora_targets": LORA_LAYERS,
             "lr_schedule": LR_SCHEDULES,
         }
@@ -196,14 +187,14 @@ class CCFConfig:
                 f"CCFConfig.cf_model2 must be another backbone than cf_model ({self.cf_model!r}), one of "
                 f"{list(CF_PRESETS)}; got {self.cf_model2!r}."
             )
-        if self.cf_model2 and self.method != "ccf-llm":
+        if self.cf_model2 and not method.two_backbones:
+            two = [m.name for m in _methods().METHODS.values() if m.two_backbones]
+            raise CCFLLMError(f"CCFConfig: two fused backbones (Eq. 7) are for the methods {two} alone.")
+        if self.strategy not in method.strategies:
+            why = method.strategy_note or "cannot run that strategy"
             raise CCFLLMError(
-                "CCFConfig: two fused backbones (Eq. 7) are CCF-LLM's; method must be 'ccf-llm'."
-            )
-        if self.method.startswith("tallrec") and self.strategy not in ("stage1-only", "zero-shot"):
-            raise CCFLLMError(
-                f"CCFConfig: {self.method} has no CF positions to train in a second stage; its strategy is "
-                f"'stage1-only' or 'zero-shot', got {self.strategy!r}."
+                f"CCFConfig: {self.method} {why}; its strategy is one of {list(method.strategies)}, got "
+                f"{self.strategy!r}."
             )
         if self.lr_lora <= 0 or self.lr_fusion <= 0 or self.loss_k < 0 or not 0 <= self.lora_dropout < 1:
             raise CCFLLMError(
@@ -257,10 +248,16 @@ def ccf_config(preset: str = "cpu", **overrides: Any) -> CCFConfig:
     overrides themselves (unknown keys refused)."""
     if preset not in CCF_PRESETS:
         raise CCFLLMError(f"Unknown preset {preset!r}; choose one of {sorted(CCF_PRESETS)}.")
-    method = overrides.get("method", "ccf-llm")
-    if method not in METHOD_SETTINGS:
-        raise CCFLLMError(f"Unknown method {method!r}; choose one of {list(METHOD_SETTINGS)}.")
-    return replace_checked(CCFConfig(), {**CCF_PRESETS[preset], **METHOD_SETTINGS[method], **overrides})
+    method = _methods().get_method(overrides.get("method", "ccf-llm"))
+    return replace_checked(CCFConfig(), {**CCF_PRESETS[preset], **method.defaults, **overrides})
+
+
+def _methods():
+    """The method registry (methods/__init__.py), imported when first needed: the method modules
+    import this one."""
+    from . import methods
+
+    return methods
 
 
 ALLMREC_VARIANTS = ("a-llmrec", "mlp-llm")  # MLP-LLM: A-LLMRec without the matching loss

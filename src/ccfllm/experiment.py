@@ -45,9 +45,7 @@ from .errors import CCFLLMError, CheckpointError
 from .io import atomic_path, read_safetensors
 from .llm import LoadedLLM, add_lora, load_llm, lora_target_modules
 from .methods import LOSSES, METHODS, uses_backbone
-from .methods.ccf_llm import CCFLLM, CFFeatures
-from .methods.softprompt import FreeFeatures
-from .methods.tallrec import similar_items
+from .methods.ccf_llm import CCFLLM
 from .metrics import paired_bootstrap, split_metrics
 from .partial import (
     drop_if_nothing_finished,
@@ -110,7 +108,8 @@ def build_recommender(
     peft_model = add_lora(llm.model, config.lora_r, config.lora_alpha, config.lora_dropout, targets)
     score = LOSSES[config.loss].score
     model = CCFLLM(peft_model, features, config, llm.yes_id, llm.no_id, score, second).to(device)
-    similar = similar_items(backbone, dataset) if method.prompt == "cf-text" else None
+    ranking = method.cf_source.ranking
+    similar = ranking(backbone, dataset) if ranking else None
     builders = [
         make_prompts(llm, dataset.item_titles, dataset.domain, config, prompt, similar)
         for prompt in ("text", method.prompt)
@@ -119,23 +118,19 @@ def build_recommender(
 
 
 def cf_features(config: CCFConfig, dataset: CTRDataset, backbone: CFModel | None) -> torch.nn.Module | None:
-    """x^CF for the method: a frozen backbone's, free trainable tables (Softprompt) or none (TALLRec).
-    Users and items absent from the training rows are marked unknown: they get zero vectors."""
+    """x^CF for the method, as its CF source builds it: a frozen backbone's, free trainable tables
+    (Softprompt) or none (TALLRec). Users and items absent from the training rows are marked unknown:
+    they get zero vectors."""
     source = METHODS[config.method].cf_source
-    if source in ("none", "text"):
+    if source.features is None:
         return None
     known_users = torch.zeros(dataset.n_users, dtype=torch.bool)
     known_users[np.unique(dataset.train.uid)] = True
     known_items = torch.zeros(dataset.n_items, dtype=torch.bool)
     known_items[np.unique(dataset.train.iid)] = True
-    if config.tune_cf and source != "backbone":
+    if config.tune_cf and not source.tunable:
         raise CCFLLMError(f"tune_cf needs a CF backbone to tune; method {config.method!r} has none.")
-    if source == "free":
-        return FreeFeatures(known_users, known_items, cf_config(config.cf_model).dim)
-    if backbone is None:
-        raise CCFLLMError(f"Method {config.method!r} fuses a CF backbone, and none was given.")
-    backbone = backbone.eval().requires_grad_(False)
-    return CFFeatures(backbone, known_users, known_items, with_bias=config.cf_features == "embedding+bias")
+    return source.features(config, backbone, known_users, known_items)
 
 
 def make_prompts(
@@ -146,16 +141,15 @@ def make_prompts(
     prompt: str,
     similar: dict[int, list[int]] | None = None,
 ) -> PromptBuilder:
-    """The builder of a prompt kind: 'text', 'fused' (CCF-LLM), 'slots' (CoLLM) or 'cf-text' (Table 2,
-    which lists each user's `similar` items)."""
+    """The builder of a prompt layout (prompt.LAYOUTS); 'cf-text' (Table 2) lists each user's `similar`
+    items."""
     return PromptBuilder(
         llm.tokenizer,
         titles,
         domain,
         max_tokens=config.max_tokens,
-        with_cf=prompt in ("fused", "slots"),
+        layout=prompt,
         max_history=config.max_history,
-        cf_slots=prompt == "slots",
         similar_items=similar if prompt == "cf-text" else None,
     )
 
@@ -541,16 +535,12 @@ def significance_row(test: Split, model: str, scores, versus: str, versus_scores
 def _fusion_prefixes(config: CCFConfig) -> tuple[str, ...]:
     """The weights a run saves beside its adapter: what the non-LoRA stages can train."""
     source = METHODS[config.method].cf_source
-    if source in ("none", "text"):
+    if source.features is None:
         return ()
-    tables = {
-        "free": ("cf.user_table.", "cf.item_table."),
-        "backbone": ("cf.backbone.",) if config.tune_cf else (),
-    }
     second = ("alignment2.", "gate2.") if config.cf_model2 else ()
     if config.cf_model2 and config.tune_cf:
         second += ("second_cf.backbone.",)
-    return ("alignment.", "gate.", *tables[source], *second)
+    return ("alignment.", "gate.", *source.trained(config), *second)
 
 
 def _save_weights(recommender: Recommender, folder: Path) -> None:

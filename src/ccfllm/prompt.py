@@ -8,8 +8,8 @@ their titles. Positions are of three kinds:
 - ITEM: every token of an item's title, carrying the title token's own id (its embedding is
   x_i^SM[t]) and the item id, so that the title tokens are fused with ALG(x_i^CF) (Eqs. 3-4): the
   paper's "single token represents the two modalities for each item".
-- ITEM_SLOT (`cf_slots=True`, CoLLM's layout, [text_i][emb_i]): the title tokens stay TEXT and one
-  extra position right after the closing quote carries the item id; its embedding is ALG(x_i^CF).
+- ITEM_SLOT (layout 'slots', CoLLM's [text_i][emb_i]): the title tokens stay TEXT and one extra
+  position right after the closing quote carries the item id; its embedding is ALG(x_i^CF).
 
 How the text is written. Titles are quoted and separated by ", ", as CoLLM writes them
 (`"Heat (1995)", "Big (1988)"`; the target too: `enjoy the movie "Up (2009)".`): ML-1M titles contain
@@ -68,6 +68,11 @@ _SIMILAR_SENTENCE = (
 CF_TEXT_TEMPLATES = {
     d: (_QUESTION + _SIMILAR_SENTENCE + _ASK).format(items=p, item=s) for d, (p, s) in _NOUNS.items()
 }
+
+# What a prompt holds, by layout: no CF position ('text', TALLRec's); the user position and CF in the
+# title tokens ('fused', section 3.2); the user position and one extra slot per item ('slots', CoLLM's);
+# no CF position, a CF model's top items written as titles ('cf-text', Table 2).
+LAYOUTS = ("text", "fused", "slots", "cf-text")
 
 QUOTE, SEPARATOR = '"', ","
 SLOT_TEXT = " [ItemCF]"  # how `render` shows an ITEM_SLOT position
@@ -129,8 +134,8 @@ class _Piece:
 
 
 class PromptBuilder:
-    """Encodes rows into hybrid prompts (`with_cf=True`) or text-only ones, at most `max_tokens` long.
-    With `cf_slots`, items get CoLLM's extra CF position instead of CF-carrying title tokens."""
+    """Encodes rows into prompts of one of the LAYOUTS, at most `max_tokens` long; the 'cf-text' layout
+    lists each user's `similar_items`."""
 
     def __init__(
         self,
@@ -138,21 +143,23 @@ class PromptBuilder:
         item_titles: np.ndarray,
         domain: str = "movies",
         max_tokens: int = 700,
-        with_cf: bool = True,
+        layout: str = "fused",
         max_history: int | None = None,
-        cf_slots: bool = False,
         similar_items: dict[int, list[int]] | None = None,
     ) -> None:
         if domain not in TEMPLATES:
             raise CCFLLMError(f"No prompt template for domain {domain!r}; known: {sorted(TEMPLATES)}.")
+        if layout not in LAYOUTS:
+            raise CCFLLMError(f"Unknown prompt layout {layout!r}; choose one of {list(LAYOUTS)}.")
         if max_history is not None and max_history < 0:
             raise CCFLLMError(f"max_history must be >= 0 or None, got {max_history}.")
+        if (layout == "cf-text") != (similar_items is not None):
+            raise CCFLLMError("The 'cf-text' layout, and only it, lists each user's similar_items.")
         self.tokenizer, self.item_titles, self.domain = tokenizer, item_titles, domain
-        self.max_tokens, self.with_cf, self.max_history = max_tokens, with_cf, max_history
-        self.cf_slots = with_cf and cf_slots
+        self.max_tokens, self.layout, self.max_history = max_tokens, layout, max_history
+        self.with_cf = layout in ("fused", "slots")  # the prompt has the [User] position
+        self.cf_slots = layout == "slots"
         self.similar_items = similar_items  # uid -> item ids: the pilot study's CF-as-text prompt
-        if similar_items is not None and with_cf:
-            raise CCFLLMError("CF written as text is a text-only prompt: pass with_cf=False.")
         self.filler_id = _filler_id(tokenizer)
         self.pad_id = next(
             i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, self.filler_id) if i is not None
@@ -166,13 +173,6 @@ class PromptBuilder:
                 f"max_tokens={max_tokens} is too small: the fixed part of the prompt needs "
                 f"{self.fixed_length()} tokens before the target item's title."
             )
-
-    @property
-    def layout(self) -> str:
-        """'text', 'fused' (CF in the title tokens), 'slots' (CoLLM's extra positions) or 'cf-text'."""
-        if self.similar_items is not None:
-            return "cf-text"
-        return "slots" if self.cf_slots else "fused" if self.with_cf else "text"
 
     def _template(self) -> str:
         if self.similar_items is not None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .cf.checkpoint import read_metadata
-from .config import CF_PRESETS, METHOD_SETTINGS, ccf_config
+from .config import CF_PRESETS, ccf_config
 from .data.dataset import CTRDataset, same_dataset
 from .errors import CCFLLMError
 from .io import atomic_path, check_writable
@@ -54,8 +54,8 @@ class Planned:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in METHOD_SETTINGS and self.method not in CF_PRESETS:
-            known = [*METHOD_SETTINGS, *CF_PRESETS]
+        if self.method not in METHODS and self.method not in CF_PRESETS:
+            known = [*METHODS, *CF_PRESETS]
             raise CCFLLMError(f"Planned run {self}: unknown method {self.method!r}; known: {known}.")
         parts = self.backbones
         if not 1 <= len(parts) <= 2 or len(set(parts)) != len(parts) or not set(parts) <= set(CF_PRESETS):
@@ -63,11 +63,17 @@ class Planned:
                 f"Planned run {self}: backbone {self.backbone!r} must be one of {list(CF_PRESETS)} or two "
                 "different ones joined by '+'."
             )
-        if len(parts) == 2 and self.method != "ccf-llm":
+        method = METHODS.get(self.method)
+        if len(parts) == 2 and not (method and method.two_backbones):
             raise CCFLLMError(f"Planned run {self}: two fused backbones (Eq. 7) are CCF-LLM's alone.")
         if self.variant not in VARIANTS:
             raise CCFLLMError(
                 f"Planned run {self}: unknown variant {self.variant!r}; known: {list(VARIANTS)}."
+            )
+        strategy = VARIANTS[self.variant].get("strategy")
+        if method and strategy and strategy not in method.strategies:  # refused now, not hours into a plan
+            raise CCFLLMError(
+                f"Planned run {self}: {self.method} runs the strategies {list(method.strategies)} alone."
             )
         if self.method in CF_PRESETS and (self.method != self.backbone or self.variant != "default"):
             raise CCFLLMError(f"Planned run {self}: a CF backbone alone is itself, with the default variant.")
@@ -273,7 +279,7 @@ def _stage1_donor(config, records: list[dict]) -> dict | None:
         return None
     for record in records:
         folder = Path(record["folder"])
-        if record["method"] in METHOD_SETTINGS and (folder / "adapter").is_dir():
+        if record["method"] in METHODS and (folder / "adapter").is_dir():
             if stage1_signature(read_run_config(folder)["config"]) == wanted:
                 return record
     return None

@@ -277,7 +277,7 @@ class NextItemPrompts:
     With `soft=False`, the same words without the user sentence and the slots: the LLM alone."""
 
     def __init__(self, tokenizer, item_titles, item: str = "movie", max_history: int = 10, soft: bool = True):
-        self.pieces = PromptBuilder(tokenizer, item_titles, with_cf=soft, cf_slots=soft)
+        self.pieces = PromptBuilder(tokenizer, item_titles, layout="slots" if soft else "text")
         self.max_history = max_history
         template = (
             STAGE2_TEMPLATE if soft else STAGE2_TEMPLATE.replace("[UserRep] is a user representation. ", "")

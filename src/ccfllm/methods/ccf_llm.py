@@ -4,6 +4,9 @@ A hybrid prompt (prompt.py) marks where CF embeddings go. Text tokens keep the L
 the [User_u] position becomes ALG(x_u^CF) (Eq. 2); every title token t of an item i becomes
 x_i^SM[t] + alpha ⊙ ALG(x_i^CF) with alpha = MLP(ALG(x_i^CF)) + MLP(x_i^SM[t]) (Eqs. 3-4). The LLM,
 tuned with LoRA, answers "Yes" or "No"; p_yes / (p_yes + p_no) is the click score.
+
+The method's record (CCF_LLM, at the end): the fused prompt, a trained backbone's x^CF, Eq. 5, every
+strategy of Table 4, and a second backbone (Eq. 7). CoLLM reads the same backbone source (BACKBONE).
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from torch import nn
 
 from ..cf.base import CFModel
 from ..config import CCFConfig
+from ..errors import CCFLLMError
 from ..llm import attention_for_training, float32_output_weight, run_compiled
 from ..prompt import ITEM, ITEM_SLOT, USER, PromptBatch
+from .method import CFSource, Loss, Method
 
 
 class CFFeatures(nn.Module):
@@ -287,3 +292,27 @@ def _log1m_exp(log_p: torch.Tensor) -> torch.Tensor:
     """log(1 - p) from log p, stable for p near 0 and near 1."""
     log_p = log_p.clamp(max=-1e-7)
     return torch.where(log_p > -0.693, torch.log(-torch.expm1(log_p)), torch.log1p(-log_p.exp()))
+
+
+# -- the method's record ----------------------------------------------------------------------------
+
+
+def backbone_features(
+    config: CCFConfig, backbone: CFModel | None, known_users: torch.Tensor, known_items: torch.Tensor
+) -> CFFeatures:
+    """x^CF from the run's trained backbone (Eq. 1), frozen unless the fusion stage tunes it."""
+    if backbone is None:
+        raise CCFLLMError(f"Method {config.method!r} fuses a CF backbone, and none was given.")
+    backbone = backbone.eval().requires_grad_(False)
+    return CFFeatures(backbone, known_users, known_items, with_bias=config.cf_features == "embedding+bias")
+
+
+def _tuned_backbone(config: CCFConfig) -> tuple[str, ...]:
+    return ("cf.backbone.",) if config.tune_cf else ()
+
+
+BACKBONE = CFSource(
+    "backbone", reads_backbone=True, features=backbone_features, trained=_tuned_backbone, tunable=True
+)
+EQ5 = Loss("eq5", eq5_loss, normalised_p_yes)
+CCF_LLM = Method("ccf-llm", "CCF-LLM", prompt="fused", cf_source=BACKBONE, loss=EQ5, two_backbones=True)

@@ -1,6 +1,6 @@
 """CoLLM (Zhang et al. 2023), the baseline CCF-LLM improves on, as its authors' code runs it.
 
-Prompt (prompt.py, `cf_slots=True`): each item keeps its title as text and gets one extra position
+Prompt (prompt.py, layout 'slots'): each item keeps its title as text and gets one extra position
 right after it, [text_i][emb_i]; the [User] position carries the user. Both extra embeddings are the
 CF embeddings mapped into the LLM's space by an MLP (this package's ALG, Eq. 2 of CCF-LLM), with no
 gate and no fusion into the title tokens. The words around them are CCF-LLM's template, so that the
@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .ccf_llm import Answer
+from .ccf_llm import BACKBONE, Answer
+from .method import Loss, Method
 
 
 def collm_loss(answer: Answer, label: torch.Tensor, k: float = 0.0) -> torch.Tensor:
@@ -28,3 +29,7 @@ def collm_loss(answer: Answer, label: torch.Tensor, k: float = 0.0) -> torch.Ten
 def yes_logit_score(answer: Answer) -> torch.Tensor:
     """sigmoid of the "Yes" logit: the probability CoLLM's loss trains."""
     return torch.sigmoid(answer.yes_logit)
+
+
+YES_LOGIT = Loss("yes-logit", collm_loss, yes_logit_score)
+COLLM = Method("collm", "CoLLM", prompt="slots", cf_source=BACKBONE, loss=YES_LOGIT)

@@ -12,7 +12,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import CCFConfig, cf_config
 from .ccf_llm import CFFeatures
+from .collm import YES_LOGIT
+from .method import CFSource, Method
 
 
 class FreeFeatures(nn.Module):
@@ -44,3 +47,18 @@ class FreeFeatures(nn.Module):
 def _rows(table: nn.Embedding, known: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     is_known = CFFeatures._known(known, ids)
     return table(torch.where(is_known, ids, torch.zeros_like(ids))) * is_known[:, None]
+
+
+def free_features(
+    config: CCFConfig, backbone: None, known_users: torch.Tensor, known_items: torch.Tensor
+) -> FreeFeatures:
+    """Fresh tables as wide as the backbone `cf_model` would be, so that ALG has the same shape."""
+    return FreeFeatures(known_users, known_items, cf_config(config.cf_model).dim)
+
+
+def _tables(config: CCFConfig) -> tuple[str, ...]:
+    return ("cf.user_table.", "cf.item_table.")
+
+
+FREE_TABLES = CFSource("free", reads_backbone=False, features=free_features, trained=_tables)
+SOFTPROMPT = Method("softprompt", "Softprompt", prompt="slots", cf_source=FREE_TABLES, loss=YES_LOGIT)
