@@ -55,7 +55,7 @@ from ccfllm.data import load_collm_split, resolve_data_dir
 from ccfllm.data.next_item import next_item_task, training_positions
 from ccfllm.device import keep_freed_memory, resolve_device
 from ccfllm.errors import CCFLLMError
-from ccfllm.methods.allmrec import ALLMRec, NextItemPrompts, train_stage2
+from ccfllm.methods.allmrec import ALLMRec
 from ccfllm.metrics import target_ranks
 from ccfllm.next_item_experiment import (
     NOUNS,
@@ -65,6 +65,8 @@ from ccfllm.next_item_experiment import (
     stage2_settings,
     train_sasrec_and_alignment,
 )
+from ccfllm.next_item_prompt import NextItemPrompts
+from ccfllm.next_item_train import train_stage2
 from ccfllm.prompt import ITEM_SLOT, PromptBatch
 
 SLOTS = ("joint", "answer", "sasrec", "graded", "ranked")

@@ -25,17 +25,11 @@ def steps(compiled: bool, n_steps: int, batch: int) -> list[tuple[float, float]]
     from ccfllm.cli import CF_HISTORY
     from ccfllm.config import allmrec_config, cf_config
     from ccfllm.data import load_collm_split, resolve_data_dir
-    from ccfllm.data.next_item import next_item_task, training_positions
+    from ccfllm.data.next_item import draw_candidates, next_item_task, titled_items, training_positions
     from ccfllm.device import keep_freed_memory, seed_everything
     from ccfllm.llm import load_llm
-    from ccfllm.methods.allmrec import (
-        ALLMRec,
-        CollaborativeTextAlignment,
-        NextItemPrompts,
-        draw_candidates,
-        next_title_loss,
-        titled_items,
-    )
+    from ccfllm.methods.allmrec import ALLMRec, CollaborativeTextAlignment, next_title_loss
+    from ccfllm.next_item_prompt import NextItemPrompts
 
     keep_freed_memory()
     seed_everything(0)
@@ -52,7 +46,7 @@ def steps(compiled: bool, n_steps: int, batch: int) -> list[tuple[float, float]]
     model = ALLMRec(llm.model, sasrec, alignment, config.hidden)
     prompts = NextItemPrompts(llm.tokenizer, task.item_titles, "movie", config.prompt_history)
     train, rng = training_positions(task, 1), np.random.default_rng(0)
-    titled = titled_items(prompts, task.n_items)
+    titled = titled_items(task.item_titles)
     projections = [*model.user_projection.parameters(), *model.item_projection.parameters()]
     optimiser = torch.optim.Adam(projections, lr=1e-3)
     model.train()

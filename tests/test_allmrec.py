@@ -19,7 +19,8 @@ from ccfllm.cf.next_item import train_next_item_sasrec
 from ccfllm.config import allmrec_config, cf_config
 from ccfllm.data.next_item import next_item_task
 from ccfllm.errors import CCFLLMError, CheckpointError
-from ccfllm.methods.allmrec import CollaborativeTextAlignment, alignment_diagnostics, train_alignment
+from ccfllm.methods.allmrec import CollaborativeTextAlignment, alignment_diagnostics
+from ccfllm.next_item_train import train_alignment
 from ccfllm.prompt import ITEM_SLOT, USER
 from ccfllm.text_encoder import load_sentence_encoder
 from conftest import one_label_flipped, stopping_on_call
@@ -109,7 +110,8 @@ def test_stage_one_moves_the_alignment_and_sbert_and_leaves_sasrec(tmp_path):
 
 def stage2_model(tmp_path, tiny_llm_dir):
     from ccfllm.llm import load_llm
-    from ccfllm.methods.allmrec import ALLMRec, NextItemPrompts
+    from ccfllm.methods.allmrec import ALLMRec
+    from ccfllm.next_item_prompt import NextItemPrompts
 
     dataset = cyclic_dataset(n_users=24, n_items=30, length=8)
     task = next_item_task(dataset, n_candidates=6, seed=0, max_history=10)
@@ -144,7 +146,7 @@ def test_the_stage2_prompt_has_a_user_slot_and_one_slot_per_item(tmp_path, tiny_
 
 
 def test_cached_candidate_scores_equal_the_naive_path(tmp_path, tiny_llm_dir):
-    from ccfllm.methods.allmrec import candidate_scores, naive_candidate_scores
+    from ccfllm.next_item_scoring import candidate_scores, naive_candidate_scores
 
     model, prompts, task, _ = stage2_model(tmp_path, tiny_llm_dir)
     test = task.splits["test"]
@@ -157,7 +159,7 @@ def test_cached_candidate_scores_equal_the_naive_path(tmp_path, tiny_llm_dir):
 
 
 def test_stage2_trains_only_the_projections(tmp_path, tiny_llm_dir):
-    from ccfllm.methods.allmrec import train_stage2
+    from ccfllm.next_item_train import train_stage2
 
     model, prompts, task, _ = stage2_model(tmp_path, tiny_llm_dir)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -170,7 +172,7 @@ def test_stage2_trains_only_the_projections(tmp_path, tiny_llm_dir):
 
 
 def test_stage2_steps_through_compiled_layers_equal_uncompiled_ones(tmp_path, tiny_llm_dir):
-    from ccfllm.methods.allmrec import train_stage2
+    from ccfllm.next_item_train import train_stage2
 
     losses = {}
     for compiled in (False, True):
@@ -186,10 +188,11 @@ def test_stage2_steps_through_compiled_layers_equal_uncompiled_ones(tmp_path, ti
 
 def test_stage2_interrupted_between_steps_goes_on_as_unbroken(tmp_path, tiny_llm_dir, monkeypatch):
     import ccfllm.methods.allmrec as allmrec
+    import ccfllm.next_item_train as next_item_train
 
     settings = dict(lr=3e-3, batch_size=4, epochs=3, n_candidates=6, progress=False)  # 6 steps an epoch
     model, prompts, task, _ = stage2_model(tmp_path, tiny_llm_dir)
-    unbroken = allmrec.train_stage2(model, prompts, task, **settings)
+    unbroken = next_item_train.train_stage2(model, prompts, task, **settings)
     unbroken_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss_as_is, calls = allmrec.next_title_loss, []
 
@@ -201,9 +204,9 @@ def test_stage2_interrupted_between_steps_goes_on_as_unbroken(tmp_path, tiny_llm
         model, prompts, task, _ = stage2_model(tmp_path, tiny_llm_dir)  # fresh weights each process
         if stop:
             with pytest.raises(KeyboardInterrupt):
-                allmrec.train_stage2(model, prompts, task, **resumable)
+                next_item_train.train_stage2(model, prompts, task, **resumable)
         else:
-            resumed = allmrec.train_stage2(model, prompts, task, **resumable)
+            resumed = next_item_train.train_stage2(model, prompts, task, **resumable)
     assert len(calls) == 18 - 8 - 3  # the third call did only the steps not saved yet
     assert resumed.losses == unbroken.losses
     for name, parameter in model.named_parameters():

@@ -10,8 +10,8 @@ from ccfllm.api import NextItemRecommender
 from ccfllm.config import allmrec_config
 from ccfllm.data.dataset import PAD
 from ccfllm.errors import CCFLLMError
-from ccfllm.methods.allmrec import candidate_scores
 from ccfllm.next_item_experiment import run_allmrec, sample_split
+from ccfllm.next_item_scoring import candidate_scores
 from test_allmrec import tiny_run_settings
 from test_next_item import cyclic_dataset
 

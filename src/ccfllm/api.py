@@ -482,7 +482,7 @@ class NextItemRecommender:
         the title). The history is `history`, else the user's liked items of the run's train part."""
         from .data.dataset import pad_histories
         from .data.next_item import NextItemSplit
-        from .methods.allmrec import candidate_scores
+        from .next_item_scoring import candidate_scores
 
         uid = _user_id(uid)
         items = [_item_id(i) for i in candidates]

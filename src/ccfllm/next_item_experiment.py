@@ -30,20 +30,11 @@ from .device import resolve_device
 from .errors import CheckpointError
 from .io import atomic_path, read_safetensors, write_json
 from .llm import add_lora, check_llm_source, load_llm
-from .methods.allmrec import (
-    GENRE_QUESTION,
-    AlignmentResult,
-    ALLMRec,
-    CollaborativeTextAlignment,
-    NextItemPrompts,
-    ask,
-    candidate_scores,
-    item_text_embeddings,
-    joint_space_check,
-    train_alignment,
-    train_stage2,
-)
+from .methods.allmrec import ALLMRec, CollaborativeTextAlignment, ask, item_text_embeddings, joint_space_check
 from .metrics import target_ranks
+from .next_item_prompt import GENRE_QUESTION, NextItemPrompts
+from .next_item_scoring import candidate_scores
+from .next_item_train import AlignmentResult, train_alignment, train_stage2
 from .partial import (
     drop_if_nothing_finished,
     open_partial_folder,

@@ -203,3 +203,31 @@ def sample_candidates(
         )
     chosen = np.append(rng.choice(pool, size - 1, replace=False), target)
     return rng.permutation(chosen).astype(np.int64)
+
+
+def titled_items(item_titles: np.ndarray) -> np.ndarray:
+    """(n_items,) bool: which item ids have a title, as prompts show it (only those can be candidates)."""
+    return np.array([i != PAD and isinstance(t, str) and bool(t.strip()) for i, t in enumerate(item_titles)])
+
+
+def draw_candidates(
+    task: NextItemTask,
+    titled: np.ndarray,
+    uids: np.ndarray,
+    targets: np.ndarray,
+    n_candidates: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """A candidate set per training row: its target and titled items its user never liked. -> (B, C)"""
+    seen = [set(task.sequences[int(u)].tolist()) for u in uids]
+    return np.stack(
+        [sample_candidates(int(t), s, titled, n_candidates, rng) for t, s in zip(targets, seen, strict=True)]
+    )
+
+
+def unliked_item(liked: set[int], n_items: int, rng: np.random.Generator) -> int:
+    """An item id the user never liked, drawn uniformly (stage 1's negative)."""
+    item = int(rng.integers(1, n_items))
+    while item in liked:
+        item = int(rng.integers(1, n_items))
+    return item
