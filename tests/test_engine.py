@@ -325,3 +325,28 @@ def test_qwen2_engine_through_layer_functions_equals_the_naive_path(
     assert ran and all((layer is scoring_layers.decoder_layer) != compiled for layer in ran)
     np.testing.assert_allclose(engine, naive, rtol=0, atol=1e-5)
     assert np.ptp(naive) > 1e-3
+
+
+def test_int8_scoring_moves_the_scores_a_little_and_only_the_seven_linears_change(recommender, tiny_dataset):
+    from ccfllm.llm import merged_lora
+    from ccfllm.scoring_layers import Int8Linear, int8_weights, linear
+
+    model = copy.deepcopy(recommender.model)
+    with merged_lora(model):  # the tensors scoring multiplies by
+        weights = layer_weights(model.decoder_parts()[1])
+    quantized = int8_weights(weights)
+    kinds = [[type(item).__name__ for item in layer] for layer in quantized]
+    assert all(k == ["Parameter", *["Int8Linear"] * 4, "Parameter", *["Int8Linear"] * 3] for k in kinds)
+    weight, bias = weights[0][1]
+    x = torch.randn(5, weight.shape[1])
+    exact, rounded = torch.nn.functional.linear(x, weight, bias), linear(x, Int8Linear(weight, bias))
+    assert 0 < (rounded - exact).norm() / exact.norm() < 0.05  # 8-bit weights, 7-bit activations
+
+    test, builder, model = tiny_dataset.test, recommender.hybrid_prompts, recommender.model
+    float32 = score_rows(model, builder, test)
+    model.scoring_int8 = True
+    try:
+        int8 = score_rows(model, builder, test)
+    finally:
+        model.scoring_int8 = False
+    assert 0 < np.abs(int8 - float32).max() < 0.01

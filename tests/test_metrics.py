@@ -127,3 +127,19 @@ def test_drawing_users_widens_the_interval_where_a_users_rows_go_together():
     by_row = paired_bootstrap(labels, np.arange(len(labels)), a, b, n_resamples=500)["auc"]
     assert by_user.difference == by_row.difference
     assert by_user.high - by_user.low > 2 * (by_row.high - by_row.low)  # 2.45x at these seeds
+
+
+def test_one_scorers_intervals_are_the_percentiles_of_its_metric_over_drawn_users():
+    from ccfllm.metrics import bootstrap_intervals
+
+    labels, uids, scores, _ = clustered_rows(n_users=12, rows_per_user=7)
+    intervals = bootstrap_intervals(labels, uids, scores, n_resamples=400, seed=5)
+    # the same draws by hand: users with replacement, every row of a drawn user weighted by its count
+    draws = np.random.default_rng(5).integers(0, 12, size=(400, 12))
+    counts = np.stack([np.bincount(d, minlength=12) for d in draws])
+    aucs = [roc_auc_score(labels, scores, sample_weight=c[uids]) for c in counts]
+    per_user = np.array([roc_auc_score(labels[uids == u], scores[uids == u]) for u in range(12)])
+    uaucs = counts @ per_user / counts.sum(axis=1)
+    np.testing.assert_allclose(intervals["auc"], np.percentile(aucs, [2.5, 97.5]), rtol=1e-12)
+    np.testing.assert_allclose(intervals["uauc"], np.percentile(uaucs, [2.5, 97.5]), rtol=1e-12)
+    assert intervals["auc"][0] < auc(labels, scores) < intervals["auc"][1]

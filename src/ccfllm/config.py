@@ -148,6 +148,12 @@ class CCFConfig:
         "score with each Llama or Qwen2 layer as one compiled function (torch.compile; needs a C++ compiler)",
         False,
     )
+    scoring_int8: bool = _help(
+        "score with the decoder's linear weights in int8 and int8 activations (PyTorch's fbgemm kernel, "
+        "CPU only): 1.4x faster scoring on an AVX2 CPU, but it moved SmolLM2's test AUC by 0.05 "
+        "(docs/speed.md), so it is off in every preset",
+        False,
+    )
 
     def __post_init__(self) -> None:
         method = _methods().get_method(self.method)
@@ -241,6 +247,45 @@ CCF_PRESETS: dict[str, dict[str, Any]] = {
 
 
 CCF_PRESETS["cpu-1.5b"] = {**CCF_PRESETS["cpu"], "llm": "qwen2.5-1.5b", "train_rows": 1024}
+
+# `cpu-fp32`: the quick start for a CPU without native bf16 (AVX2 only: float32 matmuls at about 100
+# GFLOP/s on 2 cores, against 900 for bf16 on the AVX-512 bf16 and AMX kinds). The `cpu` preset's run
+# takes about 80 minutes there, mostly scoring (0.4 s a test row), so this one keeps the `cpu` preset's
+# method and learning rates and does less of everything, sized by the times measured on that kind
+# (docs/speed.md): an eighth of stage 1's rows (at chance with this LLM on any number of rows tried) and
+# a quarter of stage 2's, one validation at the start and the end of each stage on fewer rows, and a
+# seeded sample of the test split, whose AUC the train command prints with its 95% interval. Scoring
+# runs through the decoder's own forward: in float32 the compiled layer functions were 12% slower.
+CCF_PRESETS["cpu-fp32"] = {
+    **CCF_PRESETS["cpu"],
+    "train_rows": 64,
+    "fusion_rows": 384,
+    "valid_rows": 96,
+    "eval_every": 0,
+    "test_rows": 320,
+    "compile_scoring": False,
+}
+
+
+CCF_PRESETS["cpu-bf16"] = CCF_PRESETS["cpu"]  # asked for by name: the `cpu` preset on any CPU
+
+# what the quick start took, measured with `/usr/bin/time -v ccfllm train` (README, "Quick start")
+PRESET_MINUTES = {
+    "cpu": "13.7 minutes on a 2-core Intel Xeon with AMX (bf16), the full test split",
+    "cpu-bf16": "13.7 minutes on a 2-core Intel Xeon with AMX (bf16), an estimated 80 on a 2-core AVX2 CPU",
+    "cpu-fp32": "11.3 minutes on a 2-core AMD EPYC with AVX2 only (float32), 320 sampled test rows",
+}
+
+
+def preset_for_this_machine(preset: str, device: str = "auto", dtype: str = "auto") -> str:
+    """What the command line's `cpu` preset means here: `cpu-fp32` on a CPU that computes in float32
+    (no native bf16, the device and dtype left to choose or set to the CPU and float32), `cpu`
+    elsewhere; any other preset as it is."""
+    from .device import cpu_has_bf16, resolve_device
+
+    if preset != "cpu" or resolve_device(device).type != "cpu" or dtype not in ("auto", "float32"):
+        return preset
+    return "cpu" if cpu_has_bf16() and dtype == "auto" else "cpu-fp32"
 
 
 def ccf_config(preset: str = "cpu", **overrides: Any) -> CCFConfig:

@@ -48,6 +48,23 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cpu_kind() -> str:
+    """The CPU in a few words, with what decides its speed here: the vector instructions torch uses and
+    whether bf16 is native. E.g. 'AMD EPYC, AVX2 (no native bf16: float32), 2 threads'."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        info = ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if "model name" in line), "CPU")
+    if "amx_bf16" in info:
+        arithmetic = "AMX (native bf16)"
+    elif "avx512_bf16" in info:
+        arithmetic = "AVX-512 bf16 (native bf16)"
+    else:
+        arithmetic = f"{torch.backends.cpu.get_cpu_capability()} (no native bf16: float32)"
+    return f"{name}, {arithmetic}, {torch.get_num_threads()} threads"
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch; return a torch generator for data order."""
     random.seed(seed)

@@ -29,6 +29,7 @@ from transformers import DynamicCache
 from . import scoring_layers
 from .data.dataset import Split
 from .distributed import SINGLE, World
+from .errors import CCFLLMError
 from .llm import GapDropout, lora_dropouts, merged_lora
 from .methods.ccf_llm import CCFLLM, Answer, answer_from_logits, positions_from_mask
 from .prompt import EncodedPrompt, PromptBatch, PromptBuilder, collate
@@ -63,7 +64,7 @@ def score_rows(
     chunks = chunks[world.rank :: world.size]
     progress = progress and world.is_main
     with merged_lora(model):
-        weights = scoring_layers.layer_weights(model.decoder_parts()[1]) if model.compile_scoring else None
+        weights = _layer_weights(model)
         for chunk in tqdm(chunks, desc=f"score {split.name}", unit="batch", disable=not progress):
             leaders = [members[0] for members in chunk]
             members = [p for group in chunk for p in group]
@@ -76,6 +77,23 @@ def score_rows(
                 answer = _prefix_then_suffix(model, prefix.to(device), suffix.to(device), owner)
             scores[members] = model.click_score(answer).double().cpu().numpy()
     return world.sum_over_ranks(scores)
+
+
+def _layer_weights(model: CCFLLM) -> list | None:
+    """The decoder's layer weights for `scoring_layers` where the model scores through its layer
+    functions (compiled, or with int8 weights), in int8 where `scoring_int8` says so; None where it
+    scores through the decoder's own forward."""
+    int8 = getattr(model, "scoring_int8", False)
+    if not (model.compile_scoring or int8):
+        return None
+    device = next(model.parameters()).device
+    if int8 and device.type != "cpu":
+        raise CCFLLMError(
+            f"scoring_int8 runs on a CPU only (PyTorch's fbgemm kernel); the model is on {device}: "
+            "set scoring_int8=false."
+        )
+    weights = scoring_layers.layer_weights(model.decoder_parts()[1])
+    return scoring_layers.int8_weights(weights) if int8 and weights is not None else weights
 
 
 def _collated(parts: list[EncodedPrompt], split: Split, rows: np.ndarray, pad_id: int) -> PromptBatch:
@@ -132,6 +150,7 @@ def _through_layer_functions(
         (model.input_embeddings(prefix), prefix.attention_mask),
         (model.input_embeddings(suffix), suffix.attention_mask),
         owner,
+        compiled=model.compile_scoring and not getattr(model, "scoring_int8", False),
     )
     return model.answer_log_probs(hidden)
 

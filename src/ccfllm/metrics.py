@@ -94,6 +94,23 @@ def paired_bootstrap(
     return {name: Difference(float(points[name]), *_interval(differences[name])) for name in points}
 
 
+def bootstrap_intervals(
+    labels: np.ndarray, uids: np.ndarray, scores: np.ndarray, n_resamples: int = 1000, seed: int = 0
+) -> dict[str, tuple[float, float]]:
+    """{"auc", "uauc"}: the 2.5 / 97.5 percentiles of one scorer's metric over `n_resamples` draws of
+    users with replacement (each with all their rows, as `paired_bootstrap` draws them): how far a
+    figure measured on a sample of rows may be from the same model's on the population they came from."""
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    users, user_of_row = np.unique(np.asarray(uids), return_inverse=True)
+    draws = np.random.default_rng(seed).integers(0, len(users), size=(n_resamples, len(users)))
+    counts = _draw_counts(draws, len(users))
+    per_user = _per_user_aucs(labels, user_of_row, scores)
+    return {
+        "auc": _interval(_resampled_aucs(labels, user_of_row, scores, counts)),
+        "uauc": _interval(_weighted_user_mean(per_user, counts)),
+    }
+
+
 def _uauc_or_nan(uids: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float:
     """UAUC, or NaN where no user has both labels (one row per user: a bootstrap of single rows)."""
     try:
@@ -148,7 +165,13 @@ def _resampled_uaucs(
     """UAUC(A) - UAUC(B) in each resample: a user's AUC does not change when the user is drawn (all
     their rows come along), so each resample is a count-weighted mean of per-user differences. -> (R,)"""
     per_user = _per_user_aucs(labels, user_of_row, scores_a) - _per_user_aucs(labels, user_of_row, scores_b)
-    both = ~np.isnan(per_user)  # users with both labels
+    return _weighted_user_mean(per_user, counts)
+
+
+def _weighted_user_mean(per_user: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """(U,) a value per user, NaN for users without both labels; (R, U) draw counts -> (R,) the
+    count-weighted mean over the users with both labels in each resample."""
+    both = ~np.isnan(per_user)
     weights = counts[:, both]
     with np.errstate(invalid="ignore", divide="ignore"):
         return weights @ per_user[both] / weights.sum(axis=1)

@@ -64,17 +64,57 @@ def decoder_layer(
         return x.view(x.shape[0], x.shape[1], -1, head_dim).transpose(1, 2)
 
     x = rms_norm(hidden, norm1, eps)
-    keys = rotate(heads(F.linear(x, *k_proj)), cos, sin)
-    values = heads(F.linear(x, *v_proj))
+    keys = rotate(heads(linear(x, k_proj)), cos, sin)
+    values = heads(linear(x, v_proj))
     if last_only:
         hidden, x, cos, sin, bias = hidden[:, -1:], x[:, -1:], cos[:, -1:], sin[:, -1:], bias[:, :, -1:]
-    queries = rotate(heads(F.linear(x, *q_proj)), cos, sin)
+    queries = rotate(heads(linear(x, q_proj)), cos, sin)
     if past_keys is not None:
         keys, values = torch.cat([past_keys, keys], dim=2), torch.cat([past_values, values], dim=2)
     attended = attention(queries, keys, values, bias, scale)
-    hidden = hidden + F.linear(attended.transpose(1, 2).flatten(2), *o_proj)
+    hidden = hidden + linear(attended.transpose(1, 2).flatten(2), o_proj)
     x = rms_norm(hidden, norm2, eps)
-    return hidden + F.linear(F.silu(F.linear(x, *gate)) * F.linear(x, *up), *down), keys, values
+    return hidden + linear(F.silu(linear(x, gate)) * linear(x, up), down), keys, values
+
+
+def linear(x: torch.Tensor, weights: tuple) -> torch.Tensor:
+    """x W^T + b for a (weight, bias) pair, or through an int8 weight packed by `int8_weights`."""
+    if isinstance(weights, Int8Linear):
+        return weights(x)
+    return F.linear(x, *weights)
+
+
+class Int8Linear:
+    """A frozen linear layer with int8 weights (one scale per output row) and dynamically quantized
+    int8 activations (one scale per call), through PyTorch's fbgemm kernel: on a CPU without native
+    bf16 (AVX2) its int8 products run about 1.5-2x the float32 matmul at SmolLM2's shapes (benchmarks
+    in docs/speed.md). For scoring only: nothing flows back through it.
+
+    By hand because torch.ao's `quantize_dynamic` swaps `nn.Linear` modules, and the layer functions
+    here multiply weight tensors. PyTorch 2.13 deprecates these quantized tensors (torchao is their
+    successor) and warns once when one is made; the setting is off in every preset."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        weight = weight.detach().float()
+        scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
+        zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
+        quantized = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
+        self.packed = torch.ops.quantized.linear_prepack(
+            quantized, None if bias is None else bias.detach().float()
+        )
+        self.dtype = weight.dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # reduce_range: 7-bit activations, which fbgemm's AVX2 kernel needs to avoid overflowing its
+        # 16-bit intermediate sums
+        return torch.ops.quantized.linear_dynamic(x.float(), self.packed, True).to(x.dtype)
+
+
+def int8_weights(weights: list[tuple]) -> list[tuple]:
+    """`layer_weights` with each layer's seven linears as `Int8Linear`; the norms stay as they are."""
+    return [
+        tuple(Int8Linear(*item) if isinstance(item, tuple) else item for item in layer) for layer in weights
+    ]
 
 
 def attention(
@@ -158,11 +198,12 @@ def answer_hidden(
     prefix: tuple[torch.Tensor, torch.Tensor],
     suffix: tuple[torch.Tensor, torch.Tensor],
     owner: torch.Tensor,
+    compiled: bool = True,
 ) -> torch.Tensor:
     """The decoder's final hidden state at each suffix's last position, with its layers' `weights`
     (`layer_weights`). `prefix` is (embeddings (P, Tp, d), attention mask (P, Tp)) and `suffix`
     likewise (S, Ts), both left-padded; suffix s continues prefix owner[s]. -> (S, d)"""
-    if not _compiled.get("failed"):
+    if compiled and not _compiled.get("failed"):
         try:
             return _run_layers(_compiled_layer(), decoder, weights, prefix, suffix, owner)
         except compile_errors() as error:

@@ -167,6 +167,7 @@ class CCFLLM(nn.Module):
         self.yes_id, self.no_id = yes_id, no_id
         self.compile_training = config.compile_training
         self.compile_scoring = config.compile_scoring
+        self.scoring_int8 = config.scoring_int8
 
     def fusion_modules(self) -> list[nn.Module]:
         """What stage 2 trains (Θ_A and Θ_G; and free user/item tables, where `cf` holds them)."""
