@@ -158,6 +158,10 @@ def test_ccf_llm_train_evaluate_predict_end_to_end(runner, tiny_dir, tiny_llm_di
         "alg_hidden=8",
         "gate_hidden=4",
         "max_history=3",
+        # uncompiled, for speed: test_llm.py checks compiled training steps against uncompiled ones and
+        # test_engine.py the compiled scoring layers; below, the reloaded run scores compiled too
+        "compile_training=false",
+        "compile_scoring=false",
     ]
     arguments = ["train", "--data", str(tiny_dir), "--out", str(out), "--quiet"]
     trained = runner.invoke(main, arguments + [item for s in settings for item in ("--set", s)])
@@ -185,12 +189,13 @@ def test_ccf_llm_train_evaluate_predict_end_to_end(runner, tiny_dir, tiny_llm_di
     assert evaluated.exit_code == 0, evaluated.output
     test_line = next(line for line in evaluated.output.splitlines() if line.startswith("test "))
     assert test_line.split()[1] == test_auc  # the reloaded run scores exactly as it did in training
-    uncompiled = runner.invoke(
+    compiled = runner.invoke(
         main,
-        ["evaluate", "--run", str(out), "--data", str(tiny_dir), "--split", "test", "--no-compile-scoring"],
+        ["evaluate", "--run", str(out), "--data", str(tiny_dir), "--split", "test", "--compile-scoring"],
     )
-    assert uncompiled.exit_code == 0, uncompiled.output
-    assert test_line in uncompiled.output.splitlines()  # the same figures through the decoder's forward
+    assert compiled.exit_code == 0, compiled.output
+    assert test_line in compiled.output.splitlines()  # the same figures through the compiled layers
+    assert "torch.compile failed" not in compiled.output
 
     rows = tmp_path / "rows.csv"
     rows.write_text("uid,iid\n1,2\n999,2\n")
@@ -275,6 +280,7 @@ def test_allmrec_train_prints_its_table(runner, tiny_dir, tiny_llm_dir, tmp_path
 
     encoder = save_tiny_bert(tmp_path / "sbert", "mean", True)
     settings = [f"llm={tiny_llm_dir}", f"encoder={encoder}", "device=cpu", "dtype=float32", "n_candidates=5"]
+    settings += ["compile_training=false"]  # test_allmrec.py checks compiled stage-2 steps against these
     settings += ["sasrec_dim=16", "sasrec_history=10", "sasrec_epochs=2", "latent_dim=8", "hidden=16"]
     settings += ["stage1_epochs=1", "stage1_batch=8", "prompt_history=4", "test_rows=12"]
     arguments = ["allmrec", "train", "--data", str(tiny_dir), "--out", str(tmp_path / "run"), "--quiet"]

@@ -342,7 +342,7 @@ def test_add_lora_draws_its_dropout_masks_by_gaps_one_stream_per_target():
 @pytest.mark.parametrize("one_gap_a_chunk", [False, True])
 def test_gap_dropout_drops_each_position_with_probability_p(monkeypatch, one_gap_a_chunk):
     if one_gap_a_chunk:  # the drawing loop has to go on many times
-        monkeypatch.setattr("ccfllm.llm._draws_per_chunk", lambda total, p: 1)
+        monkeypatch.setattr("ccfllm.llm_speed._draws_per_chunk", lambda total, p: 1)
     n, p = 200_000 if not one_gap_a_chunk else 20_000, 0.05
     dropout = GapDropout(p).train()
     torch.manual_seed(0)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .errors import CheckpointError
 from .io import atomic_path, make_folder, new_figure, save_png
+from .run_folder import ALLMREC, record_kind
 
 # Hit@1 on Movies and TV from the talk: main results, cold / warm items, cold users.
 PAPER_HIT1 = {
@@ -27,7 +28,7 @@ PAPER_HIT1 = {
     "A-LLMRec": {"hit@1": 0.6237, "hit@1 cold": 0.5714, "hit@1 warm": 0.6880, "hit@1 cold users": 0.5272},
     "A-LLMRec (SBERT)": {"hit@1": None, "hit@1 cold": 0.5772, "hit@1 warm": 0.6802},
 }
-REPORTABLE = ("ccfllm-allmrec/1", "ccfllm-allmrec/2")  # /1 runs have no joint-space check
+UNLOADABLE_BUT_REPORTABLE = "ccfllm-allmrec/1"  # its weights do not load; it has no joint-space check
 PAPER_SPEEDUP = {"training": 2.53, "inference": 1.71}
 COLUMNS = {
     "hit@1": "Hit@1",
@@ -66,7 +67,7 @@ def _read_run(run: Path) -> tuple[dict, dict]:
         if not path.is_file():
             raise CheckpointError(f"{path} is missing: {run} is not a finished A-LLMRec run.")
     record, metrics = (json.loads(p.read_text()) for p in paths)
-    if record.get("format") not in REPORTABLE:
+    if record_kind(record) != ALLMREC and record.get("format") != UNLOADABLE_BUT_REPORTABLE:
         raise CheckpointError(f"{paths[0]} is not an A-LLMRec run (format {record.get('format')!r}).")
     return record, metrics
 

@@ -13,9 +13,9 @@ from .cf.train import predict_split
 from .data.dataset import CTRDataset
 from .engine import score_rows
 from .errors import CCFLLMError
-from .experiment import Recommender
 from .io import new_figure, save_png
 from .methods.ccf_llm import fuse
+from .recommender import Recommender
 
 VIEWS = ("aligned CF", "LLM title", "fused")
 

@@ -34,7 +34,6 @@ if TYPE_CHECKING:  # the heavy modules load with the run, not with `import ccfll
 
 # Rows are loaded with CoLLM's 10 most recent likes, as the CLI loads them (cli.CF_HISTORY).
 DATA_HISTORY = 10
-ALLMREC_FORMAT_PREFIX = "ccfllm-allmrec/"
 
 
 def load(
@@ -46,9 +45,11 @@ def load(
     """A saved run, ready to score. `data` is the dataset it was trained on: a CoLLM-format folder, a
     loaded CTRDataset, or None for $CCFLLM_DATA / ../shared/data/ml-1m-collm. `compile_scoring`
     overrides whether the decoder's layers run compiled (default: as the run was trained)."""
+    from .run_folder import ALLMREC, run_kind
+
     folder = Path(run_dir)
     dataset = _dataset(data)
-    if _run_format(folder).startswith(ALLMREC_FORMAT_PREFIX):
+    if run_kind(folder) == ALLMREC:
         from .next_item_experiment import load_allmrec
 
         return NextItemRecommender(load_allmrec(folder, dataset, device), dataset, folder)
@@ -67,18 +68,6 @@ def _dataset(data) -> CTRDataset:
     if isinstance(data, CTRDataset):
         return data
     return load_collm_split(resolve_data_dir(data), max_history=DATA_HISTORY)
-
-
-def _run_format(folder: Path) -> str:
-    path = folder / "config.json"
-    if not folder.is_dir():
-        raise CCFLLMError(f"{folder} is not a folder: pass the run folder `ccfllm train` wrote.")
-    if not path.is_file():
-        raise CCFLLMError(f"{folder} holds no config.json: it is not a finished ccfllm run.")
-    try:
-        return str(json.loads(path.read_text()).get("format", ""))
-    except (json.JSONDecodeError, AttributeError) as exc:
-        raise CCFLLMError(f"{path} is not a ccfllm run record ({exc}).") from exc
 
 
 # -- histories ---------------------------------------------------------------------------------------

@@ -328,9 +328,9 @@ def ccf_train(preset, method, data_dir, out, seed, resume, settings, overwrite, 
     config = ccf_config(preset, **overrides)
     default_out = f"runs/{config.method}/{config.cf_model}-{preset}-seed{config.seed}"
     world = current_world(config.device)  # under `accelerate launch` or torchrun: this process's rank
+    out = _unused_run_folder(out or default_out, overwrite, check=world.is_main)  # a bad --out fails first
     if world.is_main:
         click.echo(_what_this_run_is(asked, preset, config))
-    out = _unused_run_folder(out or default_out, overwrite, check=world.is_main)
     dataset = load_collm_split(resolve_data_dir(data_dir), max_history=CF_HISTORY)
     with _saying_where_finished_parts_wait(out, world.is_main):
         result = run_ccf_llm(config, dataset, out, overwrite=overwrite, progress=not quiet, resume=resume)

@@ -4,14 +4,14 @@ LLM alone (zero-shot, titles only), A-LLMRec (or MLP-LLM), A-LLMRec(SBERT) and a
 model on the same prompt without soft tokens, over all test rows and over the rows whose answer is a
 cold or a warm item; and the training and inference time of A-LLMRec against that TALLRec model.
 
-A run folder holds config.json, metrics.json (the table and the training curves) and the trained parts
+A run folder holds config.json (run_folder.py's record, of kind 'allmrec'), metrics.json (the table
+and the training curves) and the trained parts
 in safetensors: SASRec, the alignment, the projections, and the items' sentence embeddings (the
 fine-tuned encoder's output, which is all that A-LLMRec(SBERT) reads).
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -23,31 +23,24 @@ from safetensors.torch import save_file
 
 from .cf.next_item import next_item_metrics, rank_candidates, train_next_item_sasrec
 from .cf.sasrec import SASRec
-from .config import AllmrecConfig, cf_config, replace_checked, to_dict
+from .config import AllmrecConfig, cf_config, replace_checked
 from .data.dataset import CTRDataset, refuse_other_dataset
 from .data.next_item import NextItemSplit, NextItemTask, next_item_task
 from .device import resolve_device
 from .errors import CheckpointError
-from .io import atomic_path, read_safetensors, write_json
+from .io import atomic_path, read_safetensors
 from .llm import add_lora, check_llm_source, load_llm
 from .methods.allmrec import ALLMRec, CollaborativeTextAlignment, ask, item_text_embeddings, joint_space_check
 from .metrics import target_ranks
 from .next_item_prompt import GENRE_QUESTION, NextItemPrompts
 from .next_item_scoring import candidate_scores
 from .next_item_train import AlignmentResult, train_alignment, train_stage2
-from .partial import (
-    drop_if_nothing_finished,
-    open_partial_folder,
-    progress_file,
-    random_state,
-    restore_random_state,
-)
+from .partial import drop_if_nothing_finished, open_partial_folder, progress_file, read_part, save_part
+from .run_folder import ALLMREC, read_run_record, require_file, write_metrics, write_run_record
 from .text_encoder import encoder_folder, load_sentence_encoder
 from .train import sample_rows
 
 NOUNS = {"movies": "movie", "books": "book"}
-# /2: the alignment holds input scales (buffers) and may end in a LayerNorm; /1 weights do not load.
-FORMAT = "ccfllm-allmrec/2"
 
 
 @dataclass
@@ -173,7 +166,7 @@ def _sasrec_stage1_part(
 def _zero_shot_part(part: Path, model: ALLMRec, plain: NextItemPrompts, measure: _Measure) -> dict:
     """The LLM alone on the titles-only prompt, ranked and timed, kept in `part` or loaded from there."""
     if part.is_dir():
-        return _read_part(part)
+        return read_part(part)[0]
     clock = time.perf_counter()
     record = {"row": measure.row("LLM alone (zero-shot, titles)", measure.by_llm(model, plain))}
     record["timings"] = {"zero_shot_inference_s": time.perf_counter() - clock}
@@ -224,23 +217,17 @@ def _stage2_part(
 def _save_part(folder: Path, record: dict, device: torch.device | None = None, **weights) -> None:
     """A finished part: its JSON `record`, the `weights` (modules or tensors) it trained, and where it
     drew random numbers (`device` given), the random-number state after it."""
-    with atomic_path(folder) as tmp:
-        tmp.mkdir()
+
+    def write_weights(tmp: Path) -> None:
         for name, value in weights.items():
             _save_weights(tmp, name, value)
-        if device is not None:
-            save_file(random_state(device), tmp / "random_state.safetensors")
-        write_json(tmp / "part.json", record)
 
-
-def _read_part(folder: Path) -> dict:
-    return json.loads(_require_file(folder / "part.json").read_text())
+    save_part(folder, record, device=device, write_weights=write_weights)
 
 
 def _resume_from(folder: Path, device: torch.device) -> dict:
     """A finished part's record, with the random-number state it ended with restored."""
-    restore_random_state(read_safetensors(_require_file(folder / "random_state.safetensors")), device)
-    return _read_part(folder)
+    return read_part(folder, device)[0]
 
 
 def train_sasrec_and_alignment(
@@ -379,10 +366,7 @@ def _save(
     for name in ("sasrec", "alignment", "user_projection", "item_projection"):
         _save_weights(folder, name, getattr(model, name))
     _save_weights(folder, "item_texts", model.text_items)
-    write_json(
-        folder / "config.json",
-        {"format": FORMAT, "config": to_dict(config), "dataset": dataset.fingerprint()},
-    )
+    write_run_record(folder, ALLMREC, config, dataset)
     metrics = {
         "table": table,
         "timings": timings,
@@ -390,7 +374,7 @@ def _save(
         "joint_space": joint_space,
         "stage2_losses": stage2_losses,
     }
-    write_json(folder / "metrics.json", metrics)
+    write_metrics(folder, metrics)
 
 
 def _save_weights(folder: Path, name: str, value: torch.nn.Module | torch.Tensor) -> None:
@@ -411,7 +395,7 @@ class LoadedAllmrec:
 def load_allmrec(folder: str | Path, dataset: CTRDataset, device: str = "auto") -> LoadedAllmrec:
     """Rebuild a saved A-LLMRec run: the same task (it is seeded), SASRec, the alignment, the projections."""
     folder = Path(folder)
-    record = _read_record(folder)
+    record = read_run_record(folder, ALLMREC)
     refuse_other_dataset(folder, record["dataset"], dataset)
     config = replace_checked(AllmrecConfig(), {**record["config"], "device": device})
     task = next_item_task(
@@ -461,24 +445,5 @@ def evaluate_allmrec(run: LoadedAllmrec, split: str = "test", progress: bool = T
     return results
 
 
-def _read_record(folder: Path) -> dict:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing: {folder} is not a saved A-LLMRec run.")
-    record = json.loads(path.read_text())
-    if record.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{path} is not an A-LLMRec run of this version (format {record.get('format')!r}, expected "
-            f"{FORMAT!r}); train it again with `ccfllm allmrec train`."
-        )
-    return record
-
-
 def _weights(folder: Path, name: str) -> dict[str, torch.Tensor]:
-    return read_safetensors(_require_file(folder / f"{name}.safetensors"))
-
-
-def _require_file(path: Path) -> Path:
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing: the run folder is incomplete. Retrain the run.")
-    return path
+    return read_safetensors(require_file(folder / f"{name}.safetensors"))

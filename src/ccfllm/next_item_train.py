@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .cf.sasrec import SASRec
 from .data.next_item import (
@@ -23,6 +22,7 @@ from .data.next_item import (
     unliked_item,
 )
 from .device import seed_everything
+from .loop import optimiser_step, progress_bar, resume_loop_progress, save_loop_progress
 from .methods import allmrec
 from .methods.allmrec import (
     ALLMRec,
@@ -31,7 +31,7 @@ from .methods.allmrec import (
     titled_ids,
 )
 from .next_item_prompt import NextItemPrompts
-from .partial import load_progress, loop_state, restore_loop_state, save_progress
+from .partial import load_progress
 from .text_encoder import SentenceEncoder
 
 
@@ -82,7 +82,8 @@ def train_alignment(
     titles = task.item_titles
     history_width = sasrec.config.max_history
     epochs_log = []
-    for _ in tqdm(range(epochs), desc="A-LLMRec stage 1", unit="epoch", disable=not progress):
+    bar = progress_bar(epochs, "A-LLMRec stage 1", unit="epoch", enabled=progress)
+    for _ in range(epochs):
         encoder.train(not freeze_text)
         totals: dict[str, list[float]] = {}
         for batch in torch.randperm(len(train), generator=generator).split(batch_size):
@@ -100,13 +101,12 @@ def train_alignment(
             losses = alignment.losses(
                 torch.cat([positive_cf, negative_cf]), text, user, positive_cf, negative_cf
             )
-            loss = losses.total(alpha, beta, matching)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
+            optimiser_step(losses.total(alpha, beta, matching), optimiser)
             for name, value in vars(losses).items():
                 totals.setdefault(name, []).append(value.item())
         epochs_log.append({name: float(np.mean(values)) for name, values in totals.items()})
+        bar.update()
+    bar.close()
     alignment.eval()
     encoder.eval()
     return AlignmentResult(alignment, epochs_log)
@@ -158,10 +158,7 @@ def train_stage2(
     saved = load_progress(progress_file)
     if saved is not None:
         losses, order, seconds_before = _resume_stage2(saved, parameters, optimiser, generator, rng)
-    bar = tqdm(
-        total=steps_per_epoch * epochs, initial=len(losses), desc=label, unit="step",
-        disable=not progress,
-    )  # fmt: skip
+    bar = progress_bar(steps_per_epoch * epochs, label, initial=len(losses), enabled=progress)
     saved_at = time.perf_counter()
     for epoch in range(len(losses) // steps_per_epoch, epochs):
         if order is None or epoch * steps_per_epoch == len(losses):
@@ -172,10 +169,7 @@ def train_stage2(
             model.train()
             history, target = train.history[rows], train.target[rows]
             loss = allmrec.next_title_loss(model, prompts, history, candidates, target, compile)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            losses.append(loss.item())
+            losses.append(optimiser_step(loss, optimiser))
             bar.update()
             last = len(losses) == steps_per_epoch * epochs
             if progress_file is not None and (last or time.perf_counter() - saved_at >= checkpoint_seconds):
@@ -195,17 +189,15 @@ class Stage2Result:
 
 def _save_stage2(path, parameters, optimiser, losses, seconds, order, generator, rng) -> None:
     """Stage 2's state after a step: weights, optimiser, losses, this epoch's order, random numbers."""
-    tensors, groups = loop_state(parameters, optimiser)
-    tensors = {**tensors, "order": order, "generator": generator.get_state()}
-    record = {"losses": losses, "seconds": seconds, "optimiser": groups, "numpy_rng": rng.bit_generator.state}
-    save_progress(path, tensors, record)
+    tensors = {"order": order, "generator": generator.get_state()}
+    record = {"losses": losses, "seconds": seconds, "numpy_rng": rng.bit_generator.state}
+    save_loop_progress(path, parameters, optimiser, record, tensors)
 
 
 def _resume_stage2(saved, parameters, optimiser, generator, rng) -> tuple[list[float], torch.Tensor, float]:
     """Load what `_save_stage2` kept into the loop's objects; -> (losses so far, this epoch's order,
     seconds so far)."""
-    tensors, record = saved
-    restore_loop_state(tensors, record["optimiser"], parameters, optimiser)
+    tensors, record = resume_loop_progress(saved, parameters, optimiser)
     generator.set_state(tensors["generator"])
     rng.bit_generator.state = record["numpy_rng"]
     return record["losses"], tensors["order"], record["seconds"]

@@ -1,14 +1,22 @@
 """An interrupted run's finished parts: the folder OUT.partial that keeps them until the run is done,
-the check that a resumed run has the settings and data of the one that started it, the random-number
-state a part ends with, so that a resumed run goes on exactly as an unbroken one, and a training
-loop's state part-way through a stage (`save_progress`), so that a stage resumes from its last
-checkpoint rather than from its start."""
+the check that a resumed run has the settings and data of the one that started it, a finished part
+(`save_part`: its record, weights, tensors and the random-number state it ends with, so that a
+resumed run goes on exactly as an unbroken one), and a training loop's state part-way through a
+stage (`save_progress`), so that a stage resumes from its last checkpoint rather than from its start.
+
+A finished part is a folder of
+  part.json           its JSON record (what it measured, its timings, losses)
+  state.safetensors   its tensors (test scores, say) and the random-number state after it
+  NAME.safetensors... the weights it trained, as the run writes them
+Parts left by an earlier version are read too: CCF-LLM's stages kept the record in stage.json,
+A-LLMRec's parts the random-number state in random_state.safetensors.
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -19,7 +27,8 @@ from .config import to_dict
 from .data.dataset import CTRDataset, refuse_other_dataset
 from .distributed import SINGLE, World
 from .errors import CheckpointError
-from .io import atomic_path, make_folder, write_json
+from .io import atomic_path, make_folder, read_safetensors, write_json
+from .run_folder import require_file
 
 
 def partial_folder(out: str | Path) -> Path:
@@ -97,6 +106,57 @@ def restore_random_state(state: dict[str, torch.Tensor], device: torch.device, w
     torch.set_rng_state(state["rng"])
     if "rng_cuda" in state and device.type == "cuda":
         torch.cuda.set_rng_state(state["rng_cuda"], device)
+
+
+# -- a finished part ---------------------------------------------------------------------------------
+
+PART_RECORD, PART_STATE = "part.json", "state.safetensors"
+EARLIER_RECORD, EARLIER_STATE = "stage.json", "random_state.safetensors"  # before one part format
+
+
+def save_part(
+    folder: Path,
+    record: dict,
+    *,
+    tensors: dict[str, torch.Tensor] | None = None,
+    device: torch.device | None = None,
+    write_weights: Callable[[Path], None] | None = None,
+    world: World = SINGLE,
+) -> None:
+    """A finished part, atomically: its JSON `record`, its `tensors`, the weights `write_weights` puts
+    in the folder, and, where it drew random numbers (`device` given), the random-number state after
+    it (every rank's, gathered: every rank calls; rank 0 writes)."""
+    state = {name: value.contiguous() for name, value in (tensors or {}).items()}
+    if device is not None:
+        state.update(random_state(device, world))
+    if not world.is_main:
+        return
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        if write_weights is not None:
+            write_weights(tmp)
+        if state:
+            save_file(state, tmp / PART_STATE)
+        write_json(tmp / PART_RECORD, record)
+
+
+def read_part(
+    folder: Path, device: torch.device | None = None, world: World = SINGLE
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(record, tensors) of a finished part; with `device`, its random-number state is put back, so
+    that the run goes on as it would have after the part."""
+    tensors = {}
+    if device is not None:
+        tensors = read_safetensors(require_file(_either(folder, PART_STATE, EARLIER_STATE)))
+        restore_random_state(tensors, device, world)
+    record = json.loads(require_file(_either(folder, PART_RECORD, EARLIER_RECORD)).read_text())
+    return record, tensors
+
+
+def _either(folder: Path, name: str, earlier_name: str) -> Path:
+    """folder/name, or the file of `earlier_name` where only an earlier version's part has one."""
+    path, earlier = folder / name, folder / earlier_name
+    return earlier if not path.exists() and earlier.exists() else path
 
 
 # -- a stage part-way: its loop's state at its last checkpoint ----------------------------------------

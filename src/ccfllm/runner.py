@@ -272,7 +272,8 @@ def _run_one(
 
 def _stage1_donor(config, records: list[dict]) -> dict | None:
     """A recorded run (its record) whose stage 1 is the one `config` would train, if any."""
-    from .experiment import read_run_config, stage1_signature
+    from .recommender import read_run_config
+    from .schedule import stage1_signature
 
     wanted = stage1_signature(config)
     if wanted is None:

@@ -1,14 +1,10 @@
-"""One training loop for the LLM recommenders: the stage decides what trains (section 3.4).
-
-Stage 1 (LORA) updates only the LoRA weights Θ_L; stage 2 (FUSION) only ALG and GATE (Θ_A, Θ_G, and the
-CF backbone Θ_E if asked) with the LLM frozen; ALL trains everything at once (the end-to-end row of
-Table 4). Each stage is early-stopped on valid AUC and ends holding its best weights; the starting point
+"""One training loop for the LLM recommenders: the stage decides what trains (schedule.py, section
+3.4). Each stage is early-stopped on valid AUC and ends holding its best weights; the starting point
 counts as a candidate, so a stage never ends worse on valid than it began.
 """
 
 from __future__ import annotations
 
-import enum
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from .config import CCFConfig
@@ -26,17 +21,20 @@ from .data.dataset import Split
 from .distributed import SINGLE, World, check_global_batch
 from .engine import score_rows
 from .errors import CCFLLMError
+from .loop import (
+    EarlyStopping,
+    Update,
+    optimiser_step,
+    progress_bar,
+    resume_loop_progress,
+    save_loop_progress,
+)
 from .methods import LOSSES
 from .methods.ccf_llm import CCFLLM, Answer
 from .metrics import auc
-from .partial import load_progress, loop_state, restore_loop_state, save_progress
+from .partial import load_progress
 from .prompt import PromptBatch, PromptBuilder
-
-
-class Stage(enum.Enum):
-    LORA = "lora"
-    FUSION = "fusion"
-    ALL = "all"
+from .schedule import Stage, learning_rate, trainable_parameters, training_rows, trains_backbone
 
 
 @dataclass
@@ -49,22 +47,6 @@ class StageResult:
     curve: list[dict] = field(
         default_factory=list
     )  # per validation: step, train loss since the last, valid AUC
-
-
-def trainable_parameters(model: CCFLLM, stage: Stage, tune_cf: bool) -> list[torch.nn.Parameter]:
-    """Freeze everything, then unfreeze what `stage` trains; return those parameters."""
-    model.requires_grad_(False)
-    chosen: list[torch.nn.Module] = []
-    if stage in (Stage.LORA, Stage.ALL):
-        lora = [p for name, p in model.llm.named_parameters() if "lora_" in name]
-        for parameter in lora:
-            parameter.requires_grad_(True)
-    if stage in (Stage.FUSION, Stage.ALL):
-        backbones = [f.backbone for f in (model.cf, model.second_cf) if f is not None] if tune_cf else []
-        chosen = model.fusion_modules() + backbones
-        for module in chosen:
-            module.requires_grad_(True)
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 def train_stage(
@@ -87,13 +69,11 @@ def train_stage(
     the global one) and scores its share of the valid rows; only rank 0 saves the progress."""
     started = time.perf_counter()
     check_global_batch(config.batch_size, world)
-    lr = config.lr_lora if stage == Stage.LORA else config.lr_fusion
     parameters = trainable_parameters(model, stage, config.tune_cf)
-    optimiser = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    optimiser = torch.optim.AdamW(parameters, lr=learning_rate(config, stage), weight_decay=0.0)
     scaler = loss_scaler(model, parameters)
     generator = np.random.default_rng(config.seed)
-    wanted = config.train_rows if stage == Stage.LORA else config.fusion_rows
-    train_rows = sample_rows(len(train), wanted, generator)
+    train_rows = sample_rows(len(train), training_rows(config, stage), generator)
     valid_rows = sample_rows(len(valid), config.valid_rows, np.random.default_rng(config.seed + 1))
     steps_per_epoch = -(-len(train_rows) // config.batch_size)
     eval_every = config.eval_every or steps_per_epoch
@@ -114,25 +94,26 @@ def train_stage(
     saved = load_progress(progress_file)
     if saved is None:
         best_state = _snapshot(parameters)
-        loop = _Loop(step=0, best_auc=validate(), best_step=0, bad_validations=0, seconds=0.0)
-        loop.curve.append({"step": 0, "train_loss": None, "valid_auc": loop.best_auc})
+        start = validate()  # the starting point is a candidate: a stage never ends worse than it began
+        loop = _Loop(step=0, stopping=EarlyStopping(config.patience, best=start, best_at=0), seconds=0.0)
+        loop.curve.append({"step": 0, "train_loss": None, "valid_auc": start})
     else:
-        loop, best_state = _resumed_loop(saved, parameters, optimiser, schedule, scaler, world)
-    losses = []
-    bar = tqdm(
-        total=total_steps, initial=loop.step, desc=f"stage {stage.value}", unit="step", disable=not progress
-    )
-    bar.set_postfix(valid_auc=f"{loop.best_auc:.4f}")
-    for rows in batches[loop.step :] if loop.bad_validations < config.patience else []:
+        loop, best_state = _resumed_loop(
+            saved, config.patience, parameters, optimiser, schedule, scaler, world
+        )
+    stopping, losses = loop.stopping, []
+    bar = progress_bar(total_steps, f"stage {stage.value}", initial=loop.step, enabled=progress)
+    bar.set_postfix(valid_auc=f"{stopping.best:.4f}")
+    for rows in batches[loop.step :] if not stopping.done else []:
         model.train()
         if model.cf is not None:  # a frozen backbone keeps eval mode (no dropout)
-            model.cf.train(config.tune_cf and stage != Stage.LORA)
+            model.cf.train(trains_backbone(config, stage))
         mine = world.shard(rows)
         batch = builder.batch(train.uid[mine], train.iid[mine], train.history[mine], train.label[mine])
         share = len(mine) / len(rows)  # of the global batch's mean loss
         with cf_features_of(model, train_features):
-            step = Update(parameters, world, share, scaler)
-            losses.append(training_step(model, batch.to(device), optimiser, loss_for(config), update=step))
+            update = Update(parameters, world, share, scaler)
+            losses.append(training_step(model, batch.to(device), optimiser, loss_for(config), update=update))
         schedule.step()
         loop.step += 1
         bar.update()
@@ -141,27 +122,24 @@ def train_stage(
         valid_auc = validate()
         loop.curve.append({"step": loop.step, "train_loss": float(np.mean(losses)), "valid_auc": valid_auc})
         losses = []
-        if valid_auc > loop.best_auc:
-            loop.best_auc, loop.best_step, loop.bad_validations = valid_auc, loop.step, 0
+        if stopping.improved(valid_auc, loop.step):
             best_state = _snapshot(parameters)
-        else:
-            loop.bad_validations += 1
         bar.set_postfix(
             loss=f"{loop.curve[-1]['train_loss']:.4f}",
             valid_auc=f"{valid_auc:.4f}",
-            best=f"{loop.best_auc:.4f}",
+            best=f"{stopping.best:.4f}",
         )
         if progress_file is not None:
             seconds = time.perf_counter() - started
             state = (parameters, best_state, optimiser, schedule, scaler)
             _save_loop(progress_file, loop, seconds, *state, world)
-        if loop.bad_validations >= config.patience:
+        if stopping.done:
             break
     bar.close()
     _restore(parameters, best_state)
     model.eval()
     seconds = loop.seconds + time.perf_counter() - started
-    return StageResult(stage.value, loop.best_auc, loop.best_step, loop.step, seconds, loop.curve)
+    return StageResult(stage.value, stopping.best, stopping.best_at, loop.step, seconds, loop.curve)
 
 
 @dataclass
@@ -169,9 +147,7 @@ class _Loop:
     """What train_stage's loop carries from step to step, besides the weights and the optimiser."""
 
     step: int
-    best_auc: float
-    best_step: int
-    bad_validations: int
+    stopping: EarlyStopping  # on valid AUC
     seconds: float  # spent in this stage by the processes before this one
     curve: list[dict] = field(default_factory=list)
 
@@ -179,29 +155,35 @@ class _Loop:
 def _save_loop(
     path: Path, loop: _Loop, seconds: float, parameters, best_state, optimiser, schedule, scaler, world
 ) -> None:
-    """The loop's state after a validation, for a stage that is interrupted to go on from. Every rank
-    gives its random-number state (a collective); rank 0 writes."""
-    tensors, groups = loop_state(parameters, optimiser, world)
-    if not world.is_main:
-        return
+    """The loop's state after a validation, for a stage that is interrupted to go on from."""
     best = {f"best.{index}": value for index, value in enumerate(best_state)}
-    record = {**vars(loop), "seconds": loop.seconds + seconds, "optimiser": groups}
+    stopping = loop.stopping
+    record = {
+        "step": loop.step,
+        "best_auc": stopping.best,
+        "best_step": stopping.best_at,
+        "bad_validations": stopping.bad,
+        "seconds": loop.seconds + seconds,
+        "curve": loop.curve,
+        "schedule": schedule.state_dict(),
+    }
     if scaler is not None:
         record["loss_scaler"] = scaler.state_dict()
-    save_progress(path, {**tensors, **best}, {**record, "schedule": schedule.state_dict()})
+    save_loop_progress(path, parameters, optimiser, record, best, world)
 
 
-def _resumed_loop(saved, parameters, optimiser, schedule, scaler, world) -> tuple[_Loop, list[torch.Tensor]]:
+def _resumed_loop(
+    saved, patience, parameters, optimiser, schedule, scaler, world
+) -> tuple[_Loop, list[torch.Tensor]]:
     """The loop, weights, optimiser, schedule, loss scale and random-number state `_save_loop` kept;
     -> (loop, best weights)."""
-    tensors, record = saved
-    restore_loop_state(tensors, record.pop("optimiser"), parameters, optimiser, world)
-    schedule.load_state_dict(record.pop("schedule"))
-    scaler_state = record.pop("loss_scaler", None)
-    if scaler is not None and scaler_state is not None:
-        scaler.load_state_dict(scaler_state)
+    tensors, record = resume_loop_progress(saved, parameters, optimiser, world)
+    schedule.load_state_dict(record["schedule"])
+    if scaler is not None and "loss_scaler" in record:
+        scaler.load_state_dict(record["loss_scaler"])
     best_state = [tensors[f"best.{i}"].to(parameters[i].device) for i in range(len(parameters))]
-    return _Loop(**record), best_state
+    stopping = EarlyStopping(patience, record["best_auc"], record["best_step"], record["bad_validations"])
+    return _Loop(record["step"], stopping, record["seconds"], record["curve"]), best_state
 
 
 def check_shards(batches: list[np.ndarray], world: World) -> None:
@@ -234,18 +216,6 @@ def loss_for(config: CCFConfig) -> Callable[[Answer, torch.Tensor], torch.Tensor
     return lambda answer, label: train_loss(answer, label, config.loss_k)
 
 
-@dataclass
-class Update:
-    """How a step turns its loss into an update beyond `optimiser.step()`: in a data-parallel run,
-    its rank's `share` of the global batch and the gradients summed over the ranks; on a float16
-    model, loss scaling (`scaler`)."""
-
-    parameters: list[torch.nn.Parameter]
-    world: World = SINGLE
-    share: float = 1.0
-    scaler: torch.amp.GradScaler | None = None
-
-
 def training_step(
     model: CCFLLM,
     batch: PromptBatch,
@@ -256,26 +226,7 @@ def training_step(
 ) -> float:
     """One update on `loss`; `log_probs` is the forward that gives the answer (engine or naive).
     -> the loss, over the global batch where `update` shares it among ranks."""
-    value = loss(log_probs(model, batch), batch.label)
-    optimiser.zero_grad(set_to_none=True)
-    if update is None or (update.world.size == 1 and update.scaler is None):
-        value.backward()
-        optimiser.step()
-        return value.item()
-    # A rank's mean loss weighs by its share of the batch: the ranks' gradients then sum to those
-    # of the mean over the global batch, however unevenly the batch divides.
-    weighted = value * update.share
-    scaled = update.scaler.scale(weighted) if update.scaler is not None else weighted
-    scaled.backward()
-    total = weighted.item()
-    if update.world.size > 1:  # summed before unscaling: every rank sees the same inf/NaN, skips alike
-        total = update.world.sum_gradients(update.parameters, weighted)
-    if update.scaler is None:
-        optimiser.step()
-    else:
-        update.scaler.step(optimiser)  # unscales; skips the step where a gradient overflowed
-        update.scaler.update()
-    return total
+    return optimiser_step(loss(log_probs(model, batch), batch.label), optimiser, update)
 
 
 def loss_scaler(model: CCFLLM, parameters: list[torch.nn.Parameter]) -> torch.amp.GradScaler | None:

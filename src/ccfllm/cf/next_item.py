@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..config import CFConfig
 from ..data.dataset import pad_histories
 from ..data.next_item import NextItemSplit, NextItemTask
 from ..device import resolve_device, seed_everything
 from ..errors import CCFLLMError
+from ..loop import EarlyStopping, optimiser_step, progress_bar
 from ..metrics import hit_at_k, ndcg_at_k, target_ranks
 from .sasrec import SASRec
 
@@ -51,9 +51,9 @@ def train_next_item_sasrec(
     liked = [set(task.sequences[u].tolist()) for u in users]
     sampler = np.random.default_rng(config.seed)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
-    best, best_epoch, best_state, stale, epochs = -1.0, -1, None, 0, []
-    bar = tqdm(range(config.max_epochs), desc="train sasrec (next item)", unit="epoch", disable=not progress)
-    for epoch in bar:
+    stopping, best_state, epochs = EarlyStopping(config.patience), None, []
+    bar = progress_bar(config.max_epochs, "train sasrec (next item)", unit="epoch", enabled=progress)
+    for epoch in range(config.max_epochs):
         model.train()
         negative = torch.as_tensor(_negatives(liked, task.n_items, sampler), device=device)
         losses = []
@@ -64,23 +64,21 @@ def train_next_item_sasrec(
             loss = F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos))
             loss = loss + F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg))
             loss = loss + config.weight_decay * model.item_table(positive[batch]).pow(2).sum(-1).mean()
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            losses.append(loss.item())
+            losses.append(optimiser_step(loss, optimiser))
         ndcg = ndcg_at_k(rank_candidates(model, task.splits["valid"]), 10)
         epochs.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "valid_ndcg10": ndcg})
-        if ndcg > best:
-            best, best_epoch, best_state, stale = ndcg, epoch, copy.deepcopy(model.state_dict()), 0
-        else:
-            stale += 1
-        bar.set_postfix(loss=f"{np.mean(losses):.4f}", valid_ndcg10=f"{ndcg:.4f}", best=f"{best:.4f}")
-        if stale >= config.patience:
+        if stopping.improved(ndcg, epoch):
+            best_state = copy.deepcopy(model.state_dict())
+        bar.update()
+        bar.set_postfix(
+            loss=f"{np.mean(losses):.4f}", valid_ndcg10=f"{ndcg:.4f}", best=f"{stopping.best:.4f}"
+        )
+        if stopping.done:
             break
     bar.close()
     model.load_state_dict(best_state)
     model.eval()
-    return NextItemTrainResult(model, best_epoch, best, epochs, time.perf_counter() - started)
+    return NextItemTrainResult(model, stopping.best_at, stopping.best, epochs, time.perf_counter() - started)
 
 
 @torch.no_grad()

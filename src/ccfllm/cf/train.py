@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..config import CFConfig
 from ..data.dataset import CTRDataset, Split
 from ..device import resolve_device, seed_everything
+from ..loop import EarlyStopping, optimiser_step, progress_bar
 from ..metrics import auc, split_metrics
 from . import cf_model_class
 from .base import CFModel
@@ -61,10 +61,9 @@ def train_cf(config: CFConfig, dataset: CTRDataset, progress: bool = True) -> CF
     valid = SplitTensors.of(dataset.valid, config.max_history, device)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
 
-    best_auc, best_epoch, best_state, epochs_without_gain = -1.0, -1, None, 0
-    epochs = []
-    bar = tqdm(range(config.max_epochs), desc=f"train {config.model}", unit="epoch", disable=not progress)
-    for epoch in bar:
+    stopping, best_state, epochs = EarlyStopping(config.patience), None, []
+    bar = progress_bar(config.max_epochs, f"train {config.model}", unit="epoch", enabled=progress)
+    for epoch in range(config.max_epochs):
         model.train()
         losses = []
         for batch in (
@@ -81,26 +80,23 @@ def train_cf(config: CFConfig, dataset: CTRDataset, progress: bool = True) -> CF
             loss = F.binary_cross_entropy_with_logits(logits, label)
             embedding_l2, bias_l2 = model.l2(users, items, uid, iid)
             loss = loss + config.weight_decay * embedding_l2 + config.bias_decay * bias_l2
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            losses.append(loss.item())
+            losses.append(optimiser_step(loss, optimiser))
 
         valid_auc = auc(dataset.valid.label, predict_tensors(model, valid, config.batch_size * 4))
         epochs.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "valid_auc": valid_auc})
-        if valid_auc > best_auc:
-            best_auc, best_epoch, epochs_without_gain = valid_auc, epoch, 0
+        if stopping.improved(valid_auc, epoch):
             best_state = copy.deepcopy(model.state_dict())
-        else:
-            epochs_without_gain += 1
-        bar.set_postfix(loss=f"{np.mean(losses):.4f}", valid_auc=f"{valid_auc:.4f}", best=f"{best_auc:.4f}")
-        if epochs_without_gain >= config.patience:
+        bar.update()
+        bar.set_postfix(
+            loss=f"{np.mean(losses):.4f}", valid_auc=f"{valid_auc:.4f}", best=f"{stopping.best:.4f}"
+        )
+        if stopping.done:
             break
     bar.close()
 
     model.load_state_dict(best_state)
     model.eval()
-    return CFTrainResult(model, best_epoch, best_auc, epochs, time.perf_counter() - started)
+    return CFTrainResult(model, stopping.best_at, stopping.best, epochs, time.perf_counter() - started)
 
 
 @torch.no_grad()

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..cf.sasrec import SASRec
 from ..data.next_item import NextItemTask
-from ..llm import float32_output_weight
+from ..llm_speed import float32_output_weight
 from ..next_item_prompt import GENRE_QUESTION, NextItemPrompts, answered
 from ..prompt import ITEM_SLOT, USER, PromptBatch, collate
 from ..text_encoder import SentenceEncoder
