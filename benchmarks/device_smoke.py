@@ -18,7 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from ccfllm.config import ccf_config  # noqa: E402
 from ccfllm.data import load_collm_split  # noqa: E402
-from ccfllm.experiment import evaluate_run, load_run, run_ccf_llm  # noqa: E402
+from ccfllm.experiment import run_ccf_llm
+from ccfllm.recommender import evaluate_run, load_run
 from conftest import TINY_CCF, save_tiny_llama, write_tiny_split  # noqa: E402  (the tests' tiny data and LLM)
 
 

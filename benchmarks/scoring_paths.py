@@ -19,8 +19,8 @@ from ccfllm.data import load_collm_split
 from ccfllm.data.paths import resolve_data_dir
 from ccfllm.device import cpu_kind, keep_freed_memory
 from ccfllm.engine import score_rows
-from ccfllm.experiment import load_run
 from ccfllm.metrics import auc
+from ccfllm.recommender import load_run
 
 PATHS = {  # name: (what it is, compile_scoring, scoring_int8)
     "forward": ("float32, decoder forward", False, False),

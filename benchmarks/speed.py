@@ -43,9 +43,9 @@ from ccfllm.data.paths import resolve_data_dir
 from ccfllm.device import cpu_has_bf16, cpu_kind, keep_freed_memory
 from ccfllm.engine import naive_log_probs, naive_score_rows, score_rows, use_plain_lora_dropout
 from ccfllm.errors import CCFLLMError
-from ccfllm.experiment import load_run, read_run_config
 from ccfllm.io import write_json
 from ccfllm.metrics import auc
+from ccfllm.recommender import load_run, read_run_config
 from ccfllm.train import Stage, loss_for, sample_rows, trainable_parameters, training_step
 
 

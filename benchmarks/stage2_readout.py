@@ -28,8 +28,8 @@ from safetensors.numpy import load_file
 from ccfllm.data import load_collm_split, resolve_data_dir
 from ccfllm.engine import score_rows
 from ccfllm.errors import CCFLLMError
-from ccfllm.experiment import load_run, read_run_config
 from ccfllm.metrics import auc, logit
+from ccfllm.recommender import load_run, read_run_config
 
 WEIGHTS = (0.3, 0.5, 0.6, 0.7, 0.8, 1.0, 1.3, 1.6, 2.0)
 

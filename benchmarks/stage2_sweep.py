@@ -24,9 +24,10 @@ from ccfllm.data.dataset import without_latest_train_rows
 from ccfllm.device import seed_everything
 from ccfllm.engine import score_rows
 from ccfllm.errors import CCFLLMError
-from ccfllm.experiment import backbone_config, cf_features, load_run, read_run_config, test_split
+from ccfllm.experiment import backbone_config, test_split
 from ccfllm.methods.ccf_llm import Alignment, Gate
 from ccfllm.metrics import auc, uauc
+from ccfllm.recommender import cf_features, load_run, read_run_config
 from ccfllm.train import Stage, train_stage
 
 

@@ -10,8 +10,8 @@ from ccfllm.analysis import case_study, item_views, tsne_figure
 from ccfllm.cf.train import predict_split
 from ccfllm.config import ccf_config
 from ccfllm.errors import CCFLLMError
-from ccfllm.experiment import build_recommender
 from ccfllm.llm import load_llm
+from ccfllm.recommender import build_recommender
 from ccfllm.report import write_report
 from conftest import TINY_CCF
 

@@ -13,7 +13,7 @@ from ccfllm.api import CCFRecommender, parse_history
 from ccfllm.cli import main
 from ccfllm.engine import score_rows
 from ccfllm.errors import CCFLLMError
-from ccfllm.experiment import predict_rows
+from ccfllm.prediction import predict_rows
 from ccfllm.prompt import ITEM
 
 

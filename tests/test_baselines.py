@@ -14,13 +14,14 @@ import torch.nn.functional as F
 from ccfllm.cf.train import train_cf
 from ccfllm.config import ccf_config, cf_config
 from ccfllm.errors import CCFLLMError
-from ccfllm.experiment import build_recommender, evaluate_run, load_run, run_ccf_llm
+from ccfllm.experiment import run_ccf_llm
 from ccfllm.llm import load_llm
 from ccfllm.methods.ccf_llm import Answer
 from ccfllm.methods.collm import collm_loss, yes_logit_score
 from ccfllm.methods.tallrec import tallrec_loss
 from ccfllm.methods.tallrec_cf import similar_items
 from ccfllm.prompt import ITEM, ITEM_SLOT, TEXT, USER, PromptBuilder
+from ccfllm.recommender import build_recommender, evaluate_run, load_run
 from ccfllm.train import Stage, loss_for, trainable_parameters, training_step
 from conftest import TINY_CCF
 

@@ -16,18 +16,23 @@ from ccfllm.config import ccf_config
 from ccfllm.data.dataset import without_latest_train_rows
 from ccfllm.engine import score_rows
 from ccfllm.errors import CCFLLMError, CheckpointError
-from ccfllm.experiment import (
-    build_recommender,
-    evaluate_run,
-    load_run,
-    predict_rows,
-    run_ccf_llm,
-)
+from ccfllm.experiment import run_ccf_llm
 from ccfllm.llm import load_llm
+from ccfllm.loop import Update
 from ccfllm.methods.ccf_llm import CFFeatures, ccf_loss, click_score
 from ccfllm.metrics import auc
 from ccfllm.partial import partial_folder
-from ccfllm.train import Stage, learning_rate_schedule, train_stage, trainable_parameters
+from ccfllm.prediction import predict_rows
+from ccfllm.recommender import build_recommender, evaluate_run, load_run
+from ccfllm.train import (
+    Stage,
+    learning_rate_schedule,
+    loss_for,
+    loss_scaler,
+    train_stage,
+    trainable_parameters,
+    training_step,
+)
 from conftest import TINY_CCF, one_label_flipped, stopping_on_call
 
 
@@ -407,3 +412,62 @@ def test_a_run_interrupted_inside_a_stage_resumes_from_its_last_validation(
     assert not partial.exists()
     scores = [pd.read_parquet(folder / "predictions.parquet").score for folder in (out, unbroken.folder)]
     assert scores[0].equals(scores[1])
+
+
+@pytest.fixture
+def float16_recommender(tiny_llm_dir, tiny_dataset, backbone):
+    """The V100 path (`dtype=auto` is float16 on CUDA without bf16), on the CPU: a float16 LLM."""
+    torch.manual_seed(0)
+    config = tiny_ccf_config(tiny_llm_dir, dtype="float16")
+    llm = load_llm(str(tiny_llm_dir), device="cpu", dtype="float16")
+    return build_recommender(config, tiny_dataset, backbone, llm)
+
+
+@pytest.mark.parametrize("stage", [Stage.LORA, Stage.FUSION])
+def test_a_float16_llm_trains_with_loss_scaling_on_float32_weights(float16_recommender, tiny_dataset, stage):
+    model = float16_recommender.model
+    assert next(model.llm.get_base_model().parameters()).dtype == torch.float16
+    parameters = trainable_parameters(model, stage, tune_cf=False)
+    scaler = loss_scaler(model, parameters)
+    assert isinstance(scaler, torch.amp.GradScaler)  # never unscaled float16 training
+    assert {p.dtype for p in parameters} == {torch.float32}  # updates are not rounded to float16
+    before = [p.detach().clone() for p in parameters]
+    optimiser = torch.optim.AdamW(parameters, lr=1e-2)
+    batch = train_batch(float16_recommender, tiny_dataset, with_cf=stage is Stage.FUSION)
+    losses = [
+        training_step(
+            model,
+            batch,
+            optimiser,
+            loss_for(float16_recommender.config),
+            update=Update(parameters, scaler=scaler),
+        )
+        for _ in range(4)
+    ]
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
+    assert any(not torch.equal(b, p) for b, p in zip(before, parameters, strict=True))
+
+
+def test_a_float16_step_whose_scaled_gradients_overflow_is_skipped(float16_recommender, tiny_dataset):
+    model = float16_recommender.model
+    parameters = trainable_parameters(model, Stage.LORA, tune_cf=False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**120)  # float16 overflows at 65,504
+    before = [p.detach().clone() for p in parameters]
+    optimiser = torch.optim.AdamW(parameters, lr=1e-2)
+    batch = train_batch(float16_recommender, tiny_dataset, with_cf=False)
+    training_step(
+        model,
+        batch,
+        optimiser,
+        loss_for(float16_recommender.config),
+        update=Update(parameters, scaler=scaler),
+    )
+    assert all(torch.equal(b, p) for b, p in zip(before, parameters, strict=True))  # the step was skipped
+    assert scaler.get_scale() == 2.0**119  # and the scale backed off
+
+
+def test_float16_trainable_weights_are_refused_with_the_setting_to_change(float16_recommender):
+    model = float16_recommender.model
+    parameters = trainable_parameters(model, Stage.LORA, tune_cf=False)
+    with pytest.raises(CCFLLMError, match="dtype=bfloat16 or dtype=float32"):
+        loss_scaler(model, [p.detach().half().requires_grad_() for p in parameters])

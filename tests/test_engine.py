@@ -13,9 +13,10 @@ from peft.tuners.lora import Linear as LoraLinear
 from ccfllm.cf.train import train_cf
 from ccfllm.config import ccf_config, cf_config
 from ccfllm.engine import _rows_by_prefix, naive_log_probs, naive_score_rows, score_rows
-from ccfllm.experiment import build_recommender
-from ccfllm.llm import float32_output_weight, load_llm
+from ccfllm.llm import load_llm
+from ccfllm.llm_speed import float32_output_weight
 from ccfllm.prompt import ITEM
+from ccfllm.recommender import build_recommender
 from ccfllm.scoring_layers import layer_weights
 from conftest import TINY_DECODERS, load_tiny_llm
 
@@ -189,7 +190,7 @@ def _left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_only_layers_with_plain_or_merged_linears_take_the_compiled_path(recommender):
-    from ccfllm.llm import merged_lora
+    from ccfllm.llm_speed import merged_lora
 
     model = copy.deepcopy(recommender.model)
     _, decoder = model.decoder_parts()
@@ -328,7 +329,7 @@ def test_qwen2_engine_through_layer_functions_equals_the_naive_path(
 
 
 def test_int8_scoring_moves_the_scores_a_little_and_only_the_seven_linears_change(recommender, tiny_dataset):
-    from ccfllm.llm import merged_lora
+    from ccfllm.llm_speed import merged_lora
     from ccfllm.scoring_layers import Int8Linear, int8_weights, linear
 
     model = copy.deepcopy(recommender.model)

@@ -23,11 +23,9 @@ from transformers import (
 
 from ccfllm.config import ccf_config
 from ccfllm.errors import CCFLLMError
-from ccfllm.experiment import build_recommender
 from ccfllm.llm import (
     EMBEDDED_CACHE_NAME,
     EMBEDDED_LLM,
-    GapDropout,
     add_lora,
     answer_token_ids,
     embedded_gguf,
@@ -35,6 +33,8 @@ from ccfllm.llm import (
     load_llm,
     lora_target_modules,
 )
+from ccfllm.llm_speed import GapDropout
+from ccfllm.recommender import build_recommender
 from ccfllm.train import Stage, loss_for, trainable_parameters, training_step
 from conftest import TINY_CCF, load_tiny_llm, tiny_tokenizer
 

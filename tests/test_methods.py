@@ -10,11 +10,12 @@ from safetensors.torch import load_file
 
 from ccfllm.config import ccf_config
 from ccfllm.errors import CCFLLMError
-from ccfllm.experiment import evaluate_run, load_run, run_ccf_llm
+from ccfllm.experiment import run_ccf_llm
 from ccfllm.methods import LOSSES, METHODS, Loss, Method, get_method, register
 from ccfllm.methods.ccf_llm import Answer, normalised_p_yes
 from ccfllm.methods.softprompt import FREE_TABLES
 from ccfllm.methods.tallrec import TALLREC
+from ccfllm.recommender import evaluate_run, load_run
 from conftest import TINY_CCF
 
 CALLS = {"train": 0, "score": 0}  # how often the toy's loss and score ran

@@ -4,6 +4,12 @@ the run in flight, shares a CF backbone, and refuses a corrupt or foreign result
 from __future__ import annotations
 
 import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -153,7 +159,7 @@ def test_a_donor_that_trained_another_stage_one_is_refused(tmp_path, tiny_datase
 @pytest.mark.parametrize("setting, other", [("lora_targets", "all-linear"), ("lr_schedule", "cosine")])
 def test_a_run_saved_before_a_stage_one_setting_existed_counts_as_its_default(settings, setting, other):
     from ccfllm.config import to_dict
-    from ccfllm.experiment import stage1_signature
+    from ccfllm.schedule import stage1_signature
 
     config = ccf_config("cpu", **settings)
     saved_before = {k: v for k, v in to_dict(config).items() if k != setting}
@@ -191,3 +197,51 @@ def test_a_zero_shot_run_trains_nothing_and_is_recorded_without_stages(tmp_path,
     )  # fmt: skip
     assert zero_shot["stages"] == [] and zero_shot["valid_auc"] is None
     assert 0 <= zero_shot["test_auc"] <= 1
+
+
+def test_runners_sharing_a_plan_run_each_run_once_and_keep_every_record(tmp_path, tiny_dataset, monkeypatch):
+    """Two runners (one per GPU, say) on one plan and one results file: each claims the next run
+    under the file's lock; threads here, since flock's lock belongs to each opened file, not the process."""
+    results, runs = tmp_path / "results.jsonl", tmp_path / "runs"
+    plan = [Planned("collm", "mf", seed=seed) for seed in range(6)]
+    ran: list[tuple[str, str]] = []
+
+    def fake_run(planned, *args):
+        ran.append((threading.current_thread().name, planned.key("cpu")))
+        time.sleep(0.2)  # long enough that the other runner claims meanwhile
+        return {"model": "CoLLM", "test_auc": 0.5 + planned.seed / 100, "test_uauc": 0.5, "folder": "x"}
+
+    monkeypatch.setattr("ccfllm.runner._run_one", fake_run)
+    runners = [
+        threading.Thread(target=run_plan, args=(plan, tiny_dataset, results, runs), name=f"runner{i}")
+        for i in range(2)
+    ]
+    for runner in runners:
+        runner.start()
+    for runner in runners:
+        runner.join()
+    keys = [key for _, key in ran]
+    assert sorted(keys) == sorted(p.key("cpu") for p in plan)  # every run once, none twice
+    assert {name for name, _ in ran} == {"runner0", "runner1"}  # both took a share
+    records = read_results(results, tiny_dataset)
+    assert sorted(r["key"] for r in records) == sorted(keys)
+    assert {r["key"]: r["test_auc"] for r in records} == {p.key("cpu"): 0.5 + p.seed / 100 for p in plan}
+    assert json.loads((tmp_path / "results.jsonl.claims.json").read_text()) == {}
+
+
+def test_a_claim_left_by_a_runner_that_died_is_taken_over(tmp_path, tiny_dataset, monkeypatch):
+    results, runs = tmp_path / "results.jsonl", tmp_path / "runs"
+    plan = [Planned("collm", "mf"), Planned("tallrec", "mf")]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = {"host": platform.node(), "pid": os.getpid()}
+    claims = {plan[0].key("cpu"): {"host": platform.node(), "pid": dead.pid}}
+    claims[plan[1].key("cpu")] = alive  # a live runner's claim is left alone
+    (tmp_path / "results.jsonl.claims.json").write_text(json.dumps(claims))
+    monkeypatch.setattr(
+        "ccfllm.runner._run_one",
+        lambda planned, *args: {"model": "CoLLM", "test_auc": 0.6, "test_uauc": 0.5, "folder": "x"},
+    )
+    records = run_plan(plan, tiny_dataset, results, runs)
+    assert [r["key"] for r in records] == [plan[0].key("cpu")]
+    assert json.loads((tmp_path / "results.jsonl.claims.json").read_text()) == {plan[1].key("cpu"): alive}

@@ -11,13 +11,12 @@ A CCF-LLM run (or a baseline trained by `ccfllm train`) loads as a `CCFRecommend
 Scores are those the engine computes (`engine.score_rows`), the same as `ccfllm predict` writes.
 
 A row's history is the `history` it is given (a list of liked item ids, oldest first), else the user's
-liked items in the dataset, most recent last (the cold-start policy of `experiment.predict_rows`).
+liked items in the dataset, most recent last (the cold-start policy of `prediction.predict_rows`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -53,7 +52,7 @@ def load(
         from .next_item_experiment import load_allmrec
 
         return NextItemRecommender(load_allmrec(folder, dataset, device), dataset, folder)
-    from .experiment import load_run
+    from .recommender import load_run
 
     run = load_run(folder, dataset, device=device)
     if compile_scoring is not None:
@@ -140,7 +139,7 @@ class CCFRecommender:
     """A loaded CCF-LLM run (or a baseline): score rows, recommend top-k, explain a score."""
 
     def __init__(self, run, dataset: CTRDataset, folder: Path):
-        self.run = run  # experiment.Recommender: the model and its prompt builders
+        self.run = run  # recommender.Recommender: the model and its prompt builders
         self.dataset = dataset
         self.folder = folder
         self.records = UserRecords.of(dataset)
@@ -154,9 +153,9 @@ class CCFRecommender:
     def info(self) -> dict:
         """The method, backbone, LLM and dataset of the run, and the metrics it recorded."""
         from .methods import METHODS, uses_backbone
+        from .run_folder import read_metrics
 
-        metrics_path = self.folder / "metrics.json"
-        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+        metrics = read_metrics(self.folder, missing_ok=True)
         config = self.run.config
         return {
             "run": str(self.folder),
@@ -190,7 +189,7 @@ class CCFRecommender:
         """uid, iid, score, cf for each row, in order. Columns: uid, iid; optional history (list of item
         ids, or a string "[1, 2]" / "1 2"; missing: the user's history in the dataset) and title (needed
         for an item the dataset does not hold)."""
-        from .experiment import predict_rows
+        from .prediction import predict_rows
 
         if not isinstance(rows, pd.DataFrame):
             raise CCFLLMError(f"score takes a DataFrame of rows, not {type(rows).__name__}.")
@@ -446,8 +445,9 @@ class NextItemRecommender:
         self.folder = folder
 
     def info(self) -> dict:
-        metrics_path = self.folder / "metrics.json"
-        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+        from .run_folder import read_metrics
+
+        metrics = read_metrics(self.folder, missing_ok=True)
         config = self.run.config
         return {
             "run": str(self.folder),

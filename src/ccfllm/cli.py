@@ -393,7 +393,7 @@ def _sampled_test_line(out: Path, population: int) -> str:
 @_COMPILE_SCORING_OPTION
 def ccf_evaluate(run_dir, data_dir, splits, device, compile_scoring) -> None:
     """Reload a saved CCF-LLM run and report AUC / UAUC."""
-    from .experiment import evaluate_run
+    from .recommender import evaluate_run
 
     dataset = load_collm_split(resolve_data_dir(data_dir), max_history=CF_HISTORY)
     recommender = _saved_run(run_dir, dataset, device, compile_scoring)
@@ -502,7 +502,7 @@ def serve(
 
 def _saved_run(run_dir, dataset, device: str, compile_scoring: bool | None):
     """A saved run, scoring with its layers compiled as it was trained, or as `compile_scoring` says."""
-    from .experiment import load_run
+    from .recommender import load_run
 
     recommender = load_run(run_dir, dataset, device=device)
     if compile_scoring is not None:
@@ -653,7 +653,7 @@ def compare(plan, seeds, preset, data_dir, results, runs, settings, dry_run, qui
 @click.option("--device", default="auto", show_default=True, help="'auto', 'cpu', 'cuda' or 'cuda:N'.")
 def report(results, out, preset, data_dir, run_dir, device) -> None:
     """Turn a results file into the paper's tables and figures, beside the paper's figures."""
-    from .experiment import load_run
+    from .recommender import load_run
     from .report import saved_ccf_llm_run, write_report
     from .runner import read_results
 

@@ -30,7 +30,7 @@ from . import scoring_layers
 from .data.dataset import Split
 from .distributed import SINGLE, World
 from .errors import CCFLLMError
-from .llm import GapDropout, lora_dropouts, merged_lora
+from .llm_speed import GapDropout, lora_dropouts, merged_lora
 from .methods.ccf_llm import CCFLLM, Answer, answer_from_logits, positions_from_mask
 from .prompt import EncodedPrompt, PromptBatch, PromptBuilder, collate
 

@@ -20,7 +20,6 @@ validation of the stage it stopped in, and ends where an uninterrupted run would
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -46,20 +45,16 @@ from .llm import load_llm
 from .methods import METHODS, uses_backbone
 from .metrics import paired_bootstrap, split_metrics
 from .partial import drop_if_nothing_finished, open_partial_folder, progress_file, read_part, save_part
-from .prediction import predict_rows  # noqa: F401  (ccfllm.experiment.predict_rows, as before)
-from .recommender import (  # noqa: F401  also imported from here, as before
+from .recommender import (
     Recommender,
     build_recommender,
-    cf_features,
-    evaluate_run,
     llm_arguments,
     load_adapter,
-    load_run,
     load_weights,
     read_run_config,
     save_weights,
 )
-from .run_folder import CCF_LLM, require_file, write_metrics, write_run_record
+from .run_folder import CCF_LLM, read_metrics, write_metrics, write_run_record
 from .schedule import STAGE1_SETTINGS, Stage, stage1_signature
 from .train import StageResult, sample_rows, train_stage
 
@@ -242,12 +237,12 @@ def reuse_stage1(recommender: Recommender, donor: Path) -> StageResult:
     """Load a donor run's stage-1 LoRA adapter into `recommender`; its stage-1 result stands for ours."""
     check_stage1_donor(recommender.config, donor)
     load_adapter(recommender, donor)
-    stages = json.loads(require_file(donor / "metrics.json").read_text())["stages"]
+    stages = read_metrics(donor)["stages"]
     return StageResult(**{**stages[0], "seconds": 0.0})
 
 
 def _donor_stage1_row(donor: Path) -> dict:
-    table = json.loads((donor / "metrics.json").read_text())["table"]
+    table = read_metrics(donor)["table"]
     row = next(r for r in table if r["model"].endswith("after stage lora"))
     return {"test_auc": row["test_auc"], "test_uauc": row["test_uauc"], "reused_from": str(donor)}
 

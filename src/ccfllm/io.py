@@ -35,6 +35,21 @@ def atomic_path(final_path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if missing) for the block; other processes taking the
+    same lock wait. flock(2) from the standard library: the lock goes with the process, so one that
+    dies, however it dies, holds nothing."""
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def make_folder(folder: str | os.PathLike) -> Path:
     """`mkdir -p folder`, or one error naming the output path that cannot be made."""
     folder = Path(folder)

@@ -34,17 +34,7 @@ from .config import LORA_LAYERS
 from .device import resolve_device, resolve_dtype
 from .errors import CCFLLMError
 from .io import atomic_path
-from .llm_speed import (  # noqa: F401  the speed tricks, still imported from here by older code
-    GapDropout,
-    attention_for_training,
-    compile_errors,
-    float32_output_weight,
-    lora_dropouts,
-    merged_lora,
-    run_compiled,
-    use_gap_dropout,
-    warn_uncompiled,
-)
+from .llm_speed import use_gap_dropout
 from .split_gguf import SPLIT_MODELS, find_parts, joined_gguf
 
 if TYPE_CHECKING:

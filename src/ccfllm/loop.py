@@ -8,9 +8,12 @@ what it trained before these pieces were shared; it configures these pieces inst
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -82,6 +85,41 @@ class EarlyStopping:
     @property
     def done(self) -> bool:
         return self.bad >= self.patience
+
+
+def train_epochs(
+    model: torch.nn.Module,
+    max_epochs: int,
+    patience: int,
+    train_epoch: Callable[[], list[float]],
+    validate: Callable[[], float],
+    figure: str,
+    label: str,
+    progress: bool = True,
+) -> tuple[EarlyStopping, list[dict]]:
+    """The epoch loop of the CF backbones: an epoch of `train_epoch` (-> its batches' losses), then
+    `validate` (-> the figure named `figure`, higher is better); the best epoch's weights are kept and
+    the loop stops after `patience` epochs without a better one. The model ends with those weights,
+    in eval mode. -> the stopping record (best figure, best epoch) and one row per epoch."""
+    stopping, best_state, epochs = EarlyStopping(patience), None, []
+    bar = progress_bar(max_epochs, label, unit="epoch", enabled=progress)
+    for epoch in range(max_epochs):
+        model.train()
+        losses = train_epoch()
+        value = validate()
+        epochs.append({"epoch": epoch, "train_loss": float(np.mean(losses)), figure: value})
+        if stopping.improved(value, epoch):
+            best_state = copy.deepcopy(model.state_dict())
+        bar.update()
+        bar.set_postfix(
+            {"loss": f"{np.mean(losses):.4f}", figure: f"{value:.4f}", "best": f"{stopping.best:.4f}"}
+        )
+        if stopping.done:
+            break
+    bar.close()
+    model.load_state_dict(best_state)
+    model.eval()
+    return stopping, epochs
 
 
 def save_loop_progress(

@@ -50,6 +50,14 @@ def write_metrics(folder: Path, metrics: dict) -> None:
     write_json(folder / "metrics.json", metrics)
 
 
+def read_metrics(folder: Path, missing_ok: bool = False) -> dict:
+    """metrics.json of a run (or {} where `missing_ok` and the run has none)."""
+    path = Path(folder) / "metrics.json"
+    if missing_ok and not path.is_file():
+        return {}
+    return json.loads(require_file(path).read_text())
+
+
 def read_run_record(folder: Path, kind: str) -> dict:
     """config.json of a run of `kind`, in this format or an old one; refuse a missing, unreadable or
     foreign record with one CheckpointError."""

@@ -5,12 +5,14 @@ run with its test metrics and provenance (git commit, command, preset, seed, mac
 rewritten whole through a temporary file on every record, so an interrupted runner loses at most the run
 in flight; a rerun skips every run already recorded. A trained CF backbone is saved once per (backbone,
 seed) under the runs folder and read by every LLM run that fuses it. A run folder that is complete but
-not recorded (the runner stopped between the two) is recorded without training it again.
+not recorded (the runner stopped between the two) is recorded without training it again. Several
+runners (one per GPU) may share one plan: each claims its next run under a lock (run_plan).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -25,8 +27,9 @@ from .cf.checkpoint import read_metadata
 from .config import CF_PRESETS, ccf_config
 from .data.dataset import CTRDataset, same_dataset
 from .errors import CCFLLMError
-from .io import atomic_path, check_writable
+from .io import atomic_path, check_writable, file_lock, make_folder, write_json
 from .methods import METHODS, uses_backbone
+from .run_folder import read_metrics
 
 RESULTS_FORMAT = "ccfllm-results/1"
 
@@ -190,22 +193,86 @@ def run_plan(
     overrides: dict | None = None,
     progress: bool = True,
 ) -> list[dict]:
-    """Run every planned run not yet in `results`, recording each as it finishes; return all records."""
+    """Run every planned run not yet in `results`, recording each as it finishes; return all records.
+
+    Several runners may share one plan and one results file (one per GPU, `docs/distributed.md`): each
+    claims the next run nobody has recorded or claimed, under a lock on the results file, so no run
+    is trained twice and every record is kept. A claim whose runner died on this host is taken over."""
     records = read_results(results, dataset)
     check_writable(results)  # before the first run trains, not after it
     check_writable(runs / "cf")
     # Taken once, at start: the code a resumed sitting runs is the code it started with.
     provenance = {"commit": _git_commit(results), "command": shlex.join(sys.argv), "machine": _machine()}
-    done = {record["key"] for record in records}
-    todo = [p for p in dict.fromkeys(plan) if p.key(preset) not in done]
-    print(f"{len(plan) - len(todo)} of {len(plan)} planned runs already recorded in {results}", flush=True)
-    for number, planned in enumerate(todo, 1):
-        print(f"\n[{number}/{len(todo)}] {planned.key(preset)}", flush=True)
-        started = time.perf_counter()
-        row = _run_one(planned, dataset, runs, preset, overrides or {}, progress, records)
-        records.append(_record(planned, preset, row, {**provenance, "wall_s": time.perf_counter() - started}))
-        write_results(results, dataset, records)
-    return records
+    plan = list(dict.fromkeys(plan))
+    recorded = sum(p.key(preset) in {r["key"] for r in records} for p in plan)
+    print(f"{recorded} of {len(plan)} planned runs already recorded in {results}", flush=True)
+    while (claimed := _claim_next(plan, preset, dataset, results)) is not None:
+        planned, records = claimed
+        print(f"\n[{len(records) + 1}/{len(plan)}] {planned.key(preset)}", flush=True)
+        try:
+            started = time.perf_counter()
+            row = _run_one(planned, dataset, runs, preset, overrides or {}, progress, records)
+            wall = {**provenance, "wall_s": time.perf_counter() - started}
+            with file_lock(_beside(results, ".lock")):
+                records = read_results(results, dataset)
+                write_results(results, dataset, [*records, _record(planned, preset, row, wall)])
+        finally:
+            _release_claim(results, planned.key(preset))
+    elsewhere = _claims(results)
+    if elsewhere:
+        print(f"{len(elsewhere)} planned runs are being run by other runners: {', '.join(elsewhere)}")
+    return read_results(results, dataset)
+
+
+# -- several runners on one plan ----------------------------------------------------------------------
+
+
+def _beside(results: Path, suffix: str) -> Path:
+    return results.with_name(results.name + suffix)
+
+
+def _claim_next(
+    plan: list[Planned], preset: str, dataset: CTRDataset, results: Path
+) -> tuple[Planned, list[dict]] | None:
+    """The first planned run neither recorded nor claimed by a live runner, now claimed by this one,
+    with the records as they stand; None when there is none left to take."""
+    with file_lock(_beside(results, ".lock")):
+        records = read_results(results, dataset)
+        done = {record["key"] for record in records}
+        claims = _claims(results)
+        free = [p for p in plan if p.key(preset) not in done and p.key(preset) not in claims]
+        if not free:
+            return None
+        claims[free[0].key(preset)] = {"host": platform.node(), "pid": os.getpid()}
+        write_json(_beside(results, ".claims.json"), claims)
+    return free[0], records
+
+
+def _claims(results: Path) -> dict[str, dict]:
+    """The runs other runners have claimed and still run: a claim from this host whose process is
+    gone (killed, crashed) is dropped, so that its run is taken again."""
+    path = _beside(results, ".claims.json")
+    claims = json.loads(path.read_text()) if path.exists() else {}
+    return {key: owner for key, owner in claims.items() if _alive(owner)}
+
+
+def _alive(owner: dict) -> bool:
+    if owner["host"] != platform.node():
+        return True  # another machine's runner: only it can say
+    try:
+        os.kill(owner["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _release_claim(results: Path, key: str) -> None:
+    with file_lock(_beside(results, ".lock")):
+        claims = _claims(results)
+        claims.pop(key, None)
+        write_json(_beside(results, ".claims.json"), claims)
 
 
 def _run_one(
@@ -230,7 +297,7 @@ def _run_one(
     ]
     cf_folder = cf_folders[0]
     if planned.method in CF_PRESETS:
-        metrics = json.loads((cf_folder / "metrics.json").read_text())
+        metrics = read_metrics(cf_folder)
         return {
             "model": f"{planned.method} (CF backbone alone)",
             "test_auc": metrics["test"]["auc"],
@@ -254,7 +321,7 @@ def _run_one(
     if not (folder / "metrics.json").is_file():
         # a run interrupted in an earlier sitting continues from its last finished stage
         run_ccf_llm(config, dataset, folder, overwrite=folder.exists(), progress=progress, resume=True)
-    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics = read_metrics(folder)
     stages = metrics["stages"]
     final = metrics["table"][-1]
     return {
@@ -291,10 +358,12 @@ def _backbone_folder(runs: Path, config, dataset: CTRDataset, progress: bool) ->
     from .experiment import train_backbone
 
     folder = runs / "cf" / f"{config.cf_model}-h{max(config.max_history, 1)}-seed{config.seed}"
-    try:
-        read_metadata(folder)
-    except CCFLLMError:
-        train_backbone(config, dataset, folder, progress)
+    locks = make_folder(runs / ".locks")
+    with file_lock(locks / f"cf-{folder.name}"):  # another runner may be training it
+        try:
+            read_metadata(folder)
+        except CCFLLMError:
+            train_backbone(config, dataset, folder, progress)
     return folder
 
 

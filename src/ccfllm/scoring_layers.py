@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .llm import compile_errors, warn_uncompiled
+from .llm_speed import compile_errors, warn_uncompiled
 from .methods.ccf_llm import positions_from_mask
 
 

@@ -9,7 +9,6 @@ task's candidate sets, keeping the best weights.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 
@@ -22,7 +21,7 @@ from ..data.dataset import pad_histories
 from ..data.next_item import NextItemSplit, NextItemTask
 from ..device import resolve_device, seed_everything
 from ..errors import CCFLLMError
-from ..loop import EarlyStopping, optimiser_step, progress_bar
+from ..loop import optimiser_step, train_epochs
 from ..metrics import hit_at_k, ndcg_at_k, target_ranks
 from .sasrec import SASRec
 
@@ -51,10 +50,8 @@ def train_next_item_sasrec(
     liked = [set(task.sequences[u].tolist()) for u in users]
     sampler = np.random.default_rng(config.seed)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
-    stopping, best_state, epochs = EarlyStopping(config.patience), None, []
-    bar = progress_bar(config.max_epochs, "train sasrec (next item)", unit="epoch", enabled=progress)
-    for epoch in range(config.max_epochs):
-        model.train()
+
+    def train_epoch() -> list[float]:
         negative = torch.as_tensor(_negatives(liked, task.n_items, sampler), device=device)
         losses = []
         for batch in torch.randperm(len(positive), generator=order).to(device).split(config.batch_size):
@@ -65,19 +62,21 @@ def train_next_item_sasrec(
             loss = loss + F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg))
             loss = loss + config.weight_decay * model.item_table(positive[batch]).pow(2).sum(-1).mean()
             losses.append(optimiser_step(loss, optimiser))
-        ndcg = ndcg_at_k(rank_candidates(model, task.splits["valid"]), 10)
-        epochs.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "valid_ndcg10": ndcg})
-        if stopping.improved(ndcg, epoch):
-            best_state = copy.deepcopy(model.state_dict())
-        bar.update()
-        bar.set_postfix(
-            loss=f"{np.mean(losses):.4f}", valid_ndcg10=f"{ndcg:.4f}", best=f"{stopping.best:.4f}"
-        )
-        if stopping.done:
-            break
-    bar.close()
-    model.load_state_dict(best_state)
-    model.eval()
+        return losses
+
+    def validate() -> float:
+        return ndcg_at_k(rank_candidates(model, task.splits["valid"]), 10)
+
+    stopping, epochs = train_epochs(
+        model,
+        config.max_epochs,
+        config.patience,
+        train_epoch,
+        validate,
+        "valid_ndcg10",
+        "train sasrec (next item)",
+        progress,
+    )
     return NextItemTrainResult(model, stopping.best_at, stopping.best, epochs, time.perf_counter() - started)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 from ..config import CFConfig
 from ..data.dataset import CTRDataset, Split
 from ..device import resolve_device, seed_everything
-from ..loop import EarlyStopping, optimiser_step, progress_bar
+from ..loop import optimiser_step, train_epochs
 from ..metrics import auc, split_metrics
 from . import cf_model_class
 from .base import CFModel
@@ -61,10 +60,7 @@ def train_cf(config: CFConfig, dataset: CTRDataset, progress: bool = True) -> CF
     valid = SplitTensors.of(dataset.valid, config.max_history, device)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
 
-    stopping, best_state, epochs = EarlyStopping(config.patience), None, []
-    bar = progress_bar(config.max_epochs, f"train {config.model}", unit="epoch", enabled=progress)
-    for epoch in range(config.max_epochs):
-        model.train()
+    def train_epoch() -> list[float]:
         losses = []
         for batch in (
             torch.randperm(len(train), generator=order_generator).to(device).split(config.batch_size)
@@ -81,21 +77,21 @@ def train_cf(config: CFConfig, dataset: CTRDataset, progress: bool = True) -> CF
             embedding_l2, bias_l2 = model.l2(users, items, uid, iid)
             loss = loss + config.weight_decay * embedding_l2 + config.bias_decay * bias_l2
             losses.append(optimiser_step(loss, optimiser))
+        return losses
 
-        valid_auc = auc(dataset.valid.label, predict_tensors(model, valid, config.batch_size * 4))
-        epochs.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "valid_auc": valid_auc})
-        if stopping.improved(valid_auc, epoch):
-            best_state = copy.deepcopy(model.state_dict())
-        bar.update()
-        bar.set_postfix(
-            loss=f"{np.mean(losses):.4f}", valid_auc=f"{valid_auc:.4f}", best=f"{stopping.best:.4f}"
-        )
-        if stopping.done:
-            break
-    bar.close()
+    def validate() -> float:
+        return auc(dataset.valid.label, predict_tensors(model, valid, config.batch_size * 4))
 
-    model.load_state_dict(best_state)
-    model.eval()
+    stopping, epochs = train_epochs(
+        model,
+        config.max_epochs,
+        config.patience,
+        train_epoch,
+        validate,
+        "valid_auc",
+        f"train {config.model}",
+        progress,
+    )
     return CFTrainResult(model, stopping.best_at, stopping.best, epochs, time.perf_counter() - started)
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from ..cf.base import CFModel
 from ..config import CCFConfig
 from ..errors import CCFLLMError
-from ..llm import attention_for_training, float32_output_weight, run_compiled
+from ..llm_speed import attention_for_training, float32_output_weight, run_compiled
 from ..prompt import ITEM, ITEM_SLOT, USER, PromptBatch
 from .method import CFSource, Loss, Method
 
