@@ -45,7 +45,7 @@ def test_the_float32_sizing_keeps_the_method_and_samples_the_test_split():
 
 
 def test_the_first_line_names_the_cpu_the_preset_and_what_a_float32_run_leaves_out(monkeypatch):
-    from ccfllm import cli
+    from ccfllm.cli import ccf as cli
 
     monkeypatch.setattr(cli, "cpu_kind", lambda: "Some CPU, AVX2 (no native bf16: float32), 2 threads")
     said = cli._what_this_run_is("cpu", "cpu-fp32", ccf_config("cpu-fp32")).splitlines()
@@ -62,7 +62,7 @@ def test_a_sampled_test_split_is_printed_with_its_size_and_intervals(tmp_path):
     import numpy as np
     import pandas as pd
 
-    from ccfllm import cli
+    from ccfllm.cli import ccf as cli
     from ccfllm.metrics import auc, bootstrap_intervals
 
     rng = np.random.default_rng(0)
