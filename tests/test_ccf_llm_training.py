@@ -434,16 +434,7 @@ def test_a_float16_llm_trains_with_loss_scaling_on_float32_weights(float16_recom
     before = [p.detach().clone() for p in parameters]
     optimiser = torch.optim.AdamW(parameters, lr=1e-2)
     batch = train_batch(float16_recommender, tiny_dataset, with_cf=stage is Stage.FUSION)
-    losses = [
-        training_step(
-            model,
-            batch,
-            optimiser,
-            loss_for(float16_recommender.config),
-            update=Update(parameters, scaler=scaler),
-        )
-        for _ in range(4)
-    ]
+    losses = [scaled_step(float16_recommender, batch, optimiser, parameters, scaler) for _ in range(4)]
     assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
     assert any(not torch.equal(b, p) for b, p in zip(before, parameters, strict=True))
 
@@ -455,13 +446,7 @@ def test_a_float16_step_whose_scaled_gradients_overflow_is_skipped(float16_recom
     before = [p.detach().clone() for p in parameters]
     optimiser = torch.optim.AdamW(parameters, lr=1e-2)
     batch = train_batch(float16_recommender, tiny_dataset, with_cf=False)
-    training_step(
-        model,
-        batch,
-        optimiser,
-        loss_for(float16_recommender.config),
-        update=Update(parameters, scaler=scaler),
-    )
+    scaled_step(float16_recommender, batch, optimiser, parameters, scaler)
     assert all(torch.equal(b, p) for b, p in zip(before, parameters, strict=True))  # the step was skipped
     assert scaler.get_scale() == 2.0**119  # and the scale backed off
 
@@ -471,3 +456,9 @@ def test_float16_trainable_weights_are_refused_with_the_setting_to_change(float1
     parameters = trainable_parameters(model, Stage.LORA, tune_cf=False)
     with pytest.raises(CCFLLMError, match="dtype=bfloat16 or dtype=float32"):
         loss_scaler(model, [p.detach().half().requires_grad_() for p in parameters])
+
+
+def scaled_step(recommender, batch, optimiser, parameters, scaler) -> float:
+    """One training step as the loop takes it on a float16 model: its loss scaled by `scaler`."""
+    loss = loss_for(recommender.config)
+    return training_step(recommender.model, batch, optimiser, loss, update=Update(parameters, scaler=scaler))

@@ -12,7 +12,7 @@ _LAZY = {"load", "CCFRecommender", "NextItemRecommender", "Explanation"}
 
 def __getattr__(name: str):
     if name in _LAZY:
-        from . import api
+        from . import api, explanation
 
-        return getattr(api, name)
+        return getattr(explanation if name == "Explanation" else api, name)
     raise AttributeError(f"module 'ccfllm' has no attribute {name!r}")

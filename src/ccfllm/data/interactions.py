@@ -26,6 +26,7 @@ import pandas as pd
 from ..errors import DataError
 from .collm import liked_histories, write_collm_split
 from .dataset import PAD, SPLITS
+from .raw import split_frames
 
 
 @dataclass(frozen=True)
@@ -225,10 +226,4 @@ def _moment(text: str) -> int:
 def _frames(rows: pd.DataFrame, history_length: int) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
     rows = rows.sort_values(["uid", "timestamp", "line"], kind="stable").reset_index(drop=True)
     rows["his"] = [[PAD, *his[1:][-history_length:]] for his in liked_histories(rows)]
-    columns = ["uid", "iid", "label", "timestamp", "his", "title"]
-    frames = {name: rows.loc[rows["split"] == name, columns].reset_index(drop=True) for name in SPLITS}
-    titled = rows.drop_duplicates("iid").sort_values("iid")
-    items = pd.concat(
-        [pd.DataFrame({"iid": [PAD], "title": [""]}), titled[["iid", "title"]]], ignore_index=True
-    ).astype({"iid": np.int64})
-    return frames, items
+    return split_frames(rows)

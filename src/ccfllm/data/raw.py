@@ -322,6 +322,12 @@ def _assemble(rows: pd.DataFrame) -> tuple[dict[str, pd.DataFrame], pd.DataFrame
     title, split and a `tie` order for rows of one user at the same time."""
     rows = rows.sort_values(["uid", "timestamp", "tie"], kind="stable").reset_index(drop=True)
     rows["his"] = liked_histories(rows)
+    return split_frames(rows)
+
+
+def split_frames(rows: pd.DataFrame) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
+    """Each split's rows in CoLLM's columns, and the item table (iid, title; the padding item first),
+    from rows that carry their `split` and `his` already."""
     columns = ["uid", "iid", "label", "timestamp", "his", "title"]
     frames = {split: rows.loc[rows["split"] == split, columns].reset_index(drop=True) for split in SPLITS}
     titles = rows.drop_duplicates("iid").sort_values("iid")
