@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -71,9 +72,16 @@ def all_reduce_probe(size: int, repeats: int) -> None:
         print(json.dumps({"size": size, "ms": 1000 * (time.perf_counter() - started) / repeats}))
 
 
+def free_port() -> int:
+    """A port nothing listens on: the launcher's default (29500) can still be held by the run before."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def probe_all_reduce(size: int) -> float:
     done = subprocess.run(
-        [*ACCELERATE, __file__, "--probe", str(size)],
+        [*ACCELERATE, "--main_process_port", str(free_port()), __file__, "--probe", str(size)],
         env=ONE_THREAD,
         check=True,
         capture_output=True,
@@ -95,7 +103,9 @@ def main() -> None:
     for processes in (1, 2):
         out = args.out / f"{processes}-process"
         command = train_command(out, args.rows, args.batch)
-        launcher = [sys.executable] if processes == 1 else ACCELERATE
+        launcher = (
+            [sys.executable] if processes == 1 else [*ACCELERATE, "--main_process_port", str(free_port())]
+        )
         seconds[processes] = timed_run([*launcher, *command])
         metrics[processes] = json.loads((out / "metrics.json").read_text())
         print(f"{processes} process(es): the whole run {seconds[processes]:.1f} s")
