@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .config import CFConfig
 from .distributed import SINGLE, World
 from .partial import loop_state, restore_loop_state, save_progress
 
@@ -89,8 +90,7 @@ class EarlyStopping:
 
 def train_epochs(
     model: torch.nn.Module,
-    max_epochs: int,
-    patience: int,
+    config: CFConfig,
     train_epoch: Callable[[], list[float]],
     validate: Callable[[], float],
     figure: str,
@@ -99,11 +99,12 @@ def train_epochs(
 ) -> tuple[EarlyStopping, list[dict]]:
     """The epoch loop of the CF backbones: an epoch of `train_epoch` (-> its batches' losses), then
     `validate` (-> the figure named `figure`, higher is better); the best epoch's weights are kept and
-    the loop stops after `patience` epochs without a better one. The model ends with those weights,
-    in eval mode. -> the stopping record (best figure, best epoch) and one row per epoch."""
-    stopping, best_state, epochs = EarlyStopping(patience), None, []
-    bar = progress_bar(max_epochs, label, unit="epoch", enabled=progress)
-    for epoch in range(max_epochs):
+    the loop stops after `config.patience` epochs without a better one, or after `config.max_epochs`.
+    The model ends with those weights, in eval mode. -> the stopping record (best figure, best epoch)
+    and one row per epoch."""
+    stopping, best_state, epochs = EarlyStopping(config.patience), None, []
+    bar = progress_bar(config.max_epochs, label, unit="epoch", enabled=progress)
+    for epoch in range(config.max_epochs):
         model.train()
         losses = train_epoch()
         value = validate()

@@ -68,14 +68,7 @@ def train_next_item_sasrec(
         return ndcg_at_k(rank_candidates(model, task.splits["valid"]), 10)
 
     stopping, epochs = train_epochs(
-        model,
-        config.max_epochs,
-        config.patience,
-        train_epoch,
-        validate,
-        "valid_ndcg10",
-        "train sasrec (next item)",
-        progress,
+        model, config, train_epoch, validate, "valid_ndcg10", "train sasrec (next item)", progress
     )
     return NextItemTrainResult(model, stopping.best_at, stopping.best, epochs, time.perf_counter() - started)
 

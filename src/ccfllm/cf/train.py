@@ -83,14 +83,7 @@ def train_cf(config: CFConfig, dataset: CTRDataset, progress: bool = True) -> CF
         return auc(dataset.valid.label, predict_tensors(model, valid, config.batch_size * 4))
 
     stopping, epochs = train_epochs(
-        model,
-        config.max_epochs,
-        config.patience,
-        train_epoch,
-        validate,
-        "valid_auc",
-        f"train {config.model}",
-        progress,
+        model, config, train_epoch, validate, "valid_auc", f"train {config.model}", progress
     )
     return CFTrainResult(model, stopping.best_at, stopping.best, epochs, time.perf_counter() - started)
 
