@@ -245,3 +245,26 @@ def test_a_claim_left_by_a_runner_that_died_is_taken_over(tmp_path, tiny_dataset
     records = run_plan(plan, tiny_dataset, results, runs)
     assert [r["key"] for r in records] == [plan[0].key("cpu")]
     assert json.loads((tmp_path / "results.jsonl.claims.json").read_text()) == {plan[1].key("cpu"): alive}
+
+
+def test_an_unreadable_claims_file_is_one_error_and_loses_no_record(tmp_path, tiny_dataset, monkeypatch):
+    results, runs = tmp_path / "results.jsonl", tmp_path / "runs"
+    plan = [Planned("collm", "mf")]
+    monkeypatch.setattr(
+        "ccfllm.runner._run_one",
+        lambda planned, *args: {"model": "CoLLM", "test_auc": 0.6, "test_uauc": 0.5, "folder": "x"},
+    )
+    (kept,) = run_plan(plan, tiny_dataset, results, runs)
+    claims = tmp_path / "results.jsonl.claims.json"
+    for broken in ("{not json", '{"cpu/tallrec/mf/default/seed0": {"host": "h"}}'):
+        claims.write_text(broken)
+        with pytest.raises(CCFLLMError, match="not a readable claims file.*delete it"):
+            run_plan([*plan, Planned("tallrec", "mf")], tiny_dataset, results, runs)
+        assert read_results(results, tiny_dataset) == [kept]
+
+
+def test_without_git_the_commit_is_unknown_not_a_traceback(tmp_path, monkeypatch):
+    from ccfllm.runner import _git_commit
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git on it
+    assert _git_commit(tmp_path / "results.jsonl") == "unknown"

@@ -120,12 +120,15 @@ def provenance() -> dict:
 
 
 def _git_commit() -> str | None:
-    source = Path(__file__).resolve().parent
+    return git_output("rev-parse", "HEAD", cwd=Path(__file__).resolve().parent) or None
+
+
+def git_output(*args: str, cwd: Path | None = None) -> str:
+    """What `git ARGS` prints, less its last newline; "" where git is missing, hangs or fails."""
     try:
         done = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=10, check=False
+            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=False
         )
-    except (OSError, subprocess.SubprocessError):  # no git, or it hangs
-        return None
-    commit = done.stdout.strip() if done.returncode == 0 else ""
-    return commit or None
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.rstrip("\n") if done.returncode == 0 else ""  # porcelain lines start with a space

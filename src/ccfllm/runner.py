@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -29,7 +28,7 @@ from .data.dataset import CTRDataset, same_dataset
 from .errors import CCFLLMError
 from .io import atomic_path, check_writable, file_lock, make_folder, write_json
 from .methods import METHODS, uses_backbone
-from .run_folder import read_metrics
+from .run_folder import git_output, read_metrics
 
 RESULTS_FORMAT = "ccfllm-results/1"
 
@@ -252,19 +251,25 @@ def _claims(results: Path) -> dict[str, dict]:
     """The runs other runners have claimed and still run: a claim from this host whose process is
     gone (killed, crashed) is dropped, so that its run is taken again."""
     path = _beside(results, ".claims.json")
-    claims = json.loads(path.read_text()) if path.exists() else {}
-    return {key: owner for key, owner in claims.items() if _alive(owner)}
+    try:
+        claims = json.loads(path.read_text()) if path.exists() else {}
+        return {key: owner for key, owner in claims.items() if _alive(owner["host"], int(owner["pid"]))}
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise CCFLLMError(
+            f"{path} is not a readable claims file ({exc!r}); with no runner running on this plan, "
+            "delete it and start again (every finished run is kept in the results file)."
+        ) from exc
 
 
-def _alive(owner: dict) -> bool:
-    if owner["host"] != platform.node():
+def _alive(host: str, pid: int) -> bool:
+    if host != platform.node():
         return True  # another machine's runner: only it can say
     try:
-        os.kill(owner["pid"], 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # there is such a process, another user's
+        pass
     return True
 
 
@@ -382,12 +387,9 @@ def _record(planned: Planned, preset: str, row: dict, provenance: dict) -> dict:
 def _git_commit(results: Path) -> str:
     """HEAD's short hash, "-dirty" when tracked files other than the results file being written differ."""
 
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=False).stdout
-
-    commit = git("rev-parse", "--short", "HEAD").strip() or "unknown"
-    top = Path(git("rev-parse", "--show-toplevel").strip() or ".")
-    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    commit = git_output("rev-parse", "--short", "HEAD") or "unknown"
+    top = Path(git_output("rev-parse", "--show-toplevel") or ".")
+    changed = [line[3:] for line in git_output("status", "--porcelain", "--untracked-files=no").splitlines()]
     # A resumed comparison appends to a committed results file: that change is the runner's own output.
     dirty = [path for path in changed if (top / path).resolve() != results.resolve()]
     return commit + ("-dirty" if dirty else "")
