@@ -132,3 +132,27 @@ def test_the_report_gives_each_runs_gap_to_its_backbone_and_to_collm_with_interv
     assert row + f"{expected['auc'].text()} | {expected['uauc'].text()} |" in text
     assert "| CoLLM (MF), seed 0 | not saved (the run predates the check) |  | - | - |" in text
     assert "| CCF-LLM (SASRec), seed 0 | run folder not on disk |  | no CoLLM run on this backbone" in text
+
+
+def test_another_presets_runs_get_their_own_column_beside_the_paper(tmp_path):
+    larger = [
+        record("mf", "mf", 0, 0.70, preset="cpu-1.5b"),
+        record("tallrec", "mf", 0, 0.66, preset="cpu-1.5b"),
+        record("ccf-llm", "mf", 0, 0.75, preset="cpu-1.5b"),
+    ]
+    text = write_report(
+        RECORDS + larger, tmp_path, "cpu-1.5b", "a.jsonl, b.jsonl", beside=("cpu",)
+    ).read_text()
+    assert "# CCF-LLM and its baselines: the `cpu-1.5b` preset (qwen2.5-1.5b)" in text
+    assert "16 finished runs" in text  # both presets: 13 + 3
+    assert "| test AUC, `cpu` (smollm2-135m) | paper AUC |" in text
+    # 1.5B CCF-LLM (RelaImpr 0.25 / 0.20 - 1), its UAUC, the cpu preset's 2-seed mean, the paper's
+    assert (
+        "| CCF-LLM (MF) | 0.7500 (1 seed) | 25.00% | 0.7000 (1 seed) | 0.7300 ± 0.0141 (2 seeds) | 0.7315 |"
+        in text
+    )
+    assert "| TallRec | 0.6600 (1 seed) |  |" in text  # no Softprompt in cpu-1.5b: no RelaImpr
+    assert "| Instruct-tuning, w/o CF | 0.6600 (1 seed) | 0.6000 (1 seed) | 0.7084 |" in text
+    assert "| CoLLM (MF) | not run | 0.7400 ± 0.0141 (2 seeds) | 0.7295 |" in text
+    with pytest.raises(CCFLLMError, match="no runs of the 'paper-x' preset"):
+        write_report(larger, tmp_path, "cpu-1.5b", "a.jsonl", beside=("paper-x",))

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .config import CCF_PRESETS, CCFConfig
 from .errors import CCFLLMError
 from .io import atomic_path, make_folder, new_figure, save_png
 from .metrics import Difference, paired_bootstrap, rela_impr
@@ -100,19 +101,27 @@ def summarise(records: list[dict], preset: str) -> dict[tuple[str, str, str], Ce
 
 
 def write_report(
-    records: list[dict], out: Path, preset: str, source: str, inside: tuple | None = None
+    records: list[dict],
+    out: Path,
+    preset: str,
+    source: str,
+    inside: tuple | None = None,
+    beside: tuple[str, ...] = (),
 ) -> Path:
     """Write report.md (and the figures' PNGs) into `out`; return the markdown file. `inside`, a
-    (loaded CCF-LLM run, its folder, dataset), adds Figure 4 and Table 5."""
+    (loaded CCF-LLM run, its folder, dataset), adds Figure 4 and Table 5. Each preset of `beside` (say
+    the embedded LLM's `cpu` beside `cpu-1.5b`) adds a measured column to Tables 2 and 3."""
     cells = summarise(records, preset)
-    if not cells:
-        raise CCFLLMError(f"{source} holds no runs of the {preset!r} preset; nothing to report.")
+    others = {other: summarise(records, other) for other in beside if other != preset}
+    for name, summary in [(preset, cells), *others.items()]:
+        if not summary:
+            raise CCFLLMError(f"{source} holds no runs of the {name!r} preset; nothing to report.")
     make_folder(out)
     sections = [
-        _header(records, preset, source),
+        _header(records, [preset, *others], source),
         _ordering(cells),
-        _table2(cells),
-        _table3(cells),
+        _table2(cells, others),
+        _table3(cells, others),
         _significance(records, preset),
         _table4(cells),
         _figure3a(cells, out),
@@ -144,19 +153,27 @@ def saved_ccf_llm_run(records: list[dict], preset: str) -> Path | None:
 # -- sections -------------------------------------------------------------------------------------------
 
 
-def _header(records: list[dict], preset: str, source: str) -> str:
-    chosen = [r for r in records if r["preset"] == preset]
+def preset_llm(preset: str) -> str:
+    """The LLM a preset's runs read."""
+    return CCF_PRESETS[preset].get("llm", CCFConfig.llm) if preset in CCF_PRESETS else "unknown LLM"
+
+
+def _header(records: list[dict], presets: list[str], source: str) -> str:
+    chosen = [r for r in records if r["preset"] in presets]
     commits = sorted({r["provenance"]["commit"] for r in chosen})
     machines = sorted({r["provenance"]["machine"] for r in chosen})
     hours = sum(r["provenance"]["wall_s"] for r in chosen) / 3600
+    main, *others = presets
+    beside = "".join(f"; beside it, the `{p}` preset's ({preset_llm(p)}) in its own column" for p in others)
     return "\n".join(
         [
-            f"# CCF-LLM and its baselines: the `{preset}` preset",
+            f"# CCF-LLM and its baselines: the `{main}` preset ({preset_llm(main)})",
             "",
             f"From `{source}`: {len(chosen)} finished runs, {hours:.1f} hours of training and testing, "
             f"code at {', '.join(commits)}, on {'; '.join(machines)}. Each measured cell is the test AUC "
-            "(mean ± sample standard deviation over the recorded seeds, and how many); the paper's "
-            "figures are its Vicuna-7B results (5 runs each), not a target for the small default LLM.",
+            "(mean ± sample standard deviation over the recorded seeds, and how many)"
+            f"{beside}; the paper's figures are its Vicuna-7B results (5 runs each), not a target for a "
+            "small LLM.",
         ]
     )
 
@@ -184,41 +201,50 @@ def _ordering(cells: dict) -> str:
     return "\n".join(lines)
 
 
-def _table2(cells: dict) -> str:
+def _table2(cells: dict, others: dict[str, dict]) -> str:
     lines = [
         "## Table 2: pilot study, collaborative signal written as text (MF's top-10 test items)",
         "",
-        "| method | test AUC (measured) | paper AUC (Vicuna-7B) |",
-        "|---|---|---|",
+        f"| method | test AUC (measured) |{_beside_titles(others)} paper AUC (Vicuna-7B) |",
+        "|---|---|" + "---|" * len(others) + "---|",
     ]
-    for (method, variant), title in TABLE2_ROWS.items():
-        cell = cells.get((method, "mf", variant))
-        lines.append(f"| {title} | {_measured(cell)} | {PAPER_TABLE2[(method, variant)]:.4f} |")
-    for method, title in (("mf", "MF"), ("collm", "CoLLM (MF)"), ("ccf-llm", "CCF-LLM (MF)")):
-        cell = cells.get((method, "mf", "default"))
-        lines.append(f"| {title} | {_measured(cell)} | {PAPER_TABLE3[(method, 'mf')][0]:.4f} |")
+    rows = [
+        ((method, "mf", variant), title, PAPER_TABLE2[(method, variant)])
+        for (method, variant), title in TABLE2_ROWS.items()
+    ]
+    rows += [
+        ((method, "mf", "default"), title, PAPER_TABLE3[(method, "mf")][0])
+        for method, title in (("mf", "MF"), ("collm", "CoLLM (MF)"), ("ccf-llm", "CCF-LLM (MF)"))
+    ]
+    for key, title, paper_auc in rows:
+        lines.append(
+            f"| {title} | {_measured(cells.get(key))} |{_beside_cells(others, key)} {paper_auc:.4f} |"
+        )
     return "\n".join(lines)
 
 
-def _table3(cells: dict) -> str:
+def _table3(cells: dict, others: dict[str, dict]) -> str:
     lines = [
         "## Table 3: overall performance (MovieLens-1M)",
         "",
-        "| method | test AUC (measured) | RelaImpr | test UAUC (measured) | paper AUC | paper RelaImpr |",
-        "|---|---|---|---|---|---|",
+        "| method | test AUC (measured) | RelaImpr | test UAUC (measured) |"
+        f"{_beside_titles(others)} paper AUC | paper RelaImpr |",
+        "|---|---|---|---|" + "---|" * len(others) + "---|---|",
     ]
     for backbone, title in BACKBONE_TITLES.items():
         base_key = (backbone, backbone)
         for method in (backbone, "collm", "ccf-llm"):
             label = title if method == backbone else f"{METHOD_TITLES[method]} ({title})"
-            lines.append(_row(cells, label, (method, backbone), base_key, PAPER_TABLE3))
+            lines.append(_row(cells, others, label, (method, backbone), base_key, PAPER_TABLE3))
     for method in ("softprompt", "tallrec"):
-        lines.append(_row(cells, METHOD_TITLES[method], (method, "mf"), ("softprompt", "mf"), PAPER_TABLE3))
+        lines.append(
+            _row(cells, others, METHOD_TITLES[method], (method, "mf"), ("softprompt", "mf"), PAPER_TABLE3)
+        )
     for method in ("collm", "ccf-llm"):
         best = _best_backbone(cells, method)
         label = f"{METHOD_TITLES[method]} (Best{f': {BACKBONE_TITLES[best]}' if best else ''})"
         key = (method, best or "mf")
-        lines.append(_row(cells, label, key, ("softprompt", "mf"), {key: PAPER_BEST[method]}))
+        lines.append(_row(cells, others, label, key, ("softprompt", "mf"), {key: PAPER_BEST[method]}))
     return "\n".join(lines)
 
 
@@ -407,13 +433,22 @@ def _not_yet(with_inside: bool) -> str:
 # -- pieces ---------------------------------------------------------------------------------------------
 
 
-def _row(cells: dict, label: str, key: tuple, base_key: tuple, paper: dict) -> str:
+def _row(cells: dict, others: dict[str, dict], label: str, key: tuple, base_key: tuple, paper: dict) -> str:
     cell, base = cells.get((*key, "default")), cells.get((*base_key, "default"))
     measured = _measured(cell)
     uauc = cell.text(cell.uaucs) if cell else ""
     impr = "-" if key == base_key else _impr(cell, base)
     paper_auc, paper_impr = paper[key]
-    return f"| {label} | {measured} | {impr} | {uauc} | {paper_auc:.4f} | {paper_impr} |"
+    beside = _beside_cells(others, (*key, "default"))
+    return f"| {label} | {measured} | {impr} | {uauc} |{beside} {paper_auc:.4f} | {paper_impr} |"
+
+
+def _beside_titles(others: dict[str, dict]) -> str:
+    return "".join(f" test AUC, `{preset}` ({preset_llm(preset)}) |" for preset in others)
+
+
+def _beside_cells(others: dict[str, dict], key: tuple) -> str:
+    return "".join(f" {_measured(cells.get(key))} |" for cells in others.values())
 
 
 def _measured(cell: Cell | None) -> str:

@@ -80,7 +80,8 @@ def compare(plan, seeds, preset, data_dir, results, runs, settings, dry_run, qui
     "--results",
     type=click.Path(exists=True, dir_okay=False),
     required=True,
-    help="Results file written by `ccfllm compare`.",
+    multiple=True,
+    help="Results file written by `ccfllm compare` (repeatable: one file a preset).",
 )
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder for report.md and PNGs.")
 @click.option("--preset", type=click.Choice(sorted(CCF_PRESETS)), default="cpu", show_default=True)
@@ -93,15 +94,22 @@ def compare(plan, seeds, preset, data_dir, results, runs, settings, dry_run, qui
     help="A saved CCF-LLM run for Figure 4 and Table 5 (default: the first recorded one-backbone CCF-LLM run "
     "still on disk, MF first).",
 )
+@click.option(
+    "--beside",
+    type=click.Choice(sorted(CCF_PRESETS)),
+    multiple=True,
+    help="Another preset whose runs (in one of the results files) get a column of their own in Tables "
+    "2 and 3: say `--preset cpu-1.5b --beside cpu`, the 1.5B LLM beside the embedded one.",
+)
 @click.option("--device", default="auto", show_default=True, help="'auto', 'cpu', 'cuda' or 'cuda:N'.")
-def report(results, out, preset, data_dir, run_dir, device) -> None:
+def report(results, out, preset, data_dir, run_dir, beside, device) -> None:
     """Turn a results file into the paper's tables and figures, beside the paper's figures."""
     from ..recommender import load_run
     from ..report import saved_ccf_llm_run, write_report
     from ..runner import read_results
 
     dataset = load_collm_split(resolve_data_dir(data_dir), max_history=CF_HISTORY)
-    records = read_results(Path(results), dataset)
+    records = [record for path in results for record in read_results(Path(path), dataset)]
     run_dir = Path(run_dir) if run_dir else saved_ccf_llm_run(records, preset)  # load_run refuses a non-run
     inside = (load_run(run_dir, dataset, device=device), run_dir, dataset) if run_dir else None
-    echo_report(write_report(records, Path(out), preset, results, inside))
+    echo_report(write_report(records, Path(out), preset, ", ".join(results), inside, tuple(beside)))
