@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import CCF_PRESETS, CCFConfig
+from .config import CCF_PRESETS, ccf_config
 from .errors import CCFLLMError
 from .io import atomic_path, make_folder, new_figure, save_png
 from .metrics import Difference, paired_bootstrap, rela_impr
@@ -155,7 +155,7 @@ def saved_ccf_llm_run(records: list[dict], preset: str) -> Path | None:
 
 def preset_llm(preset: str) -> str:
     """The LLM a preset's runs read."""
-    return CCF_PRESETS[preset].get("llm", CCFConfig.llm) if preset in CCF_PRESETS else "unknown LLM"
+    return ccf_config(preset).llm if preset in CCF_PRESETS else "unknown LLM"
 
 
 def _header(records: list[dict], presets: list[str], source: str) -> str:
