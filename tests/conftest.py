@@ -4,6 +4,7 @@ and items; a user likes an item of their own group with probability 0.85, anothe
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,16 @@ import pytest
 from ccfllm.data import PAD, liked_histories, load_collm_split, write_collm_split
 
 N_USERS, N_ITEMS, ROWS_PER_USER = 48, 40, 36
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`-n`), the cores shared out among the workers: two workers each with all the
+    cores' threads would oversubscribe them, and OpenMP threads that wait for a busy core spin."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def tiny_frames(seed: int = 0) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:

@@ -238,12 +238,16 @@ def test_answer_probabilities_are_computed_in_float32_from_a_bf16_model(recommen
     assert (rounded[:, model.yes_id] - rounded[:, model.no_id]).sub(margin).abs().max() > 1e-3
 
 
-def test_training_runs_eager_attention_on_cpu_with_the_same_loss_and_gradients(recommender, tiny_dataset):
+def test_training_runs_eager_attention_on_cpu_with_the_same_loss_and_gradients(
+    recommender, tiny_dataset, monkeypatch
+):
     model, builder, train = recommender.model, recommender.hybrid_prompts, tiny_dataset.train
     rows = np.arange(6)
     batch = builder.batch(train.uid[rows], train.iid[rows], train.history[rows], train.label[rows])
     causal_lm, decoder = model.decoder_parts()
-    torch._dynamo.reset()  # layers compiled by earlier tests (the CLI's A-LLMRec run) would skip the hook
+    # uncompiled, so that the hook sees every forward (the same switch wraps compiled training, whose
+    # steps test_llm.py checks against these)
+    monkeypatch.setattr(model, "compile_training", False)
     seen = []
     hook = decoder.layers[0].self_attn.register_forward_hook(
         lambda module, args, output: seen.append(module.config._attn_implementation)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ccfllm.errors import CCFLLMError
-from ccfllm.llm import EMBEDDED_CACHE_NAME, llm_cache_dir
+from ccfllm.llm_source import EMBEDDED_CACHE_NAME, llm_cache_dir
 from ccfllm.prompt import ITEM, TEMPLATES, TEXT, TEXT_TEMPLATES, USER, PromptBuilder
 from conftest import tiny_tokenizer
 

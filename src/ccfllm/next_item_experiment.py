@@ -29,7 +29,8 @@ from .data.next_item import NextItemSplit, NextItemTask, next_item_task
 from .device import resolve_device
 from .errors import CheckpointError
 from .io import atomic_path, read_safetensors
-from .llm import add_lora, check_llm_source, load_llm
+from .llm import add_lora, load_llm
+from .llm_source import check_llm_source
 from .methods.allmrec import ALLMRec, CollaborativeTextAlignment, ask, item_text_embeddings, joint_space_check
 from .metrics import target_ranks
 from .next_item_prompt import GENRE_QUESTION, NextItemPrompts

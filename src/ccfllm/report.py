@@ -8,62 +8,32 @@ for the methods without a CF model, and the default strategy in Table 4.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from .config import CCF_PRESETS, ccf_config
 from .errors import CCFLLMError
 from .io import atomic_path, make_folder, new_figure, save_png
-from .metrics import Difference, paired_bootstrap, rela_impr
+from .metrics import rela_impr
+from .paper_tables import (
+    BACKBONE_TITLES,
+    FUSION_VARIANTS,
+    METHOD_TITLES,
+    PAPER_BEST,
+    PAPER_TABLE2,
+    PAPER_TABLE3,
+    PAPER_TABLE4,
+    STRATEGY_TITLES,
+    TABLE2_ROWS,
+    TABLE4_BACKBONE,
+)
+from .report_significance import significance_section
 
-BACKBONE_TITLES = {"mf": "MF", "lightgcn": "LightGCN", "sasrec": "SASRec"}
-METHOD_TITLES = {"ccf-llm": "CCF-LLM", "collm": "CoLLM", "tallrec": "TallRec", "softprompt": "Softprompt"}
-
-# The paper's Table 3 as printed (MovieLens-1M: AUC, RelaImpr; its CF and CoLLM rows are reproduced
-# from CoLLM's paper).
-PAPER_TABLE3 = {
-    ("mf", "mf"): (0.6482, "-"),
-    ("collm", "mf"): (0.7295, "54.86%"),
-    ("ccf-llm", "mf"): (0.7315, "56.21%"),
-    ("lightgcn", "lightgcn"): (0.5959, "-"),
-    ("collm", "lightgcn"): (0.7100, "118.98%"),
-    ("ccf-llm", "lightgcn"): (0.7427, "153.08%"),
-    ("sasrec", "sasrec"): (0.7078, "-"),
-    ("collm", "sasrec"): (0.7235, "7.56%"),
-    ("ccf-llm", "sasrec"): (0.7526, "21.56%"),
-    ("softprompt", "mf"): (0.7071, "-"),
-    ("tallrec", "mf"): (0.7097, "1.25%"),
-}
-PAPER_BEST = {"collm": (0.7295, "10.82%"), "ccf-llm": (0.7526, "21.97%")}
-# Table 4, on LightGCN.
-PAPER_TABLE4 = {
-    "default": (0.7427, "-"),
-    "stage1-only": (0.7025, "-16.56%"),
-    "end-to-end": (0.6390, "-42.73%"),
-}
-# Table 2, the Vicuna-7B column (AUC); the reference rows are Table 3's MF group.
-PAPER_TABLE2 = {
-    ("tallrec-cf", "zero-shot"): 0.6202,
-    ("tallrec", "zero-shot"): 0.6184,
-    ("tallrec-cf", "default"): 0.7108,
-    ("tallrec", "default"): 0.7084,
-}
-TABLE2_ROWS = {
-    ("tallrec-cf", "zero-shot"): "Zero-shot, w/ CF",
-    ("tallrec", "zero-shot"): "Zero-shot, w/o CF",
-    ("tallrec-cf", "default"): "Instruct-tuning, w/ CF",
-    ("tallrec", "default"): "Instruct-tuning, w/o CF",
-}
-STRATEGY_TITLES = {"default": "Default", "stage1-only": "Stage 1 Only", "end-to-end": "End-to-end"}
-TABLE4_BACKBONE = "lightgcn"
 # RelaImpr divides by the base's lift above 0.5: under 0.02 of lift, a 0.001 move of the base moves it by
 # more than 5 points, so against such a base (or one at or below chance) it is not printed.
 BASE_LIFT_MIN = 0.02
-FUSION_VARIANTS = {"alpha-one": "α = 1", "alpha-scalar": "α ∈ R"}
 
 
 @dataclass
@@ -122,7 +92,7 @@ def write_report(
         _ordering(cells),
         _table2(cells, others),
         _table3(cells, others),
-        _significance(records, preset),
+        significance_section(records, preset),
         _table4(cells),
         _figure3a(cells, out),
         _figure3b(cells, out),
@@ -246,77 +216,6 @@ def _table3(cells: dict, others: dict[str, dict]) -> str:
         key = (method, best or "mf")
         lines.append(_row(cells, others, label, key, ("softprompt", "mf"), {key: PAPER_BEST[method]}))
     return "\n".join(lines)
-
-
-def _significance(records: list[dict], preset: str) -> str:
-    """One seed at a time: each CCF-LLM and CoLLM run minus its backbone (saved by the run), and each
-    CCF-LLM run minus the CoLLM run on the same backbone and seed (from both runs' test scores), in
-    test AUC and UAUC, with 95% paired bootstrap intervals over users."""
-    runs = [
-        r
-        for r in records
-        if r["preset"] == preset and r["method"] in ("ccf-llm", "collm") and r["variant"] == "default"
-    ]
-    runs = [r for r in runs if "+" not in r["backbone"]]
-    if not runs:
-        return ""
-    lines = [
-        "## Significance: differences on one seed's test rows, with 95% paired bootstrap intervals",
-        "",
-        "Each cell is a difference in test AUC or UAUC and its 95% interval over 1,000 resamples of "
-        "the test users (each drawn with all their rows, the same draw for both models).",
-        "",
-        "| run | ΔAUC vs backbone | ΔUAUC vs backbone | ΔAUC vs CoLLM | ΔUAUC vs CoLLM |",
-        "|---|---|---|---|---|",
-    ]
-    for run in sorted(
-        runs, key=lambda r: (list(BACKBONE_TITLES).index(r["backbone"]), r["method"], r["seed"])
-    ):
-        title = f"{METHOD_TITLES[run['method']]} ({BACKBONE_TITLES[run['backbone']]}), seed {run['seed']}"
-        versus_collm = ["-", "-"]
-        if run["method"] == "ccf-llm":
-            versus_collm = _versus_collm(run, runs)
-        lines.append(f"| {title} | {' | '.join([*_versus_backbone(run), *versus_collm])} |")
-    return "\n".join(lines)
-
-
-def _versus_backbone(run: dict) -> list[str]:
-    """The run's own gap to its backbone, as it saved it in metrics.json."""
-    metrics = _run_file(run, "metrics.json")
-    if isinstance(metrics, str):
-        return [metrics, ""]
-    rows = json.loads(metrics.read_text()).get("significance")
-    if not rows:
-        return ["not saved (the run predates the check)", ""]
-    return [Difference(**rows[0][name]).text() for name in ("auc", "uauc")]
-
-
-def _versus_collm(run: dict, runs: list[dict]) -> list[str]:
-    """CCF-LLM minus CoLLM on the same backbone and seed, from the two runs' saved test scores."""
-    collm = next(
-        (
-            r
-            for r in runs
-            if r["method"] == "collm" and (r["backbone"], r["seed"]) == (run["backbone"], run["seed"])
-        ),
-        None,
-    )
-    if collm is None:
-        return ["no CoLLM run on this backbone and seed", ""]
-    paths = [_run_file(r, "predictions.parquet") for r in (run, collm)]
-    if any(isinstance(path, str) for path in paths):
-        return [next(path for path in paths if isinstance(path, str)), ""]
-    ours, theirs = (pd.read_parquet(path) for path in paths)
-    if not ours[["uid", "iid", "label"]].equals(theirs[["uid", "iid", "label"]]):
-        return ["the two runs scored other test rows", ""]
-    differences = paired_bootstrap(ours["label"], ours["uid"], ours["score"], theirs["score"])
-    return [differences[name].text() for name in ("auc", "uauc")]
-
-
-def _run_file(run: dict, name: str) -> Path | str:
-    """A file of a recorded run's folder, or why it cannot be read."""
-    path = Path(run.get("folder") or "", name)
-    return path if run.get("folder") and path.is_file() else "run folder not on disk"
 
 
 def _table4(cells: dict) -> str:

@@ -12,7 +12,6 @@ runners (one per GPU) may share one plan: each claims its next run under a lock 
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shlex
 import sys
@@ -26,8 +25,9 @@ from .cf.checkpoint import read_metadata
 from .config import CF_PRESETS, ccf_config
 from .data.dataset import CTRDataset, same_dataset
 from .errors import CCFLLMError
-from .io import atomic_path, check_writable, file_lock, make_folder, write_json
+from .io import atomic_path, check_writable, file_lock, make_folder
 from .methods import METHODS, uses_backbone
+from .plan_claims import claim, live_claims, release, results_lock
 from .run_folder import git_output, read_metrics
 
 RESULTS_FORMAT = "ccfllm-results/1"
@@ -212,22 +212,15 @@ def run_plan(
             started = time.perf_counter()
             row = _run_one(planned, dataset, runs, preset, overrides or {}, progress, records)
             wall = {**provenance, "wall_s": time.perf_counter() - started}
-            with file_lock(_beside(results, ".lock")):
+            with results_lock(results):
                 records = read_results(results, dataset)
                 write_results(results, dataset, [*records, _record(planned, preset, row, wall)])
         finally:
-            _release_claim(results, planned.key(preset))
-    elsewhere = _claims(results)
+            release(results, planned.key(preset))
+    elsewhere = live_claims(results)
     if elsewhere:
         print(f"{len(elsewhere)} planned runs are being run by other runners: {', '.join(elsewhere)}")
     return read_results(results, dataset)
-
-
-# -- several runners on one plan ----------------------------------------------------------------------
-
-
-def _beside(results: Path, suffix: str) -> Path:
-    return results.with_name(results.name + suffix)
 
 
 def _claim_next(
@@ -235,49 +228,15 @@ def _claim_next(
 ) -> tuple[Planned, list[dict]] | None:
     """The first planned run neither recorded nor claimed by a live runner, now claimed by this one,
     with the records as they stand; None when there is none left to take."""
-    with file_lock(_beside(results, ".lock")):
+    with results_lock(results):
         records = read_results(results, dataset)
         done = {record["key"] for record in records}
-        claims = _claims(results)
+        claims = live_claims(results)
         free = [p for p in plan if p.key(preset) not in done and p.key(preset) not in claims]
         if not free:
             return None
-        claims[free[0].key(preset)] = {"host": platform.node(), "pid": os.getpid()}
-        write_json(_beside(results, ".claims.json"), claims)
+        claim(results, free[0].key(preset), claims)
     return free[0], records
-
-
-def _claims(results: Path) -> dict[str, dict]:
-    """The runs other runners have claimed and still run: a claim from this host whose process is
-    gone (killed, crashed) is dropped, so that its run is taken again."""
-    path = _beside(results, ".claims.json")
-    try:
-        claims = json.loads(path.read_text()) if path.exists() else {}
-        return {key: owner for key, owner in claims.items() if _alive(owner["host"], int(owner["pid"]))}
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise CCFLLMError(
-            f"{path} is not a readable claims file ({exc!r}); with no runner running on this plan, "
-            "delete it and start again (every finished run is kept in the results file)."
-        ) from exc
-
-
-def _alive(host: str, pid: int) -> bool:
-    if host != platform.node():
-        return True  # another machine's runner: only it can say
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # there is such a process, another user's
-        pass
-    return True
-
-
-def _release_claim(results: Path, key: str) -> None:
-    with file_lock(_beside(results, ".lock")):
-        claims = _claims(results)
-        claims.pop(key, None)
-        write_json(_beside(results, ".claims.json"), claims)
 
 
 def _run_one(
