@@ -50,13 +50,14 @@ import torch
 
 from ccfllm.cf.next_item import next_item_metrics, rank_candidates
 from ccfllm.cli import CF_HISTORY
-from ccfllm.config import allmrec_config, parse_overrides
+from ccfllm.config import parse_overrides
 from ccfllm.data import load_collm_split, resolve_data_dir
 from ccfllm.data.next_item import next_item_task, training_positions
 from ccfllm.device import keep_freed_memory, resolve_device
 from ccfllm.errors import CCFLLMError
 from ccfllm.methods.allmrec import ALLMRec
 from ccfllm.metrics import target_ranks
+from ccfllm.next_item_config import allmrec_config
 from ccfllm.next_item_experiment import (
     NOUNS,
     llm_ranks,

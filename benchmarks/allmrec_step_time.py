@@ -23,12 +23,13 @@ def steps(compiled: bool, n_steps: int, batch: int) -> list[tuple[float, float]]
     """(seconds, loss) of each step."""
     from ccfllm.cf.sasrec import SASRec
     from ccfllm.cli import CF_HISTORY
-    from ccfllm.config import allmrec_config, cf_config
+    from ccfllm.config import cf_config
     from ccfllm.data import load_collm_split, resolve_data_dir
     from ccfllm.data.next_item import draw_candidates, next_item_task, titled_items, training_positions
     from ccfllm.device import keep_freed_memory, seed_everything
     from ccfllm.llm import load_llm
     from ccfllm.methods.allmrec import ALLMRec, CollaborativeTextAlignment, next_title_loss
+    from ccfllm.next_item_config import allmrec_config
     from ccfllm.next_item_prompt import NextItemPrompts
 
     keep_freed_memory()

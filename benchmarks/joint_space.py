@@ -19,10 +19,11 @@ from safetensors.torch import load_file
 
 from ccfllm.cf.sasrec import SASRec
 from ccfllm.cli import CF_HISTORY
-from ccfllm.config import AllmrecConfig, cf_config, replace_checked
+from ccfllm.config import cf_config, replace_checked
 from ccfllm.data import load_collm_split, resolve_data_dir
 from ccfllm.data.next_item import next_item_task
 from ccfllm.methods.allmrec import item_text_embeddings, joint_space_check
+from ccfllm.next_item_config import AllmrecConfig
 from ccfllm.next_item_train import train_alignment
 from ccfllm.text_encoder import load_sentence_encoder
 

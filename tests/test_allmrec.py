@@ -16,10 +16,11 @@ from safetensors.torch import load_file
 
 from ccfllm.allmrec_report import write_allmrec_report
 from ccfllm.cf.next_item import train_next_item_sasrec
-from ccfllm.config import allmrec_config, cf_config
+from ccfllm.config import cf_config
 from ccfllm.data.next_item import next_item_task
 from ccfllm.errors import CCFLLMError, CheckpointError
 from ccfllm.methods.allmrec import CollaborativeTextAlignment, alignment_diagnostics
+from ccfllm.next_item_config import allmrec_config
 from ccfllm.next_item_train import train_alignment
 from ccfllm.prompt import ITEM_SLOT, USER
 from ccfllm.text_encoder import load_sentence_encoder

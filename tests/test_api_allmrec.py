@@ -7,9 +7,9 @@ import pytest
 
 import ccfllm
 from ccfllm.api import NextItemRecommender
-from ccfllm.config import allmrec_config
 from ccfllm.data.dataset import PAD
 from ccfllm.errors import CCFLLMError
+from ccfllm.next_item_config import allmrec_config
 from ccfllm.next_item_experiment import run_allmrec, sample_split
 from ccfllm.next_item_scoring import candidate_scores
 from test_allmrec import tiny_run_settings

@@ -128,6 +128,19 @@ def test_llama_layers_as_one_function_give_the_decoders_scores(
             layer.lora_B["default"].weight.normal_(0.0, 0.5)
     rows = np.arange(len(test))
     through_decoder = score_rows(model, builder, test, rows, batch_size=4)
+    ran = _layers_run(monkeypatch, compiled)
+    model.compile_scoring = True
+    as_functions = score_rows(model, builder, test, rows, batch_size=4)
+    assert ran and all((layer is scoring_layers.decoder_layer) != compiled for layer in ran)
+    np.testing.assert_allclose(as_functions, through_decoder, rtol=0, atol=1e-5 if compiled else 1e-6)
+    assert np.ptp(through_decoder) > 1e-3
+
+
+def _layers_run(monkeypatch, compiled: bool) -> list:
+    """The layer functions scoring runs from here on, listed as they run; `compiled` False: as where
+    torch.compile has failed."""
+    from ccfllm import scoring_layers
+
     ran = []
     run_layers = scoring_layers._run_layers
     monkeypatch.setattr(
@@ -135,11 +148,7 @@ def test_llama_layers_as_one_function_give_the_decoders_scores(
     )
     if not compiled:
         monkeypatch.setattr(scoring_layers, "_compiled", {"failed": True})
-    model.compile_scoring = True
-    as_functions = score_rows(model, builder, test, rows, batch_size=4)
-    assert ran and all((layer is scoring_layers.decoder_layer) != compiled for layer in ran)
-    np.testing.assert_allclose(as_functions, through_decoder, rtol=0, atol=1e-5 if compiled else 1e-6)
-    assert np.ptp(through_decoder) > 1e-3
+    return ran
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -317,13 +326,7 @@ def test_qwen2_engine_through_layer_functions_equals_the_naive_path(
 
     model, builder, test = qwen2_recommender.model, qwen2_recommender.hybrid_prompts, tiny_dataset.test
     assert type(model.decoder_parts()[1].layers[0]).__name__ == "Qwen2DecoderLayer"
-    ran = []
-    run_layers = scoring_layers._run_layers
-    monkeypatch.setattr(
-        scoring_layers, "_run_layers", lambda layer, *rest: ran.append(layer) or run_layers(layer, *rest)
-    )
-    if not compiled:
-        monkeypatch.setattr(scoring_layers, "_compiled", {"failed": True})
+    ran = _layers_run(monkeypatch, compiled)
     rows = np.arange(len(test))
     engine = score_rows(model, builder, test, rows, batch_size=4)  # compile_scoring: the cpu preset's
     naive = naive_score_rows(model, builder, test, rows, batch_size=5)

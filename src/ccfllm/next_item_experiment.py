@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from .cf.next_item import next_item_metrics, rank_candidates, train_next_item_sasrec
 from .cf.sasrec import SASRec
-from .config import AllmrecConfig, cf_config, replace_checked
+from .config import cf_config, replace_checked
 from .data.dataset import CTRDataset, refuse_other_dataset
 from .data.next_item import NextItemSplit, NextItemTask, next_item_task
 from .device import resolve_device
@@ -33,6 +33,7 @@ from .llm import add_lora, load_llm
 from .llm_source import check_llm_source
 from .methods.allmrec import ALLMRec, CollaborativeTextAlignment, ask, item_text_embeddings, joint_space_check
 from .metrics import target_ranks
+from .next_item_config import AllmrecConfig
 from .next_item_prompt import GENRE_QUESTION, NextItemPrompts
 from .next_item_scoring import candidate_scores
 from .next_item_train import AlignmentResult, train_alignment, train_stage2

@@ -7,12 +7,8 @@ from pathlib import Path
 import click
 
 from ..allmrec_report import write_allmrec_report
-from ..config import (
-    ALLMREC_PRESETS,
-    AllmrecConfig,
-    allmrec_config,
-)
 from ..data import load_collm_split, resolve_data_dir
+from ..next_item_config import ALLMREC_PRESETS, AllmrecConfig, allmrec_config
 from .base import (
     CF_HISTORY,
     DATA_OPTION_HELP,
