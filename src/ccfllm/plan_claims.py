@@ -25,7 +25,7 @@ def results_lock(results: Path) -> AbstractContextManager:
 
 def live_claims(results: Path) -> dict[str, dict]:
     """The runs other runners have claimed and still run, by run key."""
-    path = _beside(results, ".claims.json")
+    path = _claims_file(results)
     try:
         claims = json.loads(path.read_text()) if path.exists() else {}
         return {key: owner for key, owner in claims.items() if _alive(owner["host"], int(owner["pid"]))}
@@ -38,20 +38,22 @@ def live_claims(results: Path) -> dict[str, dict]:
 
 def claim(results: Path, key: str, claims: dict[str, dict]) -> None:
     """Claim `key` for this process; the caller holds results_lock and read `claims` under it."""
-    write_json(
-        _beside(results, ".claims.json"), {**claims, key: {"host": platform.node(), "pid": os.getpid()}}
-    )
+    write_json(_claims_file(results), {**claims, key: {"host": platform.node(), "pid": os.getpid()}})
 
 
 def release(results: Path, key: str) -> None:
     with results_lock(results):
         claims = live_claims(results)
         claims.pop(key, None)
-        write_json(_beside(results, ".claims.json"), claims)
+        write_json(_claims_file(results), claims)
 
 
 def _beside(results: Path, suffix: str) -> Path:
     return results.with_name(results.name + suffix)
+
+
+def _claims_file(results: Path) -> Path:
+    return _beside(results, ".claims.json")
 
 
 def _alive(host: str, pid: int) -> bool:
